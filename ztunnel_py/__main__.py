@@ -1,0 +1,3 @@
+from ztunnel_py.cli import main
+
+raise SystemExit(main())

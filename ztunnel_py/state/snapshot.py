@@ -1,0 +1,86 @@
+"""The agent's immutable view of the mesh, with indexes for the data path.
+
+A ``Snapshot`` is built once per config version and swapped whole
+(``StateStore.swap``); it is never mutated. Lookups the data path needs on
+every connection are dict lookups on indexes computed at build time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztunnel_py.state.model import AuthorizationPolicy, PeerAuthentication, Service, Workload
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: str = ""
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    # L7 routing objects (VirtualService, DestinationRule, Gateway, HTTPRoute): model
+    # types from ztunnel_py.state.routing, consumed by waypoints.
+    routing: tuple[Any, ...] = ()
+    root_namespace: str = "istio-system"
+
+    # indexes, derived in __post_init__
+    by_uid: dict[str, Workload] = field(init=False, repr=False, compare=False)
+    by_ip: dict[str, Workload] = field(init=False, repr=False, compare=False)
+    by_vip_port: dict[tuple[str, int], Service] = field(init=False, repr=False, compare=False)
+    by_vip: dict[str, Service] = field(init=False, repr=False, compare=False)
+    by_service_key: dict[str, Service] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_uid = {w.uid: w for w in self.workloads}
+        by_ip: dict[str, Workload] = {}
+        for w in self.workloads:
+            for ip in w.ips:
+                by_ip[ip] = w
+        by_vip_port: dict[tuple[str, int], Service] = {}
+        by_vip: dict[str, Service] = {}
+        for s in self.services:
+            for vip in s.vips:
+                by_vip[vip] = s
+                for p in s.ports:
+                    by_vip_port[(vip, p.port)] = s
+        object.__setattr__(self, "by_uid", by_uid)
+        object.__setattr__(self, "by_ip", by_ip)
+        object.__setattr__(self, "by_vip_port", by_vip_port)
+        object.__setattr__(self, "by_vip", by_vip)
+        object.__setattr__(self, "by_service_key", {s.key: s for s in self.services})
+
+    def workloads_on(self, node: str) -> Iterable[Workload]:
+        return (w for w in self.workloads if w.node == node)
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        return self.by_ip.get(ip)
+
+    def service_for(self, ip: str, port: int) -> Service | None:
+        return self.by_vip_port.get((ip, port))
+
+
+Listener = Callable[[Snapshot, Snapshot], None]
+
+
+class StateStore:
+    """Holds the current snapshot; ``swap`` replaces it atomically and tells listeners."""
+
+    def __init__(self, initial: Snapshot | None = None) -> None:
+        self._current = initial or Snapshot()
+        self._listeners: list[Listener] = []
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def swap(self, new: Snapshot) -> Snapshot:
+        old, self._current = self._current, new
+        for listener in self._listeners:
+            listener(old, new)
+        return old

@@ -1,0 +1,90 @@
+"""One record per proxied connection, emitted once at close (STYLE.md §10).
+
+The data path fills a ``ConnectionResult`` while the connection lives (byte
+counters are plain integer adds on the relay's hot path) and calls
+``ConnectionResult.close()`` exactly once; the registered sinks (access log,
+Prometheus metrics) see the finished record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Sink = Callable[["ConnectionResult"], None]
+
+_open_sinks: list[Sink] = []
+_close_sinks: list[Sink] = []
+
+
+def add_sink(on_close: Sink, on_open: Sink | None = None) -> None:
+    """Register consumers of opened and finished connections (metrics, access log)."""
+    if on_close not in _close_sinks:
+        _close_sinks.append(on_close)
+    if on_open is not None and on_open not in _open_sinks:
+        _open_sinks.append(on_open)
+
+
+def remove_sink(on_close: Sink, on_open: Sink | None = None) -> None:
+    if on_close in _close_sinks:
+        _close_sinks.remove(on_close)
+    if on_open is not None and on_open in _open_sinks:
+        _open_sinks.remove(on_open)
+
+
+@dataclass
+class Peer:
+    """One end of a connection as the mesh sees it."""
+
+    address: str = ""  # "ip:port"
+    workload: str = ""  # workload (pod) name
+    namespace: str = ""
+    principal: str = ""  # SPIFFE id, "" when unknown
+    app: str = ""  # canonical service name
+    version: str = ""  # canonical revision
+    service: str = ""  # destination service hostname (destination only)
+
+
+@dataclass
+class ConnectionResult:
+    direction: str  # "outbound" | "inbound"
+    src: Peer = field(default_factory=Peer)
+    dst: Peer = field(default_factory=Peer)
+    # Istio's connection_security_policy: "mutual_tls" over HBONE, "none" in plaintext
+    security: str = "none"
+    protocol: str = "tcp"
+    hbone_target: str = ""  # the :authority of the HBONE CONNECT, when tunnelled
+    bytes_sent: int = 0  # towards the destination
+    bytes_received: int = 0  # back from the destination
+    started: float = field(default_factory=time.monotonic)
+    # "" while open; at close: "ok", or a short reason ("denied: <policy>", "upstream refused"...)
+    result: str = ""
+    response_flags: str = "-"  # Envoy-style flags: "-", "UF" (upstream failure), "DENY"...
+    opened: bool = False
+    closed: bool = False
+    duration_final_s: float = 0.0
+
+    @property
+    def duration_s(self) -> float:
+        return self.duration_final_s if self.closed else time.monotonic() - self.started
+
+    def open(self) -> None:
+        """The connection is established (counted as opened); later calls are ignored."""
+        if self.opened:
+            return
+        self.opened = True
+        for sink in list(_open_sinks):
+            sink(self)
+
+    def close(self, result: str = "ok", response_flags: str | None = None) -> None:
+        """Finish the record once; later calls are ignored."""
+        if self.closed:
+            return
+        self.closed = True
+        self.result = result
+        if response_flags is not None:
+            self.response_flags = response_flags
+        self.duration_final_s = time.monotonic() - self.started
+        for sink in list(_close_sinks):
+            sink(self)
