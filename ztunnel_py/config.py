@@ -26,7 +26,7 @@ class ConfigError(ValueError):
     """A setting could not be parsed; the message names the source and value."""
 
 
-def setting(default: Any, env: str, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def setting(default: Any, env: str, help: str) -> Any:
     """A configuration leaf: its default, its environment variable, its help text."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in the configuration")
@@ -79,7 +79,9 @@ class HboneConfig:
 class AgentConfig:
     node: str = setting("", "NODE_NAME", "the Kubernetes node (or demo node) this agent serves")
     controller: str = setting(
-        f"127.0.0.1:{CONTROLLER_GRPC_PORT}", "ZTUNNEL_CONTROLLER", "controller gRPC address host:port"
+        f"127.0.0.1:{CONTROLLER_GRPC_PORT}",
+        "ZTUNNEL_CONTROLLER",
+        "controller gRPC address host:port",
     )
     controller_ca: Path | None = setting(
         None, "ZTUNNEL_CONTROLLER_CA", "PEM root used to verify the controller's TLS certificate"
@@ -230,7 +232,8 @@ def _build(
             continue
         var = f.metadata.get("env", "")
         if flags.get(path) is not None:
-            values[f.name] = _parse(flags[path], typ, f"--{path.replace('.', '-').replace('_', '-')}")
+            flag = "--" + path.replace(".", "-").replace("_", "-")
+            values[f.name] = _parse(flags[path], typ, flag)
         elif var and var in env:
             values[f.name] = _parse(env[var], typ, var)
         elif f.name in file_values:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -28,8 +29,12 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def redact_keys(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    return {k: _scrub(v) for k, v in event.items()}
+def redact_keys(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        event[key] = _scrub(value)
+    return event
 
 
 def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
