@@ -1,0 +1,461 @@
+"""HBONE, sans-IO: HTTP/2 CONNECT tunnels on ``h2`` with no sockets in sight.
+
+``HboneConnection`` wraps one ``h2.connection.H2Connection`` (client or server
+role) and speaks in tunnel terms: ``open()`` a CONNECT to an ``ip:port``,
+``respond()`` 200/400/401/503, ``send()`` bytes, ``end()`` (TCP half-close →
+END_STREAM), ``reset()`` (TCP reset → RST_STREAM), ``ack()`` bytes that the
+local writer has drained. ``receive(bytes)`` returns tunnel events; bytes to
+put on the wire come out of ``data_to_send()``. Tests push bytes between two
+in-memory peers.
+
+Flow control gives real backpressure in both directions:
+
+* received DATA is credited back to the peer only when the caller ``ack()``s
+  it, i.e. once the local TCP writer has drained it. A slow local reader
+  therefore closes the peer's window instead of growing our buffers;
+* ``send()`` frames only what the peer's windows allow and keeps the rest
+  pending (``pending(stream_id)``); the caller stops reading its source while
+  anything is pending and resumes on the ``Writable`` event.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import secrets
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ztunnel_py.config import HboneConfig
+
+# HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
+_DEFAULT_WINDOW = 65_535
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class HboneError(Exception):
+    """Base of the HBONE errors."""
+
+
+class BadRequest(HboneError):
+    """A CONNECT request we cannot serve as asked (maps to 400)."""
+
+
+class ProtocolError(HboneError):
+    """The peer broke HTTP/2 (the connection is unusable)."""
+
+
+# -- HBONE statuses (DESIGN.md) ---------------------------------------------------
+
+OK = 200
+BAD_REQUEST = 400
+UNAUTHORIZED = 401
+SERVICE_UNAVAILABLE = 503
+
+
+# -- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectRequested:
+    """Server side: a peer asks for a tunnel to ``authority`` (``ip:port``)."""
+
+    stream_id: int
+    authority: str
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ConnectResponse:
+    """Client side: the server answered our CONNECT (200 means the tunnel is up)."""
+
+    stream_id: int
+    status: int
+
+
+@dataclass(frozen=True)
+class Data:
+    """Tunnel payload; ``ack()`` ``flow_length`` once it has been written out locally."""
+
+    stream_id: int
+    data: bytes
+    flow_length: int
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The peer half-closed the tunnel (END_STREAM = its TCP sender shut down)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    """The stream is gone abruptly (RST_STREAM, or a rejected CONNECT)."""
+
+    stream_id: int
+    error_code: int
+    remote: bool = True
+
+
+@dataclass(frozen=True)
+class Writable:
+    """Everything pending on the stream has been framed: resume reading its source."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class ConnectionEnded:
+    """GOAWAY received or a protocol error: no new streams; ``error_code`` 0 is graceful."""
+
+    error_code: int
+    reason: str = ""
+
+
+Event = (
+    ConnectRequested
+    | ConnectResponse
+    | Data
+    | StreamEnded
+    | StreamReset
+    | Writable
+    | ConnectionEnded
+)
+
+
+# -- headers ------------------------------------------------------------------------
+
+
+def format_authority(ip: str, port: int) -> str:
+    """``10.0.0.1:80`` / ``[fd00::1]:80``."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """An HBONE ``:authority`` must be a literal ``ip:port``; anything else is a 400."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise BadRequest(f":authority {authority!r} is not ip:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadRequest(f":authority {authority!r} does not name an IP address") from None
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BadRequest(f":authority {authority!r} has port {port} out of range")
+    return str(ip), port
+
+
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (version 00, random trace and span ids, not sampled)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+def forwarded_for(client_ip: str) -> str:
+    """RFC 7239 ``forwarded: for=...`` (IPv6 quoted and bracketed)."""
+    return f'for="[{client_ip}]"' if ":" in client_ip else f"for={client_ip}"
+
+
+def parse_forwarded_for(value: str) -> str | None:
+    """The first ``for=`` address of a ``forwarded`` header, or None."""
+    for element in value.split(","):
+        for pair in element.split(";"):
+            key, sep, raw = pair.strip().partition("=")
+            if sep and key.strip().lower() == "for":
+                addr = raw.strip().strip('"').strip("[]")
+                try:
+                    return str(ipaddress.ip_address(addr))
+                except ValueError:
+                    return None
+    return None
+
+
+# -- the connection -----------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    pending: deque[memoryview] = field(default_factory=deque)
+    pending_bytes: int = 0
+    end_after_pending: bool = False
+    ended_local: bool = False
+    ended_remote: bool = False
+    closed: bool = False
+
+
+class HboneConnection:
+    """One HTTP/2 connection carrying HBONE tunnels (sans-IO)."""
+
+    def __init__(self, role: Role, config: HboneConfig | None = None) -> None:
+        self.role = role
+        self.config = config or HboneConfig()
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=role is Role.CLIENT,
+                header_encoding="utf-8",
+                validate_inbound_headers=True,
+            )
+        )
+        self._h2.local_settings = h2.settings.Settings(
+            client=role is Role.CLIENT,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.stream_window,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: self.config.max_frame_size,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (
+                    self.config.max_streams_per_connection
+                ),
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # h2 reads this at construction only; keep it in step with our SETTINGS
+        self._h2.max_inbound_frame_size = self.config.max_frame_size
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: set[int] = set()  # streams with pending data
+        self.ended = False  # GOAWAY sent or received, or the peer broke the protocol
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the connection preface, our SETTINGS and the connection window."""
+        if self._started:
+            return
+        self._started = True
+        self._h2.initiate_connection()
+        extra = self.config.connection_window - _DEFAULT_WINDOW
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def close(self, error_code: int = 0) -> None:
+        """Send GOAWAY: no new streams; open ones are left to the caller."""
+        if not self.ended:
+            self.ended = True
+            try:
+                self._h2.close_connection(error_code)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def can_open(self) -> bool:
+        """Whether one more stream fits (peer's limit, not ended)."""
+        if self.ended:
+            return False
+        limit = self._h2.remote_settings.max_concurrent_streams
+        return self._h2.open_outbound_streams < limit
+
+    def pending(self, stream_id: int) -> int:
+        s = self._streams.get(stream_id)
+        return s.pending_bytes if s else 0
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    # -- client ------------------------------------------------------------------
+
+    def open(
+        self,
+        authority: str,
+        *,
+        forwarded: str = "",
+        baggage: str = "",
+        traceparent: str = "",
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> int:
+        """Send ``CONNECT authority`` on a new stream; returns its id."""
+        if self.role is not Role.CLIENT:
+            raise HboneError("only the client role opens tunnels")
+        if self.ended:
+            raise HboneError("connection is closing; open a new one")
+        stream_id = self._h2.get_next_available_stream_id()
+        headers = [(":method", "CONNECT"), (":authority", authority)]
+        if forwarded:
+            headers.append(("forwarded", forwarded))
+        if baggage:
+            headers.append(("baggage", baggage))
+        headers.append(("traceparent", traceparent or new_traceparent()))
+        headers.extend(extra)
+        self._h2.send_headers(stream_id, headers)
+        self._streams[stream_id] = _Stream()
+        return stream_id
+
+    # -- server ------------------------------------------------------------------
+
+    def respond(self, stream_id: int, status: int) -> None:
+        """Answer a CONNECT; anything but 200 also ends the stream."""
+        if stream_id not in self._streams:
+            return
+        done = status != OK
+        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=done)
+        if done:
+            self._forget(stream_id)
+
+    # -- both --------------------------------------------------------------------
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Frame ``data`` as far as the windows allow; True when nothing is left pending."""
+        s = self._streams.get(stream_id)
+        if s is None or s.ended_local or s.end_after_pending:
+            return True
+        if data:
+            s.pending.append(memoryview(data))
+            s.pending_bytes += len(data)
+            self._flush(stream_id, s)
+        return s.pending_bytes == 0
+
+    def end(self, stream_id: int) -> None:
+        """Half-close: END_STREAM once the pending data has been framed."""
+        s = self._streams.get(stream_id)
+        if s is None or s.ended_local:
+            return
+        s.end_after_pending = True
+        self._flush(stream_id, s)
+
+    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        if stream_id not in self._streams:
+            return
+        self._forget(stream_id)
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def ack(self, stream_id: int, flow_length: int) -> None:
+        """The local writer drained ``flow_length`` bytes of this stream: open the window."""
+        if flow_length <= 0:
+            return
+        try:
+            self._h2.acknowledge_received_data(flow_length, stream_id)
+        except (h2.exceptions.StreamClosedError, KeyError):
+            pass
+
+    def receive(self, data: bytes) -> list[Event]:
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.ended = True
+            raise ProtocolError(f"HTTP/2 protocol error from peer: {exc}") from None
+        out: list[Event] = []
+        flush = False
+        for ev in h2_events:
+            if isinstance(ev, h2.events.DataReceived):
+                sid = ev.stream_id
+                if sid in self._streams and ev.data:
+                    out.append(Data(sid, ev.data, ev.flow_controlled_length))
+                elif ev.flow_controlled_length:
+                    # padding, or data for a stream we dropped: credit it back at once
+                    self.ack(sid, ev.flow_controlled_length)
+            elif isinstance(ev, h2.events.RequestReceived):
+                self._on_request(ev, out)
+            elif isinstance(ev, h2.events.ResponseReceived):
+                self._on_response(ev, out)
+            elif isinstance(ev, h2.events.StreamEnded):
+                if ev.stream_id is not None:
+                    self._remote_end(ev.stream_id, out)
+            elif isinstance(ev, h2.events.StreamReset):
+                sid = ev.stream_id
+                if sid is not None and sid in self._streams:
+                    self._forget(sid)
+                    out.append(StreamReset(sid, int(ev.error_code or 0), remote=True))
+            elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                flush = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.ended = True
+                out.append(
+                    ConnectionEnded(int(ev.error_code or 0), repr(ev.additional_data or b""))
+                )
+        if flush:
+            for sid in list(self._blocked):
+                s = self._streams.get(sid)
+                if s is None:
+                    self._blocked.discard(sid)
+                    continue
+                self._flush(sid, s)
+                if s.pending_bytes == 0:
+                    out.append(Writable(sid))
+        return out
+
+    # -- internals ---------------------------------------------------------------
+
+    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
+        sid = ev.stream_id
+        if sid is None:
+            return
+        headers = {str(k): str(v) for k, v in (ev.headers or [])}
+        self._streams[sid] = _Stream()
+        if headers.get(":method") != "CONNECT" or ":path" in headers:
+            self.respond(sid, BAD_REQUEST)
+            out.append(StreamReset(sid, 0, remote=False))
+            return
+        out.append(ConnectRequested(sid, headers.get(":authority", ""), headers))
+
+    def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
+        sid = ev.stream_id
+        if sid is None or sid not in self._streams:
+            return
+        status = 0
+        for k, v in ev.headers or []:
+            if k in (":status", b":status"):
+                status = int(v)
+        out.append(ConnectResponse(sid, status))
+        if status != OK:
+            self.reset(sid)
+
+    def _remote_end(self, stream_id: int, out: list[Event]) -> None:
+        s = self._streams.get(stream_id)
+        if s is None or s.ended_remote:
+            return
+        s.ended_remote = True
+        out.append(StreamEnded(stream_id))
+        if s.ended_local:
+            self._forget(stream_id)
+
+    def _flush(self, stream_id: int, s: _Stream) -> None:
+        h2c = self._h2
+        max_frame = h2c.max_outbound_frame_size
+        while s.pending:
+            window = h2c.local_flow_control_window(stream_id)
+            if window <= 0:
+                break
+            chunk = s.pending[0]
+            n = min(len(chunk), window, max_frame)
+            if n == len(chunk):
+                s.pending.popleft()
+                h2c.send_data(stream_id, chunk)
+            else:
+                h2c.send_data(stream_id, chunk[:n])
+                s.pending[0] = chunk[n:]
+            s.pending_bytes -= n
+        if s.pending:
+            self._blocked.add(stream_id)
+            return
+        self._blocked.discard(stream_id)
+        if s.end_after_pending and not s.ended_local:
+            s.ended_local = True
+            h2c.end_stream(stream_id)
+            if s.ended_remote:
+                self._forget(stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._blocked.discard(stream_id)
