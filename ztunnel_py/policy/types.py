@@ -39,6 +39,8 @@ class Verdict:
     allowed: bool
     reason: str = ""  # human-readable: which policy decided, and why
     policy: str = ""  # "<namespace>/<name>" of the deciding policy, "" for the default
+    # AUDIT policies that matched ("<namespace>/<name>"): logged, never enforced.
+    audit: tuple[str, ...] = ()
 
     @staticmethod
     def allow(reason: str = "no policy applies", policy: str = "") -> Verdict:
