@@ -1,0 +1,257 @@
+"""The agent's side of the configuration stream.
+
+``UpdateApplier`` is the sans-IO core: it checks one update against what the
+agent holds (codec version, delta base, every resource decodes, no dangling
+references) and returns the next snapshot or raises ``UpdateRejected``; a
+refused update leaves the current snapshot untouched.
+
+``ConfigClient`` is the asyncio shell: it opens ``MeshConfig.Stream`` on a
+channel the caller built (TLS and credentials are the caller's business),
+sends a hello, applies each update to the ``StateStore``, ACKs or NACKs it, and
+reconnects with exponential backoff and full jitter while the store keeps
+serving the last good snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ztunnel_py import log
+from ztunnel_py.proto_gen import mesh_pb2, mesh_pb2_grpc
+from ztunnel_py.state import routing
+from ztunnel_py.state.codec import (
+    CODEC_VERSION,
+    CodecError,
+    ResourceKey,
+    decode_resource,
+    snapshot_from,
+)
+from ztunnel_py.state.model import Service, Workload
+from ztunnel_py.state.snapshot import Snapshot, StateStore
+
+_log = log.get("state.client")
+
+# Full snapshots of large meshes exceed gRPC's 4 MiB default; channels and servers
+# on both ends of this stream should use these options.
+GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+_NODE_KINDS = {"agent": mesh_pb2.NODE_KIND_AGENT, "waypoint": mesh_pb2.NODE_KIND_WAYPOINT}
+
+
+class UpdateRejected(Exception):
+    """An update the agent will not apply; the message goes back in the NACK."""
+
+
+@dataclass(frozen=True)
+class WireUpdate:
+    """The fields of a ``mesh_pb2.Update``, without protobuf (tests build these directly)."""
+
+    version: str
+    base_version: str
+    codec_version: int
+    root_namespace: str
+    upserts: tuple[tuple[str, str, bytes], ...]
+    removals: tuple[ResourceKey, ...]
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> WireUpdate:
+        return cls(
+            version=msg.version,
+            base_version=msg.base_version,
+            codec_version=msg.codec_version,
+            root_namespace=msg.root_namespace,
+            upserts=tuple((r.kind, r.key, r.body) for r in msg.upserts),
+            removals=tuple((r.kind, r.key) for r in msg.removals),
+        )
+
+
+def check_references(objects: Iterable[Any]) -> None:
+    """Raise ``UpdateRejected`` if a service endpoint or waypoint names nothing."""
+    workloads: dict[str, Workload] = {}
+    services: list[Service] = []
+    waypoints: set[tuple[str, str]] = set()
+    for obj in objects:
+        if isinstance(obj, Workload):
+            workloads[obj.uid] = obj
+        elif isinstance(obj, Service):
+            services.append(obj)
+        elif isinstance(obj, routing.KubernetesGateway) and obj.is_waypoint:
+            waypoints.add((obj.namespace, obj.name))
+    for svc in services:
+        for ep in svc.endpoints:
+            if ep.workload_uid not in workloads:
+                raise UpdateRejected(
+                    f"service {svc.key}: endpoint {ep.address} names workload "
+                    f"{ep.workload_uid!r}, which the update does not contain"
+                )
+        if svc.waypoint and (svc.waypoint.namespace, svc.waypoint.name) not in waypoints:
+            raise UpdateRejected(f"service {svc.key}: waypoint {svc.waypoint} does not exist")
+    for wl in workloads.values():
+        if wl.waypoint and (wl.waypoint.namespace, wl.waypoint.name) not in waypoints:
+            raise UpdateRejected(f"workload {wl.uid}: waypoint {wl.waypoint} does not exist")
+
+
+class UpdateApplier:
+    """What the agent holds, by (kind, key); ``apply`` computes the next snapshot."""
+
+    def __init__(self) -> None:
+        self.version = ""
+        self._objects: dict[ResourceKey, Any] = {}
+
+    def apply(self, update: WireUpdate) -> Snapshot:
+        if update.codec_version != CODEC_VERSION:
+            raise UpdateRejected(
+                f"codec version {update.codec_version} not supported (this agent speaks "
+                f"{CODEC_VERSION}); upgrade the agent or the controller"
+            )
+        if update.base_version and update.base_version != self.version:
+            raise UpdateRejected(
+                f"delta applies to version {update.base_version!r} but the agent holds "
+                f"{self.version!r}"
+            )
+        objects = {} if not update.base_version else dict(self._objects)
+        for kind, key in update.removals:
+            objects.pop((kind, key), None)
+        seen: set[ResourceKey] = set()
+        for kind, key, body in update.upserts:
+            if (kind, key) in seen:
+                raise UpdateRejected(f"{kind} {key} appears twice in one update")
+            seen.add((kind, key))
+            try:
+                objects[(kind, key)] = decode_resource(kind, key, body)
+            except CodecError as exc:
+                raise UpdateRejected(str(exc)) from None
+        check_references(objects.values())
+        snapshot = snapshot_from(objects.values(), version=update.version,
+                                 root_namespace=update.root_namespace)
+        self._objects = objects
+        self.version = update.version
+        return snapshot
+
+
+@dataclass
+class ClientStatus:
+    connected: bool = False
+    version: str = ""
+    last_error: str = ""
+    last_nack: str = ""
+    reconnects: int = 0
+
+
+class ConfigClient:
+    """Keeps ``store`` in step with the controller, forever (until cancelled)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        store: StateStore,
+        *,
+        node: str,
+        kind: str = "agent",
+        token: Callable[[], str] | str | None = None,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 30.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if kind not in _NODE_KINDS:
+            raise ValueError(f"kind={kind!r}: expected agent or waypoint")
+        self._stub = mesh_pb2_grpc.MeshConfigStub(channel)  # type: ignore[no-untyped-call]
+        self._store = store
+        self._node = node
+        self._kind = kind
+        self._token = token
+        self._backoff_initial = backoff_initial_s
+        self._backoff_max = backoff_max_s
+        self._rng = rng
+        self._applier = UpdateApplier()
+        self.status = ClientStatus()
+        self._synced = asyncio.Event()
+
+    async def wait_synced(self) -> None:
+        """Until the first update has been applied."""
+        await self._synced.wait()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token() if callable(self._token) else self._token
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def run(self) -> None:
+        delay = self._backoff_initial
+        while True:
+            progressed = False
+            try:
+                progressed = await self._session()
+                self.status.last_error = "controller closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                self.status.last_error = _describe(exc)
+            self.status.connected = False
+            if progressed:
+                delay = self._backoff_initial
+            sleep = self._rng() * delay  # full jitter
+            _log.warning("config stream down; keeping the last good state",
+                         error=self.status.last_error, version=self.status.version,
+                         retry_in_s=round(sleep, 3))
+            self.status.reconnects += 1
+            await asyncio.sleep(sleep)
+            delay = min(self._backoff_max, delay * 2)
+
+    async def _session(self) -> bool:
+        """One stream, until it ends; True if at least one update arrived."""
+        progressed = False
+        call = self._stub.Stream(metadata=self._metadata())
+        try:
+            await call.write(mesh_pb2.AgentMessage(hello=mesh_pb2.Hello(
+                node=self._node, kind=_NODE_KINDS[self._kind],
+                last_version=self._applier.version, codec_version=CODEC_VERSION,
+            )))
+            self.status.connected = True
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    return progressed
+                if not msg.HasField("update"):
+                    continue
+                progressed = True
+                reply = self._handle(WireUpdate.from_proto(msg.update))
+                await call.write(reply)
+        finally:
+            call.cancel()
+
+    def _handle(self, update: WireUpdate) -> Any:
+        try:
+            snapshot = self._applier.apply(update)
+        except UpdateRejected as exc:
+            self.status.last_nack = f"{update.version}: {exc}"
+            _log.error("refused config update; keeping the last good state",
+                       version=update.version, error=str(exc), holding=self._applier.version)
+            return mesh_pb2.AgentMessage(nack=mesh_pb2.Nack(version=update.version,
+                                                            error=str(exc)))
+        self._store.swap(snapshot)
+        self.status.version = update.version
+        self._synced.set()
+        _log.debug("applied config update", version=update.version,
+                   full=not update.base_version, upserts=len(update.upserts),
+                   removals=len(update.removals))
+        return mesh_pb2.AgentMessage(ack=mesh_pb2.Ack(version=update.version))
+
+
+def _describe(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"controller unreachable ({exc.details()}); is it running, and the address right?"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"controller refused our credential ({exc.details()}); check the token file"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"controller denied access ({exc.details()})"
+    return f"{code.name}: {exc.details()}"
