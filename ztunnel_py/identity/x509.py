@@ -192,19 +192,26 @@ def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
                 f"certificate {child.subject.rfc4514_string() or '(no subject)'} is not "
                 f"signed by the next one in the chain ({parent.subject.rfc4514_string()})"
             ) from None
-    last = chain[-1]
+    if issuing_root(chain[-1], roots) is None:
+        raise IdentityError(
+            "the certificate chain does not lead to any of the trusted roots: the CA's root "
+            "changed, or the roots bundle is stale"
+        )
+
+
+def issuing_root(
+    cert: x509.Certificate, roots: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The root in ``roots`` that is ``cert`` or signed it, if any."""
     for root in roots:
-        if root == last:
-            return
+        if root == cert:
+            return root
         try:
-            last.verify_directly_issued_by(root)
+            cert.verify_directly_issued_by(root)
         except (ValueError, TypeError, InvalidSignature):
             continue
-        return
-    raise IdentityError(
-        "the certificate chain does not lead to any of the trusted roots: the CA's root "
-        "changed, or the roots bundle is stale"
-    )
+        return root
+    return None
 
 
 def _signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
@@ -301,7 +308,8 @@ class Issuer:
         """
         spiffe.parse(identity)
         public = verify_csr(csr_pem, identity)
-        leaf = self.issue(public, uris=[identity], ttl=dt.timedelta(seconds=ttl_s))
+        ttl = dt.timedelta(seconds=min(ttl_s, self.max_ttl.total_seconds()))
+        leaf = self.issue(public, uris=[identity], ttl=ttl)
         return certs_pem([leaf, *self.chain_tail]), self.roots_pem
 
     def _authority_key_id(self) -> x509.AuthorityKeyIdentifier:
@@ -322,11 +330,14 @@ class Issuer:
         not_before: dt.datetime | None = None,
         client_auth: bool = True,
     ) -> x509.Certificate:
-        """Sign a leaf for ``public_key`` with the given SANs (no checks: callers check)."""
+        """Sign a leaf for ``public_key`` with the given SANs (no checks: callers check).
+
+        The validity is ``ttl``, cut short at the CA certificate's own expiry.
+        """
         if ttl <= dt.timedelta(0):
             raise CsrError(f"requested validity {ttl.total_seconds()}s must be positive")
         start = not_before or self.clock()
-        end = min(start + min(ttl, self.max_ttl), self.cert.not_valid_after_utc)
+        end = min(start + ttl, self.cert.not_valid_after_utc)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.DNSName(d) for d in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]

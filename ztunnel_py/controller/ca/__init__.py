@@ -1,0 +1,1 @@
+"""The controller's CA: the signing authority, caller authentication, the gRPC service."""
