@@ -1,0 +1,214 @@
+"""The demo's world: which pods run where, which services front them.
+
+Pure: the world turns into a :class:`TopologySpec` (what to build) and, once
+the topology's addresses are known, into Kubernetes-shaped objects (what the
+controller reads from the demo's config directory, exactly as it would read
+them from a cluster). Directory mode has no IPAM, so each Pod carries its IP in
+``status.podIP``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ztunnel_py.topology import Layout, NodeSpec, PodSpec, TopologySpec
+
+AMBIENT = MappingProxyType({"istio.io/dataplane-mode": "ambient"})
+APP_PORT = 8080
+_UID_NAMESPACE = uuid.UUID("6f1d0b0e-3c55-4a8e-9a57-2a7e5b0c9d11")
+
+
+@dataclass(frozen=True)
+class DemoPod:
+    name: str
+    namespace: str
+    node: str
+    app: str
+    version: str
+    service_account: str
+    port: int = APP_PORT
+
+
+@dataclass(frozen=True)
+class ServicePortDef:
+    name: str
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class DemoService:
+    name: str
+    namespace: str
+    vip: str
+    selector: Mapping[str, str] = field(hash=False)
+    ports: tuple[ServicePortDef, ...]
+
+
+@dataclass(frozen=True)
+class World:
+    namespaces: Mapping[str, Mapping[str, str]] = field(hash=False)  # name -> labels
+    nodes: tuple[str, ...]
+    pods: tuple[DemoPod, ...]
+    services: tuple[DemoService, ...]
+
+    def pod(self, name: str) -> DemoPod:
+        for p in self.pods:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+DEFAULT_WORLD = World(
+    namespaces=MappingProxyType({"demo": AMBIENT, "other": AMBIENT}),
+    nodes=("node1", "node2"),
+    pods=(
+        DemoPod("client", "demo", "node1", "client", "v1", "client"),
+        DemoPod("helloworld-v1", "demo", "node2", "helloworld", "v1", "helloworld"),
+        DemoPod("helloworld-v2", "demo", "node1", "helloworld", "v2", "helloworld"),
+        DemoPod("visitor", "other", "node2", "visitor", "v1", "visitor"),
+    ),
+    services=(
+        DemoService(
+            "helloworld",
+            "demo",
+            "10.96.0.10",
+            MappingProxyType({"app": "helloworld"}),
+            (ServicePortDef("http", 80, APP_PORT),),
+        ),
+        DemoService(
+            "visitor",
+            "other",
+            "10.96.0.11",
+            MappingProxyType({"app": "visitor"}),
+            (ServicePortDef("http", 80, APP_PORT),),
+        ),
+    ),
+)
+
+# The request `demo up` shows: a pod on node1 to a pod on node2.
+DEMO_CLIENT, DEMO_SERVER = "client", "helloworld-v1"
+
+
+def topology_spec(world: World, prefix: str) -> TopologySpec:
+    return TopologySpec(
+        tuple(
+            NodeSpec(
+                node,
+                tuple(
+                    PodSpec(
+                        p.name,
+                        namespace=p.namespace,
+                        service_account=p.service_account,
+                        app=p.app,
+                        version=p.version,
+                    )
+                    for p in world.pods
+                    if p.node == node
+                ),
+            )
+            for node in world.nodes
+        ),
+        prefix=prefix,
+    )
+
+
+def _uid(prefix: str, *parts: str) -> str:
+    return str(uuid.uuid5(_UID_NAMESPACE, "/".join((prefix, *parts))))
+
+
+def manifests(world: World, layout: Layout) -> list[dict[str, Any]]:
+    """Kubernetes-shaped objects for the world as built (IPs from ``layout``)."""
+    objs: list[dict[str, Any]] = []
+    for ns, labels in world.namespaces.items():
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns, **labels}},
+            }
+        )
+    for node in layout.nodes:
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+                "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]},
+            }
+        )
+    for ns, sa in sorted({(p.namespace, p.service_account) for p in world.pods}):
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": sa, "namespace": ns},
+            }
+        )
+    for p in world.pods:
+        built = layout.pod(p.name)
+        node = layout.node(built.node)
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "uid": _uid(layout.prefix, "pod", p.namespace, p.name),
+                    "labels": dict(built.labels),
+                },
+                "spec": {
+                    "nodeName": built.node,
+                    "serviceAccountName": p.service_account,
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "ztunnel-py/demo-httpservice",
+                            "ports": [{"name": "http", "containerPort": p.port, "protocol": "TCP"}],
+                        }
+                    ],
+                },
+                "status": {
+                    "phase": "Running",
+                    "hostIP": node.underlay_ip,
+                    "podIP": built.ip,
+                    "podIPs": [{"ip": built.ip}],
+                },
+            }
+        )
+    for s in world.services:
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "uid": _uid(layout.prefix, "service", s.namespace, s.name),
+                    "labels": {"app": s.name},
+                },
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": s.vip,
+                    "clusterIPs": [s.vip],
+                    "selector": dict(s.selector),
+                    "ports": [
+                        {
+                            "name": sp.name,
+                            "port": sp.port,
+                            "targetPort": sp.target_port,
+                            "protocol": sp.protocol,
+                        }
+                        for sp in s.ports
+                    ],
+                },
+            }
+        )
+    return objs
