@@ -1,0 +1,99 @@
+"""One access-log line per connection, at close (STYLE.md §10).
+
+The line is a structlog event (JSON with ``LOG_FORMAT=json``) whose keys follow
+Istio's ztunnel access log: ``src.addr``, ``src.workload``, ``src.namespace``,
+``src.identity``, ``dst.addr``, ``dst.hbone_addr``, ``dst.service``,
+``dst.workload``, ``dst.namespace``, ``dst.identity``, ``direction``,
+``bytes_sent`` (towards the destination), ``bytes_recv`` (back from it),
+``duration_ms``, and ``result`` — plus ``error`` when the connection did not
+end well (the reason: "denied: ...", "upstream refused"...).
+
+:func:`connection_json` is the same record as a JSON-ready dict, for the admin
+``/connections`` endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+
+from ztunnel_py.telemetry.connection import ConnectionResult, add_sink, remove_sink
+
+EVENT = "connection complete"
+FAILED_EVENT = "connection failed"
+
+
+def access_fields(rec: ConnectionResult) -> dict[str, Any]:
+    """The access-log fields of a finished (or live) connection."""
+    fields: dict[str, Any] = {
+        "src.addr": rec.src.address,
+        "src.workload": rec.src.workload,
+        "src.namespace": rec.src.namespace,
+        "src.identity": rec.src.principal,
+        "dst.addr": rec.dst.address,
+        "dst.hbone_addr": rec.hbone_target,
+        "dst.service": rec.dst.service,
+        "dst.workload": rec.dst.workload,
+        "dst.namespace": rec.dst.namespace,
+        "dst.identity": rec.dst.principal,
+        "direction": rec.direction,
+        "security": rec.security,
+        "bytes_sent": rec.bytes_sent,
+        "bytes_recv": rec.bytes_received,
+        "duration_ms": round(rec.duration_s * 1000.0, 3),
+        "response_flags": rec.response_flags,
+        "result": rec.result or "open",
+    }
+    # Leave out what is unknown rather than log empty strings.
+    fields = {k: v for k, v in fields.items() if v != ""}
+    if rec.result and rec.result != "ok":
+        fields["error"] = rec.result
+    return fields
+
+
+def connection_json(rec: ConnectionResult) -> dict[str, Any]:
+    """``rec`` as a JSON-ready dict: ConnectionResult's field names, plus ``duration_s``
+    and ``started_unix`` (wall-clock start)."""
+    out = asdict(rec)
+    out["duration_s"] = round(rec.duration_s, 6)
+    out["started_unix"] = round(time.time() - rec.duration_s, 3)
+    return out
+
+
+class AccessLog:
+    """A ConnectionResult sink that logs one line per connection at close."""
+
+    def __init__(self, logger: Any = None) -> None:
+        self._logger = logger
+        self._attached = False
+
+    def _log(self) -> Any:
+        # Resolved per call so that the agent's later structlog configuration applies.
+        return self._logger or structlog.get_logger().bind(component="access")
+
+    def on_close(self, rec: ConnectionResult) -> None:
+        fields = access_fields(rec)
+        log = self._log()
+        if "error" in fields:
+            log.warning(FAILED_EVENT, **fields)
+        else:
+            log.info(EVENT, **fields)
+
+    def attach(self) -> None:
+        add_sink(self.on_close)
+        self._attached = True
+
+    def detach(self) -> None:
+        if self._attached:
+            remove_sink(self.on_close)
+            self._attached = False
+
+    def __enter__(self) -> AccessLog:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
