@@ -1,0 +1,1 @@
+"""The namespace L7 proxy (waypoint); see README.md. Not built yet."""
