@@ -84,10 +84,15 @@ class Problem:
         return f"{self.severity.capitalize()} [{self.origin}] {what}{where} {self.message}{hint}"
 
 
+ObjectId = tuple[str, str]  # (kind, "<namespace>/<name>"), as in Problem.kind and .name
+
+
 @dataclass(frozen=True)
 class Translation:
     snapshot: Snapshot
     problems: list[Problem] = field(default_factory=list)
+    # objects that parsed cleanly, by id, for keeping the last good version of each
+    accepted: Mapping[ObjectId, KubeObject] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -295,6 +300,8 @@ class _Parsed:
     peer_authn: list[PeerAuthentication] = field(default_factory=list)
     routing: list[tuple[str, Any]] = field(default_factory=list)  # (origin, object)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, ns/name) -> origin
+    accepted: dict[ObjectId, KubeObject] = field(default_factory=dict)
+    rejected: dict[ObjectId, KubeObject] = field(default_factory=dict)
 
 
 def translate(
@@ -307,7 +314,49 @@ def translate(
         _parse_object(obj, parsed, problems)
     snapshot = _resolve(parsed, problems, trust_domain, root_namespace)
     problems.sort(key=lambda p: (p.origin, p.kind, p.name, p.field))
-    return Translation(snapshot, problems)
+    return Translation(snapshot, problems, parsed.accepted)
+
+
+def translate_keeping_last_good(
+    objects: Iterable[KubeObject],
+    last_good: Mapping[ObjectId, KubeObject],
+    *,
+    trust_domain: str,
+    root_namespace: str,
+) -> Translation:
+    """Like :func:`translate`, but an object whose new version is refused keeps its
+    last good version (from ``last_good``, a previous ``Translation.accepted``).
+
+    Bad input never wipes good state: an edit that breaks a Pod leaves the Pod as
+    it was, with the problem reported.
+    """
+    objects = list(objects)
+    first = translate(objects, trust_domain=trust_domain, root_namespace=root_namespace)
+    present = {_object_id(o.body) for o in objects}
+    broken = present - set(first.accepted)
+    revive = [last_good[oid] for oid in sorted(broken & set(last_good))]
+    if not revive:
+        return first
+    second = translate(objects + revive, trust_domain=trust_domain, root_namespace=root_namespace)
+    notes = [
+        Problem(o.origin, oid[0], oid[1], "", "the new version is refused; keeping the last "
+                "good version", "fix the problems reported above", "warning")
+        for oid, o in ((_object_id(o.body), o) for o in revive)
+    ]
+    problems = sorted(set(second.problems) | set(notes),
+                      key=lambda p: (p.origin, p.kind, p.name, p.field))
+    return Translation(second.snapshot, problems, second.accepted)
+
+
+def _object_id(body: Any) -> ObjectId:
+    if not isinstance(body, Mapping):
+        return ("", "")
+    meta = body.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    kind, name = str(body.get("kind", "")), str(meta.get("name", ""))
+    if kind == "Namespace":
+        return (kind, name)
+    return (kind, f"{meta.get('namespace') or 'default'}/{name}")
 
 
 def _expand_lists(objects: Iterable[KubeObject], problems: list[Problem]) -> list[KubeObject]:
@@ -376,6 +425,7 @@ def _parse_object(obj: KubeObject, parsed: _Parsed, problems: list[Problem]) -> 
     handler(r, body, name, namespace, api, parsed)
     if not r.failed:
         parsed.seen[(seen_kind, display)] = obj.origin
+        parsed.accepted[(kind, display)] = obj
 
 
 def _spec(r: _Reader, body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -46,6 +46,10 @@ GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
 )
 
+# The node the caller claims, next to its credential (ztunnel_py.identity.manager.NODE_METADATA;
+# the state layer sits below identity, so the name is repeated here).
+NODE_METADATA = "x-ztunnel-node"
+
 _NODE_KINDS = {"agent": mesh_pb2.NODE_KIND_AGENT, "waypoint": mesh_pb2.NODE_KIND_WAYPOINT}
 
 
@@ -184,7 +188,8 @@ class ConfigClient:
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._token() if callable(self._token) else self._token
-        return (("authorization", f"Bearer {token}"),) if token else ()
+        node = ((NODE_METADATA, self._node),)
+        return ((("authorization", f"Bearer {token}"),) if token else ()) + node
 
     async def run(self) -> None:
         delay = self._backoff_initial

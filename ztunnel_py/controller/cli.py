@@ -1,0 +1,159 @@
+"""``ztunnel-py controller``: serve configuration (and certificates) to agents.
+
+Wiring only: settings from flags > environment > file, the CA and its serving
+certificate for gRPC TLS, the bootstrap-token authenticator, the certificate
+service and the config stream on one gRPC server, the config source (a
+directory of YAML, or the Kubernetes API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvloop
+
+from ztunnel_py import config, log
+from ztunnel_py.config import ControllerConfig
+from ztunnel_py.controller.runtime import Controller, ControllerError
+from ztunnel_py.state.snapshot import Snapshot
+
+_log = log.get("controller.cli")
+
+_FLAGS = {
+    "config_dir": "config_dir",
+    "kubernetes": "kubernetes",
+    "state_dir": "state_dir",
+    "grpc_address": "grpc_address",
+    "admin_address": "admin_address",
+    "trust_domain": "trust_domain",
+    "root_namespace": "root_namespace",
+    "debounce": "debounce_s",
+    "log_level": "log.level",
+    "log_format": "log.format",
+}
+
+
+def _epilog() -> str:
+    rows = config.describe(ControllerConfig)
+    lines = ["settings (flag > environment variable > --config file > default):"]
+    lines += [f"  {env:32} {path:18} {help_}" for path, env, help_, _d in rows if env]
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "controller",
+        help="run the controller: config source -> model -> gRPC push to agents, and the CA",
+        description=(
+            "Watches a directory of Kubernetes-shaped YAML (--config-dir) or the Kubernetes API "
+            "(--kubernetes), translates it into the mesh model and pushes per-node versions to "
+            "connected agents over gRPC (TLS, bootstrap-token authentication); also signs "
+            "workload certificates. Admin JSON (loopback): /config_dump, /agents, /problems."
+        ),
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config-dir", type=Path, help="directory of YAML manifests (watched)")
+    p.add_argument("--kubernetes", action="store_const", const=True,
+                   help="watch the Kubernetes API instead of a directory")
+    p.add_argument("--state-dir", type=Path, help="CA key and bootstrap tokens")
+    p.add_argument("--grpc-address", help="gRPC (TLS) listen address host:port")
+    p.add_argument("--admin-address", help="admin HTTP listen address (loopback)")
+    p.add_argument("--trust-domain")
+    p.add_argument("--root-namespace")
+    p.add_argument("--debounce", type=float, help="seconds to gather changes into one version")
+    p.add_argument("--tls-san", action="append", default=[],
+                   help="extra DNS name or IP for the serving certificate (repeatable)")
+    p.add_argument("--config", type=Path, help="YAML settings file")
+    p.add_argument("--log-level")
+    p.add_argument("--log-format")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {dst: getattr(args, src) for src, dst in _FLAGS.items()}
+    try:
+        cfg = config.load(ControllerConfig, flags=flags, file=args.config)
+    except config.ConfigError as exc:
+        print(f"ztunnel-py controller: {exc}")
+        return 2
+    log.configure(cfg.log)
+    if cfg.config_dir is None and not cfg.kubernetes:
+        print("ztunnel-py controller: give --config-dir DIR (or ZTUNNEL_CONFIG_DIR), "
+              "or --kubernetes")
+        return 2
+    try:
+        uvloop.run(_serve(cfg, args.tls_san))
+    except ControllerError as exc:
+        _log.error("controller cannot start", error=str(exc))
+        return 1
+    return 0
+
+
+def _serving_names(cfg: ControllerConfig, extra: list[str]) -> tuple[list[str], list[str]]:
+    host, _port = config.split_host_port(cfg.grpc_address, "--grpc-address")
+    names = ["localhost", socket.gethostname(), "ztunnel-py-controller"]
+    ips = ["127.0.0.1"]
+    for value in [host, *extra]:
+        if value in ("0.0.0.0", "::", ""):
+            continue
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
+            ips.append(value)
+        except OSError:
+            names.append(value)
+    return sorted(set(names)), sorted(set(ips))
+
+
+async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
+    from ztunnel_py.controller.ca.auth import BootstrapTokens
+    from ztunnel_py.controller.ca.authority import CertificateAuthority
+    from ztunnel_py.controller.ca.service import add_certificate_service
+
+    ca = CertificateAuthority.load_or_create(cfg.state_dir, cfg.trust_domain, cfg.cert_max_ttl_s)
+    names, ips = _serving_names(cfg, tls_san)
+    chain, key = ca.serving_certificate(names, ips)
+    credentials = grpc.ssl_server_credentials([(key, chain)])
+    # Directory mode: per-node bootstrap tokens. (Kubernetes mode will swap in the
+    # TokenReview authenticator, ztunnel_py.controller.ca.auth.KubernetesAuthenticator.)
+    authenticator = BootstrapTokens(cfg.state_dir)
+    holder: dict[str, Controller] = {}
+
+    def snapshot() -> Snapshot:
+        latest = holder["c"].core.latest
+        return latest.snapshot if latest else Snapshot()
+
+    def add_services(server: grpc.aio.Server) -> None:
+        add_certificate_service(server, ca, authenticator, snapshot)
+
+    controller = Controller(cfg, authenticator=authenticator, server_credentials=credentials,
+                            add_services=add_services)
+    holder["c"] = controller
+    await controller.start()
+    kube: Any = None
+    if cfg.kubernetes:
+        from ztunnel_py.controller.kube import KubernetesSource
+
+        kube = KubernetesSource.from_config()
+        kube.add_listener(lambda _changes: controller.submit(kube.objects()))
+        await kube.start()
+        controller.submit(kube.objects())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        _log.info("controller stopping")
+        if kube is not None:
+            with contextlib.suppress(Exception):
+                await kube.stop()
+        await controller.stop()
