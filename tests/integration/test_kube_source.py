@@ -8,6 +8,7 @@ script the cluster and check what the source's cache and change feed say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -308,3 +309,25 @@ async def test_stop_is_prompt_with_watches_open(
     await source.stop()
     assert time.monotonic() - t0 < 5.0
     assert all(not r._thread.is_alive() for r in source.reflectors.values())
+
+
+async def test_feed_hands_the_whole_set_on_every_change(
+    fake: FakeKubeApi, source_for: Callable[..., Any]
+) -> None:
+    fake.apply(pod("a"))
+    source, _ = await source_for()
+    submitted: list[set[str]] = []
+    task = asyncio.create_task(source.feed(
+        lambda objs, problems: submitted.append({o.origin for o in objs})))
+    try:
+        await eventually(lambda: len(submitted) == 1)
+        assert "kubernetes:Pod/demo/a" in submitted[0]
+        fake.apply(pod("b"))
+        await eventually(lambda: any("kubernetes:Pod/demo/b" in s for s in submitted))
+        fake.bookmark()  # not a change: nothing more is submitted
+        await asyncio.sleep(0.3)
+        assert "kubernetes:Pod/demo/b" in submitted[-1] and len(submitted) == 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

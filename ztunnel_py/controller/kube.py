@@ -47,7 +47,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from ztunnel_py import log
-from ztunnel_py.controller.translate import KubeObject
+from ztunnel_py.controller.translate import KubeObject, Problem
 
 logger = log.get("controller.kube")
 
@@ -734,6 +734,21 @@ class KubernetesSource:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def feed(self, submit: Callable[[list[KubeObject], list[Problem]], None]) -> None:
+        """Hand the whole object set to ``submit`` now and after every change, until cancelled.
+
+        ``submit`` is the controller's ``Controller.submit`` / ``ModelSync.submit`` (the
+        same entry directory mode's watcher calls); it debounces and translates.
+        """
+        seen = self._generation
+        submit(self.objects(), [])
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            if self._generation != seen:
+                seen = self._generation
+                submit(self.objects(), [])
 
     def objects(self) -> list[KubeObject]:
         """The whole current set, in a stable order, as the translator's input."""
