@@ -135,6 +135,17 @@ class ControllerConfig:
     debounce_s: float = setting(
         0.05, "ZTUNNEL_DEBOUNCE", "seconds to gather changes before pushing a version"
     )
+    # Kubernetes mode (--kubernetes): where the CA Secret lives, who the agents are.
+    kube_namespace: str = setting(
+        "", "POD_NAMESPACE", "the controller's namespace (CA Secret); default: its pod's"
+    )
+    agent_service_account: str = setting(
+        "", "ZTUNNEL_AGENT_SERVICE_ACCOUNT",
+        "<namespace>/<name> of the node agents; default: <controller ns>/ztunnel-py-agent",
+    )
+    token_audience: str = setting(
+        "istio-ca", "ZTUNNEL_TOKEN_AUDIENCE", "audience of the agents' projected tokens"
+    )
     log: LogConfig = field(default_factory=LogConfig)
 
 
