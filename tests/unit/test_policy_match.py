@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
-from ztunnel_py.policy import Connection, evaluate
+from ztunnel_py.policy import Connection, evaluate, recheck, security_changed
 from ztunnel_py.policy.authz import compile_policy, index_for
 from ztunnel_py.policy.match import (
     Kind,
@@ -103,3 +104,26 @@ def test_compile_is_cached_per_policy_value() -> None:
     a = AuthorizationPolicy("p", "foo", rules=(Rule(),))
     b = AuthorizationPolicy("p", "foo", rules=(Rule(),))
     assert compile_policy(a) is compile_policy(b)
+
+
+def test_recheck_finds_connections_a_new_policy_denies() -> None:
+    old = _snap()
+    from_bar = Connection("10.0.0.9", "10.0.0.2", 80, WL, "spiffe://cluster.local/ns/bar/sa/x")
+    from_baz = Connection("10.0.0.8", "10.0.0.2", 80, WL, "spiffe://cluster.local/ns/baz/sa/y")
+    allow_bar = AuthorizationPolicy(
+        "p", "foo", rules=(Rule(sources=(Source(namespaces=("bar",)),)),)
+    )
+    new = _snap(allow_bar)
+    assert security_changed(old, new)
+    assert not security_changed(new, _snap(allow_bar))
+    assert recheck([from_bar, from_baz], old) == []
+    denied = recheck([from_bar, from_baz], new)
+    assert [c for c, _ in denied] == [from_baz]
+    assert "no ALLOW policy matched: foo/p" in denied[0][1].reason
+    # A relabelled workload is judged with its new labels.
+    selected = AuthorizationPolicy("sel", "foo", selector=FrozenMap({"tier": "db"}))
+    relabelled = replace(WL, labels=FrozenMap({"app": "a", "tier": "db"}))
+    after = Snapshot(workloads=(relabelled,), authorization_policies=(selected,))
+    assert [c for c, _ in recheck([from_bar], after)] == [from_bar]
+    # A workload gone from the snapshot is not judged here.
+    assert recheck([from_bar], Snapshot(authorization_policies=(selected,))) == []

@@ -8,7 +8,8 @@ enforces differently from how a policy is written (log it once per version).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from ztunnel_py.policy.authz import (
     L4_CONDITION_KEYS,
@@ -43,6 +44,8 @@ __all__ = [
     "explain_mtls",
     "mtls_mode",
     "problems",
+    "recheck",
+    "security_changed",
     "strict",
 ]
 
@@ -86,3 +89,35 @@ def problems(snapshot: Snapshot) -> tuple[Problem, ...]:
             for m in peer_authentication_problems(pa, snapshot.root_namespace)
         ]
     return tuple(out)
+
+
+def security_changed(old: Snapshot, new: Snapshot) -> bool:
+    """Whether verdicts may differ between ``old`` and ``new`` (policies, peer
+    authentication, root namespace, or the workloads whose labels select them)."""
+    return (
+        old.authorization_policies != new.authorization_policies
+        or old.peer_authentications != new.peer_authentications
+        or old.root_namespace != new.root_namespace
+        or old.workloads != new.workloads
+    )
+
+
+def recheck(conns: Iterable[Connection], snapshot: Snapshot) -> list[tuple[Connection, Verdict]]:
+    """The open connections that ``snapshot`` denies, with the verdict to log.
+
+    Called after a snapshot swap (when :func:`security_changed`): the caller
+    closes these, so that "a policy change applies to existing connections".
+    A connection's destination workload is looked up again in the new snapshot
+    (its labels may have changed); a workload gone from it is left to the
+    data path, which closes connections to removed workloads anyway.
+    """
+    denied: list[tuple[Connection, Verdict]] = []
+    for conn in conns:
+        current = snapshot.by_uid.get(conn.dst_workload.uid)
+        if current is None:
+            continue
+        fresh = conn if current == conn.dst_workload else replace(conn, dst_workload=current)
+        verdict = evaluate(fresh, snapshot)
+        if not verdict.allowed:
+            denied.append((conn, verdict))  # the caller's own object, to find and close
+    return denied
