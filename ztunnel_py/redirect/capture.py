@@ -57,6 +57,7 @@ DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/ztunnel-py")
 AGENT_MARK = 0x539  # SO_MARK on the agent's own sockets (Istio's ztunnel uses 1337 too)
 ROUTE_MARK = 0x5D1  # set by the programs on steered packets
 DEFAULT_POLICY_ROUTE = PolicyRoute(mark=ROUTE_MARK, table=1489, priority=1489)
+EARLY_DEMUX = "net.ipv4.tcp_early_demux"
 
 
 class CaptureError(RuntimeError):
@@ -141,6 +142,10 @@ class Capture:
         maps.config.set(self.settings)
         maps.node_ips.replace(self._net.addresses())
         self._net.install_route(self.policy_route)
+        # A same-node client's packets are forwarded to the pod's veth, where
+        # tc_pod_egress turns them back to the agent. TCP early demux would find
+        # the agent's socket first and ip_forward drops packets carrying a socket.
+        self._net.sysctl(EARLY_DEMUX, "0")
         underlay = self._net.underlay()
         self._net.attach(underlay, UNDERLAY_INGRESS, self._loaded.prog_fds[UNDERLAY_INGRESS.name])
         # After a restart the kernel is the truth: which veths carry our programs.
@@ -221,6 +226,7 @@ class Capture:
                 self._net.detach(ifindex, hook)
                 self._net.tidy(ifindex)
         self._net.remove_route(self.policy_route)
+        self._net.sysctl(EARLY_DEMUX, "1")  # the kernel's default
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None

@@ -6,6 +6,11 @@ unit tests use :class:`FakeNodeNet`, which keeps the same facts in dicts.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import threading
+from pathlib import Path
 from typing import Protocol
 
 from pyroute2 import IPRoute
@@ -26,13 +31,47 @@ class NodeNetApi(Protocol):
     def tidy(self, ifindex: int) -> None: ...
     def install_route(self, pr: PolicyRoute) -> None: ...
     def remove_route(self, pr: PolicyRoute) -> None: ...
+    def sysctl(self, key: str, value: str) -> None: ...
     def close(self) -> None: ...
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def write_sysctl(key: str, value: str, netns: str | None = None) -> None:
+    """``sysctl -w key=value`` in ``netns`` (a thread joins it; the caller stays put)."""
+    path = Path("/proc/sys") / key.replace(".", "/")
+    if netns is None:
+        path.write_text(value)
+        return
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            path.write_text(value)
+        except BaseException as exc:  # reported to the caller below
+            errors.append(exc)
+        finally:
+            os.close(fd)
+
+    # The thread ends inside the namespace; it is never reused.
+    t = threading.Thread(target=run, name=f"sysctl-{netns}")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
 
 
 class NodeNet:
     def __init__(self, netns: str | None = None, underlay: str | None = None) -> None:
         # flags=0: never create a namespace by accident
         self._ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+        self._netns = netns
         self._underlay_name = underlay
 
     def underlay(self) -> int:
@@ -68,6 +107,9 @@ class NodeNet:
     def remove_route(self, pr: PolicyRoute) -> None:
         routing.remove(self._ipr, pr)
 
+    def sysctl(self, key: str, value: str) -> None:
+        write_sysctl(key, value, self._netns)
+
     def close(self) -> None:
         self._ipr.close()
 
@@ -82,6 +124,7 @@ class FakeNodeNet:
         self.node_addrs = set(addresses or {"127.0.0.1"})
         self.filters: dict[tuple[int, str], str] = {}  # (ifindex, direction) -> hook name
         self.routes: set[PolicyRoute] = set()
+        self.sysctls: dict[str, str] = {}
         self.log: list[tuple[str, int, str]] = []
 
     def underlay(self) -> int:
@@ -119,6 +162,9 @@ class FakeNodeNet:
 
     def remove_route(self, pr: PolicyRoute) -> None:
         self.routes.discard(pr)
+
+    def sysctl(self, key: str, value: str) -> None:
+        self.sysctls[key] = value
 
     def close(self) -> None:
         pass
