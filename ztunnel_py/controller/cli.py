@@ -117,13 +117,22 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
     from ztunnel_py.controller.ca.authority import CertificateAuthority
     from ztunnel_py.controller.ca.service import add_certificate_service
 
-    ca = CertificateAuthority.load_or_create(cfg.state_dir, cfg.trust_domain, cfg.cert_max_ttl_s)
+    kube_mode: Any = None
+    if cfg.kubernetes:
+        from ztunnel_py.controller.kube_identity import kubernetes_mode
+
+        # The CA from its Secret, TokenReview + the pod's node for agents (blocking: a thread).
+        kube_mode = await asyncio.to_thread(kubernetes_mode, cfg)
+        ca = kube_mode.ca
+    else:
+        ca = CertificateAuthority.load_or_create(
+            cfg.state_dir, cfg.trust_domain, cfg.cert_max_ttl_s)
     names, ips = _serving_names(cfg, tls_san)
     chain, key = ca.serving_certificate(names, ips)
     credentials = grpc.ssl_server_credentials([(key, chain)])
     # Directory mode: per-node bootstrap tokens. (Kubernetes mode will swap in the
     # TokenReview authenticator, ztunnel_py.controller.ca.auth.KubernetesAuthenticator.)
-    authenticator = BootstrapTokens(cfg.state_dir)
+    authenticator: Any = kube_mode.authenticator if kube_mode else BootstrapTokens(cfg.state_dir)
     holder: dict[str, Controller] = {}
 
     def snapshot() -> Snapshot:
@@ -141,7 +150,7 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
     if cfg.kubernetes:
         from ztunnel_py.controller.kube import KubernetesSource
 
-        kube = KubernetesSource.from_config()
+        kube = kube_mode.source if kube_mode else KubernetesSource.from_config()
         kube.add_listener(lambda _changes: controller.submit(kube.objects()))
         await kube.start()
         controller.submit(kube.objects())

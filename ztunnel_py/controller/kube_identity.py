@@ -28,13 +28,22 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ztunnel_py import log
-from ztunnel_py.controller.ca.auth import PodNodeLookup, TokenReviewResult
+from ztunnel_py.config import ControllerConfig
+from ztunnel_py.controller.ca.auth import KubernetesAuthenticator, PodNodeLookup, TokenReviewResult
 from ztunnel_py.controller.ca.authority import CertificateAuthority
-from ztunnel_py.controller.kube import ApiError, KubeApi, KubernetesSource, NotInstalled
+from ztunnel_py.controller.kube import (
+    ApiError,
+    KubeApi,
+    KubernetesSource,
+    NotInstalled,
+    in_cluster_namespace,
+    load_api_client,
+)
 
 logger = log.get("controller.kube.identity")
 
@@ -274,3 +283,43 @@ def _materialize(directory: Path, files: Mapping[str, bytes], names: Sequence[st
         else:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+# -- Kubernetes mode, assembled ----------------------------------------------------------
+
+
+AGENT_SERVICE_ACCOUNT = "ztunnel-py-agent"
+
+
+@dataclass(frozen=True)
+class KubernetesMode:
+    """What ``ztunnel-py controller --kubernetes`` runs on instead of directory mode's parts."""
+
+    source: KubernetesSource
+    ca: CertificateAuthority
+    authenticator: KubernetesAuthenticator
+    namespace: str
+
+
+def kubernetes_mode(cfg: ControllerConfig, kubeconfig: Path | None = None) -> KubernetesMode:
+    """The API source (not started), the CA from its Secret, the TokenReview authenticator.
+
+    Blocking (it reads or creates the CA Secret): call it before the event loop
+    serves traffic, or in a thread.
+    """
+    api = KubeApi(load_api_client(kubeconfig))
+    namespace = cfg.kube_namespace or in_cluster_namespace()
+    agents = cfg.agent_service_account or f"{namespace}/{AGENT_SERVICE_ACCOUNT}"
+    source = KubernetesSource(api)
+    ca = SecretCaStore(api, namespace).load_authority(
+        cfg.state_dir, cfg.trust_domain, cfg.cert_max_ttl_s
+    )
+    authenticator = KubernetesAuthenticator(
+        KubeTokenReviewer(api),
+        pod_node_lookup(api, source),
+        service_account=agents,
+        audiences=(cfg.token_audience,),
+    )
+    logger.info("Kubernetes mode", namespace=namespace, agent_service_account=agents,
+                token_audience=cfg.token_audience, ca=ca.source)
+    return KubernetesMode(source, ca, authenticator, namespace)
