@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Callable
 
 from ztunnel_py.demo import httpservice
-from ztunnel_py.topology import Topology, TopologySpec, leftovers, sweep
+from ztunnel_py.topology import PodSpec, Topology, TopologySpec, leftovers, sweep
 from ztunnel_py.topology.host import ProcessRecord, start_ticks
 
 Build = Callable[[TopologySpec], Topology]
@@ -108,3 +108,23 @@ def test_sweep_cleans_up_after_a_run_killed_midway(topology: Build, netns_prefix
         assert leftovers(crashed) == []
     finally:
         sweep(crashed)
+
+
+def test_pods_added_and_removed_after_the_build(topology: Build) -> None:
+    topo = topology(TopologySpec.simple(nodes=2, pods_per_node=1))
+    late = topo.add_pod("node2", PodSpec("late", namespace="shop", app="late", version="v3"))
+    assert topo.pod("late") == late and topo.node_of(late).name == "node2"
+    srv = topo.popen(late, httpservice.command(late.name, "v3"), stdout=subprocess.DEVNULL)
+    topo.wait_listening(late, 8080, proc=srv)
+    got = _curl(topo, "node1-pod1", f"http://{late.ip}:8080/")
+    assert "x-served-by: late/v3" in got.stdout, got.stderr
+
+    record = next(r for r in topo.processes if r.target == "late")
+    topo.remove_pod("late")
+    assert not record.alive()
+    assert not os.path.exists(f"/run/netns/{late.netns}")
+    assert not topo.cgroup_of("node1-pod1").parent.joinpath("late").exists()
+    routes = topo.run("node2", ["ip", "-o", "route"]).stdout
+    assert late.ip not in routes and late.host_veth not in routes
+    gone = _curl(topo, "node1-pod1", f"http://{late.ip}:8080/")
+    assert gone.returncode != 0

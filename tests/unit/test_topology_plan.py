@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ztunnel_py.topology import Layout, NodeSpec, PodSpec, SpecError, TopologySpec, plan, prefix_for
-from ztunnel_py.topology.spec import IFNAMSIZ
+from ztunnel_py.topology.spec import IFNAMSIZ, with_pod, without_pod
 
 
 def test_two_by_two_layout_names_and_addresses() -> None:
@@ -73,3 +73,17 @@ def test_interface_names_never_exceed_ifnamsiz() -> None:
 def test_prefix_for_is_stable_and_distinct() -> None:
     assert prefix_for("tests/a.py::t1") == prefix_for("tests/a.py::t1")
     assert prefix_for("tests/a.py::t1") != prefix_for("tests/a.py::t2")
+
+
+def test_with_pod_takes_the_next_free_ip_and_veth_number() -> None:
+    lay = plan(TopologySpec.simple(2, 2, prefix="zt0abc12"))
+    gone = without_pod(lay, "node1-pod1")
+    more = with_pod(gone, "node1", PodSpec("late", "shop"))
+    late = more.pod("late")
+    assert late.ip == "10.244.1.2"  # the address node1-pod1 gave back
+    assert late.host_veth == "zt0abc12p4"  # never a name a just-deleted pod may still hold
+    assert late.node == "node1" and late.namespace == "shop"
+    with pytest.raises(SpecError, match="already used"):
+        with_pod(more, "node2", PodSpec("late"))
+    with pytest.raises(KeyError):
+        with_pod(lay, "node9", PodSpec("x"))

@@ -21,7 +21,17 @@ from typing import IO, Any
 
 from ztunnel_py.topology import host
 from ztunnel_py.topology.host import ProcessRecord, TopologyError
-from ztunnel_py.topology.spec import Layout, Node, Pod, TopologySpec, Underlay, plan
+from ztunnel_py.topology.spec import (
+    Layout,
+    Node,
+    Pod,
+    PodSpec,
+    TopologySpec,
+    Underlay,
+    plan,
+    with_pod,
+    without_pod,
+)
 from ztunnel_py.topology.sweep import leftovers, sweep
 
 Target = str | Pod | Node
@@ -49,8 +59,7 @@ class Topology:
         self.layout = layout
         self.cgroup_root = cgroup_root
         self._records: list[ProcessRecord] = list(processes)
-        self._popens: list[subprocess.Popen[Any]] = []
-        self._torn_down = False
+        self._popens: list[tuple[str, subprocess.Popen[Any]]] = []  # (target, process)
 
     # -- building ---------------------------------------------------------------
 
@@ -121,7 +130,7 @@ class Topology:
                         "dev", node.underlay_iface, netns=node.netns,
                     )  # fmt: skip
         for pod in lay.pods:
-            self._make_pod(pod)
+            self._make_pod(pod, lay.node(pod.node))
 
     def _netns(self, name: str) -> None:
         host.ip("netns", "add", name)
@@ -149,8 +158,7 @@ class Topology:
         host.ip("link", "set", node.underlay_iface, "up", netns=node.netns)
         host.ip("addr", "add", f"{node.pod_gateway}/32", "dev", "lo", netns=node.netns)
 
-    def _make_pod(self, pod: Pod) -> None:
-        node = self.layout.node(pod.node)
+    def _make_pod(self, pod: Pod, node: Node) -> None:
         self._netns(pod.netns)
         (self.cgroup_root / pod.cgroup).mkdir()
         host.ip(
@@ -172,6 +180,64 @@ class Topology:
             "route", "add", "default", "via", node.pod_gateway, "dev", pod.iface,
             "src", pod.ip, netns=pod.netns,
         )  # fmt: skip
+
+    # -- pods come and go ---------------------------------------------------------
+
+    def add_pod(self, node: str | Node, spec: PodSpec) -> Pod:
+        """Make one more pod on ``node`` after the build (the next free IP)."""
+        layout = with_pod(self.layout, node.name if isinstance(node, Node) else node, spec)
+        pod = layout.pods[-1]
+        try:
+            self._make_pod(pod, layout.node(pod.node))
+        except BaseException:
+            self._remove_pod_objects(pod)
+            raise
+        self.layout = layout
+        return pod
+
+    def remove_pod(self, name: str | Pod) -> None:
+        """Kill the pod's processes, delete its netns (and so its veth) and cgroup."""
+        pod = self.layout.pod(name.name if isinstance(name, Pod) else name)
+        errors = host.kill_pids([r for r in self._records if r.target == pod.name])
+        self._records = [r for r in self._records if r.target != pod.name]
+        errors += self._reap(pod.name)
+        errors += self._remove_pod_objects(pod)
+        self.layout = without_pod(self.layout, pod.name)
+        if errors:
+            raise TeardownError(self.prefix, errors)
+
+    def _reap(self, target: str | None) -> list[str]:
+        """Wait for (and close the pipes of) our killed children: all, or one target's."""
+        errors: list[str] = []
+        keep: list[tuple[str, subprocess.Popen[Any]]] = []
+        for name, p in self._popens:
+            if target is not None and name != target:
+                keep.append((name, p))
+                continue
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                errors.append(f"process {p.pid} in {name} did not exit")
+            for stream in (p.stdin, p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+        self._popens = keep
+        return errors
+
+    def _remove_pod_objects(self, pod: Pod) -> list[str]:
+        errors: list[str] = []
+        cgroup = self.cgroup_root / pod.cgroup
+        host.kill_unrecorded(host.cgroup_pids(cgroup) + host.netns_pids(pod.netns))
+        if pod.netns in host.list_netns():
+            try:
+                host.ip("netns", "del", pod.netns)
+            except TopologyError as exc:
+                errors.append(str(exc))
+        try:
+            host.remove_cgroup_tree(cgroup)
+        except TopologyError as exc:
+            errors.append(str(exc))
+        return errors
 
     # -- facts ----------------------------------------------------------------
 
@@ -299,7 +365,7 @@ class Topology:
                 str(log) if log else None,
             )
         )
-        self._popens.append(proc)
+        self._popens.append((t.name, proc))
         return proc
 
     def wait_listening(
@@ -336,16 +402,8 @@ class Topology:
         together as :class:`TeardownError` at the end.
         """
         errors = host.kill_pids(self._records)
-        for p in self._popens:
-            try:
-                p.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                errors.append(f"process {p.pid} did not exit")
-            for stream in (p.stdin, p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
+        errors += self._reap(None)
         errors += sweep(self.prefix)
-        self._torn_down = True
         remaining = leftovers(self.prefix)
         if remaining:
             errors.append("still present: " + ", ".join(remaining))

@@ -27,7 +27,7 @@ import ipaddress
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 IFNAMSIZ = 15  # usable characters in a Linux interface name
@@ -309,3 +309,36 @@ def plan(spec: TopologySpec) -> Layout:
             )
             k += 1
     return Layout(prefix, underlay, tuple(nodes), tuple(pods))
+
+
+def with_pod(layout: Layout, node: str, spec: PodSpec) -> Layout:
+    """``layout`` plus one more pod on ``node`` (the next free IP and veth number)."""
+    _check_name("pod", spec.name)
+    taken = {n.name for n in layout.nodes} | {p.name for p in layout.pods} | {"ul"}
+    if spec.name in taken:
+        raise SpecError(f"pod name {spec.name!r} is already used in topology {layout.prefix}")
+    n = layout.node(node)
+    net = ipaddress.ip_network(n.pod_cidr)
+    used = {p.ip for p in layout.pods if p.node == node} | {n.pod_gateway}
+    free = next((str(a) for a in list(net.hosts())[1:] if str(a) not in used), None)
+    if free is None:
+        raise SpecError(f"node {node}: no free address left in {net}")
+    k = 1 + max((int(p.host_veth[len(layout.prefix) + 1 :]) for p in layout.pods), default=-1)
+    pod = Pod(
+        name=spec.name,
+        node=node,
+        netns=f"{layout.prefix}-{spec.name}",
+        ip=free,
+        iface=POD_IFACE,
+        host_veth=_iface(layout.prefix, f"p{k}"),
+        namespace=spec.namespace,
+        service_account=spec.service_account,
+        labels=spec.effective_labels(),
+        cgroup=f"{layout.prefix}/{spec.name}",
+    )
+    return replace(layout, pods=(*layout.pods, pod))
+
+
+def without_pod(layout: Layout, name: str) -> Layout:
+    layout.pod(name)  # KeyError with the known names if absent
+    return replace(layout, pods=tuple(p for p in layout.pods if p.name != name))
