@@ -61,6 +61,7 @@ BUILTINS = (
     Collection("Service", "services"),
     Collection("ServiceAccount", "serviceaccounts"),
     Collection("Secret", "secrets"),
+    Collection("ConfigMap", "configmaps"),
     Collection("EndpointSlice", "endpointslices", "discovery.k8s.io"),
 )
 ISTIO = (
@@ -429,6 +430,31 @@ def _handler_for(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
             body.setdefault("apiVersion", f"{coll.group}/v1" if coll.group else "v1")
             body.setdefault("kind", coll.kind)
             self._send_json(201, api.apply(body))
+
+        def do_PUT(self) -> None:
+            if not self._authorized():
+                return
+            path, _ = self._record()
+            if not path:
+                return
+            body = self._body()
+            route = api.route(path)
+            if route is None or not route[3]:
+                self._send_json(404, _status(404, "NotFound", "not found"))
+                return
+            coll, _, ns, name = route
+            key = (coll.group, coll.plural, ns, name)
+            with api.cond:
+                old = api.objects.get(key)
+            if old is None:
+                self._send_json(404, _status(404, "NotFound", f"{name} not found"))
+                return
+            sent_rv = body.get("metadata", {}).get("resourceVersion")
+            if sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
+                self._send_json(409, _status(409, "Conflict", "the object has been modified"))
+                return
+            body.get("metadata", {}).pop("resourceVersion", None)
+            self._send_json(200, api.apply(body))
 
         def _get_one(self, coll: Collection, ns: str, name: str) -> None:
             with api.cond:

@@ -211,3 +211,32 @@ def test_parse_review_tolerates_partial_answers() -> None:
     r = kube_identity.parse_review({"status": {"authenticated": True, "user": {
         "username": "system:serviceaccount:ns1:sa1"}}})
     assert r.authenticated and r.pod_namespace == "ns1" and r.pod_name == ""
+
+
+def test_roots_are_published_for_agents_and_kept_current(fake: FakeKubeApi) -> None:
+    api = api_for(fake)
+    assert kube_identity.publish_roots(api, SYSTEM_NS, b"ROOT-1\n")
+    key = ("", "configmaps", SYSTEM_NS, kube_identity.ROOT_CONFIGMAP)
+    assert fake.objects[key]["data"] == {"root-cert.pem": "ROOT-1\n"}
+    assert not kube_identity.publish_roots(api, SYSTEM_NS, b"ROOT-1\n")  # unchanged: no write
+    assert kube_identity.publish_roots(api, SYSTEM_NS, b"ROOT-1\nROOT-2\n")  # a rotation
+    assert fake.objects[key]["data"] == {"root-cert.pem": "ROOT-1\nROOT-2\n"}
+
+
+def test_kubernetes_mode_assembles_source_ca_and_authenticator(
+    fake: FakeKubeApi, tmp_path: Path
+) -> None:
+    from ztunnel_py.config import ControllerConfig
+
+    cfg = ControllerConfig(kubernetes=True, state_dir=tmp_path / "state",
+                           kube_namespace=SYSTEM_NS)
+    mode = kube_identity.kubernetes_mode(cfg, fake.write_kubeconfig())
+    assert mode.namespace == SYSTEM_NS
+    published = fake.objects[("", "configmaps", SYSTEM_NS, kube_identity.ROOT_CONFIGMAP)]
+    assert published["data"]["root-cert.pem"] == mode.ca.roots_pem.decode()
+    assert ("", "secrets", SYSTEM_NS, kube_identity.CA_SECRET) in fake.objects
+    # the default agent identity is <namespace>/ztunnel-py-agent, audience istio-ca
+    node = mode.authenticator.authenticate(
+        {"authorization": "Bearer token-a", "x-ztunnel-node": "node-1"})
+    assert node == "node-1"
+    assert fake.review_requests[-1]["spec"]["audiences"] == ["istio-ca"]

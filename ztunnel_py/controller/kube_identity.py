@@ -256,6 +256,43 @@ class SecretCaStore:
         return ca
 
 
+ROOT_CONFIGMAP = "ztunnel-py-ca-root"
+ROOT_KEY = "root-cert.pem"
+
+
+def publish_roots(api: KubeApi, namespace: str, roots_pem: bytes,
+                  name: str = ROOT_CONFIGMAP) -> bool:
+    """Create or update the ConfigMap the agents mount to trust the controller (no key in it).
+
+    Returns whether it was written. Agents get it as a volume, so they need no RBAC.
+    """
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    want = roots_pem.decode("ascii")
+    body: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "ztunnel-py"}},
+        "data": {ROOT_KEY: want},
+    }
+    try:
+        try:
+            current = api.json("GET", f"{path}/{name}")
+        except NotInstalled:
+            api.json("POST", path, body=body)
+            return True
+        data = current.get("data")
+        if isinstance(data, Mapping) and data.get(ROOT_KEY) == want:
+            return False
+        body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
+        api.json("PUT", f"{path}/{name}", body=body)
+        return True
+    except ApiError as exc:
+        raise CaSecretError(
+            f"cannot publish the mesh root in ConfigMap {namespace}/{name}: {exc} (the "
+            "controller needs RBAC get, create and update on configmaps in its namespace)"
+        ) from None
+
+
 def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -320,6 +357,7 @@ def kubernetes_mode(cfg: ControllerConfig, kubeconfig: Path | None = None) -> Ku
         service_account=agents,
         audiences=(cfg.token_audience,),
     )
+    publish_roots(api, namespace, ca.roots_pem)
     logger.info("Kubernetes mode", namespace=namespace, agent_service_account=agents,
                 token_audience=cfg.token_audience, ca=ca.source)
     return KubernetesMode(source, ca, authenticator, namespace)
