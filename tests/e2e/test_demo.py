@@ -70,7 +70,7 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
     assert pod["spec"]["nodeName"] == "node2"
 
     # The pods' servers outlived the CLI that started them; an unmodified curl works.
-    procs = [ProcessRecord(p["pid"], None, p["target"], ()) for p in status["processes"]]
+    procs = [ProcessRecord(p["pid"], p["start"], p["target"], ()) for p in status["processes"]]
     assert len(procs) == 4 and all(p.alive() for p in procs)
     curl = subprocess.run(
         ["nsenter", f"--net=/run/netns/{pods['client']['netns']}", "--",

@@ -244,8 +244,8 @@ class DemoRun:
             for s in self.world.services
         ]  # fmt: skip
         out["processes"] = [
-            {"pid": r.pid, "target": r.target, "argv": list(r.argv), "log": r.log,
-             "alive": r.alive()}
+            {"pid": r.pid, "start": r.start, "target": r.target, "argv": list(r.argv),
+             "log": r.log, "alive": r.alive()}
             for r in topo.processes
         ]  # fmt: skip
         return out
