@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ztunnel_py.policy.match import (
+    IPAddress,
     IPNetwork,
     StringMatch,
-    ip_in,
+    addr_in,
+    parse_ip,
     parse_ip_block,
     parse_port,
     principal_of,
@@ -70,8 +72,34 @@ L4_CONDITION_KEYS = frozenset(
 
 
 @dataclass(frozen=True)
+class Peer:
+    """What a rule can see of one connection, parsed once per evaluation."""
+
+    principal: str  # SPIFFE id without spiffe://, "" for plaintext
+    namespace: str  # from the SPIFFE id, "" for plaintext
+    src: IPAddress | None
+    dst: IPAddress | None
+    port: int
+
+    @staticmethod
+    def of(conn: Connection) -> Peer:
+        return Peer(
+            principal_of(conn.src_identity),
+            conn.src_namespace or "",
+            parse_ip(conn.src_ip),
+            parse_ip(conn.dst_ip),
+            conn.dst_port,
+        )
+
+
+def _any_string(patterns: tuple[StringMatch, ...], value: str) -> bool:
+    return any(p.matches(value) for p in patterns)
+
+
+@dataclass(frozen=True)
 class Match:
-    """One source, operation or condition: every set field must match."""
+    """One source, operation or condition: every set field must match (any of its
+    values), and no value of a ``not*`` field may match."""
 
     principals: tuple[StringMatch, ...] = ()
     not_principals: tuple[StringMatch, ...] = ()
@@ -84,24 +112,27 @@ class Match:
     ports: frozenset[int] = frozenset()
     not_ports: frozenset[int] = frozenset()
 
-    def matches(self, conn: Connection, principal: str, namespace: str) -> bool:
-        return (
-            _pair(self.principals, self.not_principals, lambda m: m.matches(principal))
-            and _pair(self.namespaces, self.not_namespaces, lambda m: m.matches(namespace))
-            and _pair(self.source_ips, self.not_source_ips, lambda n: ip_in(conn.src_ip, (n,)))
-            and _pair(
-                self.destination_ips, self.not_destination_ips, lambda n: ip_in(conn.dst_ip, (n,))
-            )
-            and (not self.ports or conn.dst_port in self.ports)
-            and conn.dst_port not in self.not_ports
-        )
-
-
-def _pair(positive: Iterable[T], negative: Iterable[T], pred: Callable[[T], bool]) -> bool:
-    pos = tuple(positive)
-    if pos and not any(pred(x) for x in pos):
-        return False
-    return not any(pred(x) for x in negative)
+    def matches(self, peer: Peer) -> bool:
+        # Cheapest checks first; every clause is a plain early return.
+        if self.ports and peer.port not in self.ports:
+            return False
+        if peer.port in self.not_ports:
+            return False
+        if self.namespaces and not _any_string(self.namespaces, peer.namespace):
+            return False
+        if self.not_namespaces and _any_string(self.not_namespaces, peer.namespace):
+            return False
+        if self.principals and not _any_string(self.principals, peer.principal):
+            return False
+        if self.not_principals and _any_string(self.not_principals, peer.principal):
+            return False
+        if self.source_ips and not addr_in(peer.src, self.source_ips):
+            return False
+        if self.not_source_ips and addr_in(peer.src, self.not_source_ips):
+            return False
+        if self.destination_ips and not addr_in(peer.dst, self.destination_ips):
+            return False
+        return not (self.not_destination_ips and addr_in(peer.dst, self.not_destination_ips))
 
 
 Clause = tuple[Match, ...]  # any of them
@@ -114,10 +145,14 @@ class CompiledRule:
     # Attributes the node agent could not enforce and left out (DENY/AUDIT only).
     ignored: tuple[str, ...] = ()
 
-    def matches(self, conn: Connection, principal: str, namespace: str) -> bool:
-        return all(
-            any(m.matches(conn, principal, namespace) for m in clause) for clause in self.clauses
-        )
+    def matches(self, peer: Peer) -> bool:
+        for clause in self.clauses:
+            for m in clause:
+                if m.matches(peer):
+                    break
+            else:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -138,9 +173,9 @@ class CompiledPolicy:
             return True
         return all(workload.labels.get(k) == v for k, v in self.selector.items())
 
-    def first_match(self, conn: Connection, principal: str, namespace: str) -> CompiledRule | None:
+    def first_match(self, peer: Peer) -> CompiledRule | None:
         for rule in self.rules:
-            if rule.matches(conn, principal, namespace):
+            if rule.matches(peer):
                 return rule
         return None
 
@@ -336,9 +371,22 @@ def policy_problems(policy: AuthorizationPolicy) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Applicable:
+    """The policies that apply to one workload, split by action (in name order)."""
+
+    deny: tuple[CompiledPolicy, ...]
+    allow: tuple[CompiledPolicy, ...]
+    audit: tuple[CompiledPolicy, ...]
+
+
+@dataclass(frozen=True)
 class PolicyIndex:
     root_namespace: str
     by_namespace: Mapping[str, tuple[CompiledPolicy, ...]]
+    # Memo of for_workload(); the index itself never changes.
+    _memo: dict[tuple[str, str, Mapping[str, str]], Applicable] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @staticmethod
     def build(snapshot: Snapshot) -> PolicyIndex:
@@ -357,6 +405,23 @@ class PolicyIndex:
         return [
             p for ns in namespaces for p in self.by_namespace.get(ns, ()) if p.selects(workload)
         ]
+
+    def for_workload(self, workload: Workload) -> Applicable:
+        key = (workload.uid, workload.namespace, workload.labels)
+        hit = self._memo.get(key)
+        if hit is None:
+            policies = self.applicable(workload)
+            hit = Applicable(
+                deny=tuple(p for p in policies if p.action is Action.DENY),
+                allow=tuple(p for p in policies if p.action is Action.ALLOW),
+                audit=tuple(p for p in policies if p.action is Action.AUDIT),
+            )
+            if len(self._memo) < _MEMO_SIZE:
+                self._memo[key] = hit
+        return hit
+
+
+_MEMO_SIZE = 65536
 
 
 _INDEXES: OrderedDict[int, tuple[Snapshot, PolicyIndex]] = OrderedDict()
@@ -390,18 +455,11 @@ def _ignored_note(rule: CompiledRule) -> str:
 
 def authorize(conn: Connection, index: PolicyIndex) -> Verdict:
     """Evaluate AuthorizationPolicies for ``conn`` against a prebuilt index."""
-    principal = principal_of(conn.src_identity)
-    namespace = conn.src_namespace or ""
-    policies = index.applicable(conn.dst_workload)
-    audit = tuple(
-        p.key
-        for p in policies
-        if p.action is Action.AUDIT and p.first_match(conn, principal, namespace)
-    )
-    for pol in policies:
-        if pol.action is not Action.DENY:
-            continue
-        rule = pol.first_match(conn, principal, namespace)
+    peer = Peer.of(conn)
+    policies = index.for_workload(conn.dst_workload)
+    audit = tuple(p.key for p in policies.audit if p.first_match(peer))
+    for pol in policies.deny:
+        rule = pol.first_match(peer)
         if rule is not None:
             return Verdict(
                 False,
@@ -409,11 +467,11 @@ def authorize(conn: Connection, index: PolicyIndex) -> Verdict:
                 pol.key,
                 audit,
             )
-    allows = [p for p in policies if p.action is Action.ALLOW]
+    allows = policies.allow
     if not allows:
         return Verdict(True, "no ALLOW policy applies to the workload", "", audit)
     for pol in allows:
-        rule = pol.first_match(conn, principal, namespace)
+        rule = pol.first_match(peer)
         if rule is not None:
             reason = f"allowed by ALLOW policy {pol.key} (rule {rule.index})"
             return Verdict(True, reason, pol.key, audit)
@@ -421,7 +479,7 @@ def authorize(conn: Connection, index: PolicyIndex) -> Verdict:
     return Verdict(False, _no_allow_reason(allows), decider, audit)
 
 
-def _no_allow_reason(allows: list[CompiledPolicy]) -> str:
+def _no_allow_reason(allows: tuple[CompiledPolicy, ...]) -> str:
     parts = []
     for pol in allows:
         if pol.declared_rules == 0:

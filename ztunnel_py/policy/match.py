@@ -18,6 +18,7 @@ import ipaddress
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Kind(enum.Enum):
@@ -78,9 +79,18 @@ def parse_port(port: str) -> int | None:
     return number if 0 < number <= 65535 else None
 
 
-def ip_in(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+def parse_ip(ip: str) -> IPAddress | None:
     try:
-        address = ipaddress.ip_address(ip)
+        return ipaddress.ip_address(ip)
     except ValueError:
+        return None
+
+
+def addr_in(address: IPAddress | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if address is None:
         return False
     return any(address.version == net.version and address in net for net in networks)
+
+
+def ip_in(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    return addr_in(parse_ip(ip), networks)
