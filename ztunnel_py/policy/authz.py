@@ -31,6 +31,16 @@ Semantics follow Istio ambient's ztunnel, which only sees L4:
   policy". We do exactly that, and the verdict's reason names the attributes.
   Values Istio would reject (a port ``http``, a CIDR ``10.0.0/8``) fail safe the
   same way: the ALLOW rule is dropped, the DENY field is widened.
+
+  One deliberate difference from ztunnel's matcher: when stripping the HTTP
+  fields leaves a source or operation with no field at all (a DENY rule with
+  only ``methods``), ztunnel's ``rbac.rs`` skips that empty match so the DENY
+  rule stops matching anything, the opposite of what the documentation
+  promises. We keep the documented behaviour: the empty remainder matches every
+  connection, so the DENY is broader, never narrower.
+* **Not here** — ``remoteIpBlocks`` are HTTP attributes for istiod (they come
+  from X-Forwarded-For), so they are not treated like ``ipBlocks``; and
+  AUDIT, which ztunnel refuses, is evaluated here for the access log only.
 """
 
 from __future__ import annotations
