@@ -350,3 +350,39 @@ async def test_controller_admin_dumps_model_and_problems(mesh: Mesh) -> None:
     assert pod_names(dump) == {"web-1", "web-2"}
     assert dump["problems"] == []
     json.dumps(dump)
+
+
+async def test_refused_update_is_nacked_and_never_replaces_good_state(mesh: Mesh) -> None:
+    from dataclasses import replace
+
+    from ztunnel_py.state.model import Endpoint
+
+    agents = [await mesh.start_agent(n) for n in NODES]
+    for a in agents:
+        await eventually(lambda a=a: _has_pods(a, {"web-1", "web-2"}))
+    assert mesh.controller is not None
+    latest = mesh.controller.core.latest
+    assert latest is not None
+    good = latest.snapshot
+    # a model whose service names a workload it does not contain (a translator bug, say)
+    svc = replace(good.services[0], endpoints=(Endpoint("demo/ghost", "10.1.0.77"),))
+    bad_version = mesh.controller.service.publish(replace(good, services=(svc,)))
+
+    async def nacked() -> bool:
+        info = await controller_agents(mesh)
+        return all(a["last_nack"] and a["last_nack"]["version"] == bad_version
+                   for a in info["agents"]) and len(info["agents"]) == 2
+
+    await eventually(nacked)
+    info = await controller_agents(mesh)
+    assert all("demo/ghost" in a["last_nack"]["error"] for a in info["agents"])
+    for a in agents:
+        d = await a.dump()
+        assert d["version"] == good.version
+        assert {e["address"] for e in d["service"][0]["endpoints"]} == {"10.1.0.1", "10.1.0.2"}
+    # the next good model converges everybody
+    (mesh.config_dir / "apps" / "db.yaml").write_text(pod_yaml("db-1", "10.1.0.3", "node-a",
+                                                               app="db"))
+    for a in agents:
+        await eventually(lambda a=a: _has_pods(a, {"web-1", "web-2", "db-1"}))
+    await eventually(lambda: all_acked(mesh))

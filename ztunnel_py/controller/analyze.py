@@ -25,7 +25,8 @@ def analyze(root: Path, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
     return [*problems, *translation.problems]
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         problems = analyze(Path(args.dir), trust_domain=args.trust_domain,
                            root_namespace=args.root_namespace)

@@ -78,10 +78,10 @@ class Problem:
     severity: Severity = "error"
 
     def __str__(self) -> str:
-        what = " ".join(p for p in (self.kind, self.name) if p)
-        where = f" {self.field}:" if self.field else ":"
+        head = " ".join(p for p in (f"{self.severity.capitalize()} [{self.origin}]", self.kind,
+                                     self.name, self.field) if p)
         hint = f" (hint: {self.hint})" if self.hint else ""
-        return f"{self.severity.capitalize()} [{self.origin}] {what}{where} {self.message}{hint}"
+        return f"{head}: {self.message}{hint}"
 
 
 ObjectId = tuple[str, str]  # (kind, "<namespace>/<name>"), as in Problem.kind and .name
