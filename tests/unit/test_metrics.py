@@ -171,16 +171,23 @@ def test_detach_stops_counting() -> None:
 
 def test_health_gauges() -> None:
     certs = [CertificateExpiry(SLEEP, 2_000_000_000.0), CertificateExpiry(HTTPBIN, 2_000_003_600.0)]
-    counters = {"redirected": 42, "dropped_no_agent": 3}
+    counters = {
+        "reasons": {"out_captured": 42, "drop_no_listener": 3},
+        "pods": {"10.0.1.5": {"uid": "bar/sleep-1", "out_captured": 40, "in_hbone": 2}},
+    }
     m = Metrics(certificates=lambda: certs, config_version=lambda: "v17",
                 capture_counters=lambda: counters)
     assert value(m, "ztunnel_certificates", {}) == 2
     assert value(m, "ztunnel_certificate_expiry_timestamp_seconds",
                  {"identity": HTTPBIN}) == 2_000_003_600.0
     assert value(m, "ztunnel_config_version_info", {"version": "v17"}) == 1
-    assert value(m, "ztunnel_capture_events_total", {"event": "dropped_no_agent"}) == 3
-    counters["dropped_no_agent"] = 5  # read at scrape time
-    assert value(m, "ztunnel_capture_events_total", {"event": "dropped_no_agent"}) == 5
+    assert value(m, "ztunnel_capture_packets_total", {"reason": "drop_no_listener"}) == 3
+    assert value(m, "ztunnel_capture_pod_packets_total",
+                 {"pod_ip": "10.0.1.5", "uid": "bar/sleep-1", "counter": "in_hbone"}) == 2
+    counters["reasons"]["drop_no_listener"] = 5  # read at scrape time
+    assert value(m, "ztunnel_capture_packets_total", {"reason": "drop_no_listener"}) == 5
+    flat = Metrics(capture_counters=lambda: {"drop_assign": 7})
+    assert value(flat, "ztunnel_capture_packets_total", {"reason": "drop_assign"}) == 7
     list(text_string_to_metric_families(m.render().decode()))
 
 

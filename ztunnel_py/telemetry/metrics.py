@@ -28,14 +28,16 @@ Agent health (gauges read at scrape time from callables the agent wires in):
 
 * ``ztunnel_certificates`` and ``ztunnel_certificate_expiry_timestamp_seconds{identity}``
 * ``ztunnel_config_version_info{version}`` (always 1)
-* ``ztunnel_capture_events_total{event}`` (the BPF counters: drops, redirects...)
+* ``ztunnel_capture_packets_total{reason}`` and
+  ``ztunnel_capture_pod_packets_total{pod_ip,uid,counter}`` (the BPF counters of
+  ``Capture.counters()``: captured, passed, drop_no_listener...)
 * ``ztunnel_connections_active{direction}``
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import structlog
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -196,7 +198,8 @@ class CertificateExpiry(NamedTuple):
 
 CertificateSource = Callable[[], Iterable[CertificateExpiry]]
 VersionSource = Callable[[], str]
-CounterSource = Callable[[], Mapping[str, int]]
+# Capture.counters(): {"reasons": {reason: packets}, "pods": {ip: {"uid", counters...}}}
+CounterSource = Callable[[], Mapping[str, Any]]
 
 
 class HealthCollector(Collector):
@@ -255,14 +258,38 @@ class HealthCollector(Collector):
         if self.capture_counters is not None:
             counters = self._read("capture_counters", self.capture_counters)
             if isinstance(counters, Mapping):
-                family = CounterMetricFamily(
-                    "ztunnel_capture_events",
-                    "Events counted by the eBPF capture programs (drops, redirects...)",
-                    labels=("event",),
-                )
-                for event, n in sorted(counters.items()):
-                    family.add_metric((str(event),), int(n))
-                yield family
+                yield from _capture_families(counters)
+
+
+def _capture_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
+    """The BPF counters: ``Capture.counters()`` ({"reasons": {...}, "pods": {ip: {...}}})
+    or a flat {reason: packets}."""
+    reasons = counters.get("reasons") if "reasons" in counters else counters
+    family = CounterMetricFamily(
+        "ztunnel_capture_packets",
+        "Packets seen by the eBPF capture programs, by verdict (captured, passed, drop_*)",
+        labels=("reason",),
+    )
+    if isinstance(reasons, Mapping):
+        for reason, n in sorted(reasons.items()):
+            if isinstance(n, int):
+                family.add_metric((str(reason),), n)
+    yield family
+    pods = counters.get("pods")
+    if isinstance(pods, Mapping):
+        per_pod = CounterMetricFamily(
+            "ztunnel_capture_pod_packets",
+            "Packets the eBPF programs handled for each enrolled pod",
+            labels=("pod_ip", "uid", "counter"),
+        )
+        for ip, stats in sorted(pods.items()):
+            if not isinstance(stats, Mapping):
+                continue
+            uid = str(stats.get("uid", "")) or UNKNOWN
+            for name, n in sorted(stats.items()):
+                if name != "uid" and isinstance(n, int):
+                    per_pod.add_metric((str(ip), uid, str(name)), n)
+        yield per_pod
 
 
 class Metrics:
