@@ -3,7 +3,8 @@
 A pod's host-side veth is the output interface of the route to its IP, which
 holds in the namespace topology and on a real node alike (CNIs install a /32
 route per local pod). The underlay interface is the one carrying the default
-route, else the first route through a gateway, unless named.
+route, else the first route through a gateway, else the first non-loopback
+interface with a subnet address (not a /32), unless named.
 """
 
 from __future__ import annotations
@@ -66,9 +67,13 @@ def underlay_ifindex(ipr: Any, name: str | None = None) -> int:
             return int(oif)
         if gateway_oif is None and r.get_attr("RTA_GATEWAY"):
             gateway_oif = int(oif)
-    if gateway_oif is None:
-        raise DiscoveryError(
-            "cannot tell the underlay interface: no default route and no route via a gateway; "
-            "name it explicitly"
-        )
-    return gateway_oif
+    if gateway_oif is not None:
+        return gateway_oif
+    lo = set(ipr.link_lookup(ifname="lo"))
+    for a in ipr.get_addr(family=socket.AF_INET):
+        if a["index"] not in lo and a["prefixlen"] < 32:
+            return int(a["index"])
+    raise DiscoveryError(
+        "cannot tell the underlay interface: no default route, no route via a gateway and "
+        "no subnet address; name it explicitly"
+    )
