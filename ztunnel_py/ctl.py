@@ -33,7 +33,10 @@ JSON shapes expected from the admin endpoints (field names are the model's,
      "peer_authentications": [{"name", "namespace", "selector": {...} | null,
                                "mode": "STRICT", "port_level": {"8080": "PERMISSIVE"}}]}
 
-(a list may also be an object keyed by uid/key: its values are used.)
+(a list may also be an object keyed by uid/key: its values are used; the
+singular keys of ``ztunnel_py.state.codec.snapshot_to_json`` — ``workload``,
+``service``, ``authorization_policy``, ``peer_authentication`` — are read too,
+and a field left out takes the model's default, as the codec omits defaults.)
 
 ``GET /certs`` (agent)::
 
@@ -119,6 +122,23 @@ def items(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise CtlError(f"expected a list of objects, got {type(value).__name__}")
     return [v for v in value if isinstance(v, dict)]
+
+
+# config_dump key -> the codec's singular key for the same list
+_KIND_KEYS = {
+    "workloads": "workload",
+    "services": "service",
+    "authorization_policies": "authorization_policy",
+    "peer_authentications": "peer_authentication",
+}
+
+
+def kind(dump: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """One resource list of a config dump, under its plural or the codec's singular key."""
+    value = dump.get(key)
+    if value is None:
+        value = dump.get(_KIND_KEYS[key])
+    return items(value)
 
 
 def _ns_filter(rows: list[dict[str, Any]], namespace: str | None) -> list[dict[str, Any]]:
@@ -219,7 +239,7 @@ def policy_rows(dump: Mapping[str, Any], namespace: str | None) -> tuple[Row, li
     root = str(dump.get("root_namespace") or DEFAULT_ROOT_NAMESPACE)
     header = ("NAMESPACE", "POLICY NAME", "KIND", "ACTION", "SCOPE", "RULES")
     out: list[Row] = []
-    for p in _sorted(_ns_filter(items(dump.get("authorization_policies")), namespace)):
+    for p in _sorted(_ns_filter(kind(dump, "authorization_policies"), namespace)):
         out.append(
             (
                 str(p.get("namespace", "")),
@@ -230,7 +250,7 @@ def policy_rows(dump: Mapping[str, Any], namespace: str | None) -> tuple[Row, li
                 str(len(p.get("rules") or [])),
             )
         )
-    for p in _sorted(_ns_filter(items(dump.get("peer_authentications")), namespace)):
+    for p in _sorted(_ns_filter(kind(dump, "peer_authentications"), namespace)):
         ports = p.get("port_level") or {}
         mode = str(p.get("mode", "UNSET"))
         if ports:
@@ -307,8 +327,7 @@ def select(resource: str, data: Any, namespace: str | None) -> tuple[Any, Callab
         if not isinstance(data, Mapping):
             raise CtlError("config_dump: expected a JSON object")
         summary = {
-            k: len(items(data.get(k)))
-            for k in ("workloads", "services", "authorization_policies", "peer_authentications")
+            k: len(kind(data, k)) for k in _KIND_KEYS
         }
         return data, lambda: table(
             ("VERSION", *(k.upper() for k in summary)),
@@ -317,18 +336,18 @@ def select(resource: str, data: Any, namespace: str | None) -> tuple[Any, Callab
     if resource in ("workloads", "services", "policies") and not isinstance(data, Mapping):
         raise CtlError("config_dump: expected a JSON object")
     if resource == "workloads":
-        rows = _sorted(_ns_filter(items(data.get("workloads")), namespace))
+        rows = _sorted(_ns_filter(kind(data, "workloads"), namespace))
         return rows, lambda: table(*workload_rows(rows))
     if resource == "services":
-        rows = _sorted(_ns_filter(items(data.get("services")), namespace))
+        rows = _sorted(_ns_filter(kind(data, "services"), namespace))
         return rows, lambda: table(*service_rows(rows))
     if resource == "policies":
         view = {
             "authorization_policies": _sorted(
-                _ns_filter(items(data.get("authorization_policies")), namespace)
+                _ns_filter(kind(data, "authorization_policies"), namespace)
             ),
             "peer_authentications": _sorted(
-                _ns_filter(items(data.get("peer_authentications")), namespace)
+                _ns_filter(kind(data, "peer_authentications"), namespace)
             ),
         }
         return view, lambda: table(*policy_rows(data, namespace))
