@@ -10,7 +10,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel_py.telemetry.connection import ConnectionResult, Peer
-from ztunnel_py.telemetry.http import EndpointError, HttpEndpoint, Readiness, TelemetryServer
+from ztunnel_py.telemetry.http import (
+    AGENT_CONDITIONS,
+    EndpointError,
+    HttpEndpoint,
+    Readiness,
+    TelemetryServer,
+)
 from ztunnel_py.telemetry.metrics import CertificateExpiry, Metrics
 
 SLEEP = "spiffe://cluster.local/ns/bar/sa/sleep"
@@ -40,7 +46,7 @@ async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str,
 
 @pytest.fixture
 async def stack() -> AsyncIterator[tuple[Metrics, Readiness, TelemetryServer]]:
-    readiness = Readiness("config", "certificates", "capture")
+    readiness = Readiness(*AGENT_CONDITIONS)
     with Metrics(config_version=lambda: "v3",
                  certificates=lambda: [CertificateExpiry(HTTPBIN, 4_000_000_000.0)]) as metrics:
         server = TelemetryServer(metrics.render, readiness, metrics_address="127.0.0.1:0",

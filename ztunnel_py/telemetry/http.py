@@ -33,8 +33,18 @@ class EndpointError(RuntimeError):
     """A telemetry endpoint could not listen; the message says where and the likely cause."""
 
 
+# The agent's readiness conditions (DESIGN.md): configuration received, certificates
+# held for the node's workloads, capture in place.
+CONFIG, CERTIFICATES, CAPTURE = "config", "certificates", "capture"
+AGENT_CONDITIONS = (CONFIG, CERTIFICATES, CAPTURE)
+
+
 class Readiness:
-    """Named conditions the agent sets as its parts come up (all must hold to be ready)."""
+    """Named conditions the agent sets as its parts come up (all must hold to be ready).
+
+    ``Readiness(*AGENT_CONDITIONS)`` for an agent; one without capture
+    (``ZTUNNEL_CAPTURE=none``) simply does not register ``capture``.
+    """
 
     def __init__(self, *conditions: str) -> None:
         self._conditions: dict[str, bool] = dict.fromkeys(conditions, False)
