@@ -22,8 +22,9 @@ enum zt_reason {
 	ZT_R_PASS_MARK = 8,      /* the agent's own (marked) socket */
 	ZT_R_PASS_NOT_ENROLLED = 9, /* neither end is an enrolled local pod */
 	ZT_R_PASS_LOCAL = 10,    /* node-originated packet into a pod (health checks) */
-	ZT_R_SAME_NODE = 11,     /* forwarded pod -> enrolled pod, turned back to ingress */
-	ZT_R_MAX = 12,
+	ZT_R_SAME_NODE = 11,     /* into an enrolled pod, turned back to ingress */
+	ZT_R_DROP_SPOOFED = 12,  /* from a pod veth with the node's address, unmarked */
+	ZT_R_MAX = 13,
 };
 
 /* zt_cfg[0]: written once by the agent at install. Addresses and ports are in

@@ -135,6 +135,25 @@ def filters(topo: Topology, node: str, dev: str) -> str:
     return out
 
 
+def agent_get(netns: str, ip: str, port: int) -> bytes:
+    """An HTTP GET from the node namespace on a marked socket, as the agent would."""
+
+    def connect() -> socket.socket:
+        s = marked_socket(socket.AF_INET, 0x539)
+        s.setblocking(True)
+        s.settimeout(3)
+        return s
+
+    s = in_netns(netns, connect)
+    with s:
+        s.connect((ip, port))
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        chunks = []
+        while chunk := s.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def start_server(topo: Topology, pod: Pod) -> None:
     proc = topo.popen(pod, httpservice.command(pod.name, "v1"), stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
@@ -244,11 +263,17 @@ def test_inbound_capture_underlay_same_node_and_health_checks(
         # Kubelet-style health check from the node itself reaches the pod directly.
         health = curl(topo, "node2", f"http://{target.ip}:8080/")
         assert "Hello version: v1, instance: node2-pod1" in health.stdout
-        assert len(hbone.seen) == 1 and len(plain.seen) == 2
+        # The agent's own (marked) sockets: to the application port they reach the pod
+        # (the inbound leg); to :15008 (same-node HBONE) they loop back to the agent.
+        assert agent_get(node2.netns, target.ip, 8080).startswith(b"HTTP/1.1 200")
+        looped = agent_get(node2.netns, target.ip, 15008)
+        assert looped.endswith(f"\r\n\r\nprobe:15008 local={target.ip}:15008\n".encode())
+        assert hbone.seen[-1][1][0] != target.ip  # from the node, not from a pod
+        assert len(hbone.seen) == 2 and len(plain.seen) == 2
 
         counters = cap.counters()
-        assert counters["pods"][target.ip]["in_captured"] == 3
-        assert counters["reasons"]["in_hbone"] == 1
+        assert counters["pods"][target.ip]["in_captured"] == 4
+        assert counters["reasons"]["in_hbone"] == 2
         assert counters["reasons"]["in_plain"] == 2
         assert counters["reasons"]["same_node"] >= 1
         assert counters["reasons"]["pass_local"] >= 1

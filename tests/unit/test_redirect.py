@@ -102,6 +102,7 @@ def test_enroll_writes_the_map_before_attaching_and_unenroll_detaches_first() ->
     r = cap.reconcile(snap(wl("a", "10.0.0.2"), wl("b", "10.0.0.3", enrolled=False)))
     assert r.enrolled == ("10.0.0.2",) and r.added == ("10.0.0.2",)
     assert order == ["map+10.0.0.2", "attach zt_pod_ingress@10", "attach zt_pod_egress@10"]
+    assert net.sysctls["accept_local/10"] == "1"
     assert maps.pod_stats.get("10.0.0.2") is not None
     assert (11, "ingress") not in net.filters
 
@@ -173,6 +174,7 @@ def test_uninstall_removes_filters_route_and_restores_early_demux() -> None:
     assert net.filters == {}
     assert net.routes == set()
     assert net.sysctls[EARLY_DEMUX] == "1"
+    assert net.sysctls["accept_local/10"] == net.sysctls["accept_local/11"] == "0"
 
 
 def test_node_dir_names_are_bpffs_safe() -> None:

@@ -175,6 +175,7 @@ class Capture:
             for hook in POD_HOOKS:
                 self._net.detach(ifindex, hook)
             self._net.tidy(ifindex)
+            self._net.accept_local(ifindex, False)
             self._attached.discard(ifindex)
         for ip in sorted(plan.drop):
             maps.pods.remove(ip)
@@ -184,6 +185,7 @@ class Capture:
         for ip, ifindex in sorted(plan.put.items()):
             maps.pod_stats.ensure(ip)
             maps.pods.put(ip, ifindex)
+            self._net.accept_local(ifindex, True)
             for hook in POD_HOOKS:
                 self._net.attach(ifindex, hook, fds[hook.name])
             self._attached.add(ifindex)
@@ -225,6 +227,8 @@ class Capture:
             for ifindex in self._net.links_with(hook):
                 self._net.detach(ifindex, hook)
                 self._net.tidy(ifindex)
+                if hook in POD_HOOKS:
+                    self._net.accept_local(ifindex, False)
         self._net.remove_route(self.policy_route)
         self._net.sysctl(EARLY_DEMUX, "1")  # the kernel's default
         if self._loaded is not None:

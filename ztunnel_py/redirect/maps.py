@@ -82,9 +82,10 @@ class Reason(enum.IntEnum):
     PASS_NOT_ENROLLED = 9
     PASS_LOCAL = 10
     SAME_NODE = 11
+    DROP_SPOOFED = 12
 
 
-REASON_SLOTS = 12
+REASON_SLOTS = 13
 
 
 # -- zt_cfg -------------------------------------------------------------------

@@ -6,6 +6,7 @@ unit tests use :class:`FakeNodeNet`, which keeps the same facts in dicts.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -32,6 +33,7 @@ class NodeNetApi(Protocol):
     def install_route(self, pr: PolicyRoute) -> None: ...
     def remove_route(self, pr: PolicyRoute) -> None: ...
     def sysctl(self, key: str, value: str) -> None: ...
+    def accept_local(self, ifindex: int, on: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -110,6 +112,15 @@ class NodeNet:
     def sysctl(self, key: str, value: str) -> None:
         write_sysctl(key, value, self._netns)
 
+    def accept_local(self, ifindex: int, on: bool) -> None:
+        """The agent's HBONE to a local pod is turned back in with the node's source."""
+        found = self._ipr.get_links(ifindex) if ifindex else []
+        if not found:
+            return  # the veth is gone with its pod
+        name = found[0].get_attr("IFLA_IFNAME")
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+            write_sysctl(f"net.ipv4.conf.{name}.accept_local", "1" if on else "0", self._netns)
+
     def close(self) -> None:
         self._ipr.close()
 
@@ -165,6 +176,9 @@ class FakeNodeNet:
 
     def sysctl(self, key: str, value: str) -> None:
         self.sysctls[key] = value
+
+    def accept_local(self, ifindex: int, on: bool) -> None:
+        self.sysctls[f"accept_local/{ifindex}"] = "1" if on else "0"
 
     def close(self) -> None:
         pass
