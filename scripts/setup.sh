@@ -63,7 +63,7 @@ stamp="$venv/.ztunnel-installed"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   log "installing ztunnel-py (editable) with dev tools"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$here[dev]"
+  "$venv/bin/pip" install -q -e "${here}[dev]"
   touch "$stamp"
 else
   log "virtualenv up to date"
