@@ -9,6 +9,7 @@ same code as the controller's
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import itertools
 from collections.abc import Callable, Sequence
@@ -290,11 +291,11 @@ class Issuer:
             )
         verify_chain([self.cert, *self.intermediates], self.roots)
 
-    @property
+    @functools.cached_property
     def roots_pem(self) -> bytes:
         return certs_pem(self.roots)
 
-    @property
+    @functools.cached_property
     def chain_tail(self) -> tuple[x509.Certificate, ...]:
         """What follows a leaf in its chain: the CA cert (unless it is a root) and intermediates."""
         tail = (self.cert, *self.intermediates)
