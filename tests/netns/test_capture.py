@@ -365,3 +365,37 @@ def test_uninstall_removes_one_node_and_leaves_the_other(
         assert topo.pod("node2-pod1").ip in caps["node2"].enrolled()
     finally:
         caps["node2"].close()
+
+
+def test_changed_programs_are_swapped_in_without_detaching(
+    topology: Build, pin_root: Path, probes: Callable[[str, int], Probe], tmp_path: Path
+) -> None:
+    from ztunnel_py.redirect.hooks import DEFAULT_BPF_DIR
+
+    topo = topology(TopologySpec.simple(nodes=1, pods_per_node=1))
+    node, pod = topo.node("node1"), topo.pod("node1-pod1")
+    old_src = tmp_path / "bpf"
+    shutil.copytree(DEFAULT_BPF_DIR, old_src)
+    (old_src / "include" / "types.h").write_text(
+        (old_src / "include" / "types.h").read_text() + "\n/* an older release */\n")
+    old = Capture("node1", pin_root=pin_root, netns=node.netns, bpf_dir=old_src)
+    old.install()
+    old.reconcile(snapshot((pod, True)))
+    old_dir = old.pin_dir
+    old.close()
+    before = filters(topo, "node1", pod.host_veth)
+
+    new = Capture("node1", pin_root=pin_root, netns=node.netns)
+    try:
+        new.install()
+        assert new.pin_dir != old_dir and old_dir is not None and not old_dir.exists()
+        # The old programs keep capturing until reconcile swaps them (tc replace).
+        assert "zt_pod_ingress" in filters(topo, "node1", pod.host_veth)
+        new.reconcile(snapshot((pod, True)))
+        after = filters(topo, "node1", pod.host_veth)
+        assert "zt_pod_ingress" in after and after != before  # new program ids
+        probes(node.netns, 15001)
+        got = curl(topo, pod, "http://10.99.0.1:80/")
+        assert got.stdout == "probe:15001 local=10.99.0.1:80\n", got.stderr
+    finally:
+        new.close()
