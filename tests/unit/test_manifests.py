@@ -145,131 +145,9 @@ def test_crds_serve_what_the_source_watches_and_the_translator_reads() -> None:
                             if r.group.endswith("istio.io")}
 
 
-# Istio's published samples (samples/bookinfo/networking and security docs), verbatim in shape.
-ISTIO_SAMPLES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - match:
-    - headers:
-        end-user: {exact: jason}
-    fault:
-      delay: {percentage: {value: 100.0}, fixedDelay: 7s}
-    route:
-    - destination: {host: reviews, subset: v2}
-  - route:
-    - destination: {host: reviews, subset: v1}
-      weight: 50
-    - destination: {host: reviews, subset: v3}
-      weight: 50
-    retries: {attempts: 3, perTryTimeout: 2s, retryOn: "5xx,connect-failure"}
-    timeout: 10s
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: bookinfo}
-spec:
-  hosts: ["*"]
-  gateways: [bookinfo-gateway]
-  http:
-  - match:
-    - uri: {exact: /productpage}
-    - uri: {prefix: /static}
-    route:
-    - destination:
-        host: productpage
-        port: {number: 9080}
-    mirror: {host: productpage-v2}
-    mirrorPercentage: {value: 10.0}
-  tcp:
-  - match: [{port: 27017}]
-    route:
-    - destination: {host: mongo.backup.svc.cluster.local, port: {number: 5555}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {simple: RANDOM}
-    connectionPool:
-      tcp: {maxConnections: 100}
-      http: {http2MaxRequests: 1000, maxRequestsPerConnection: 10}
-    outlierDetection: {consecutive5xxErrors: 7, interval: 5m, baseEjectionTime: 15m}
-  subsets:
-  - name: v1
-    labels: {version: v1}
-  - name: v2
-    labels: {version: v2}
-    trafficPolicy:
-      loadBalancer: {simple: ROUND_ROBIN}
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {name: bookinfo-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: productpage-viewer, namespace: default}
-spec:
-  selector:
-    matchLabels: {app: productpage}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/bookinfo-gateway-istio"]
-    to:
-    - operation:
-        methods: [GET]
-        paths: ["/productpage", "/static/*"]
-    when:
-    - key: request.auth.claims[iss]
-      values: ["https://accounts.google.com"]
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {name: deny-method-get, namespace: foo}
-spec:
-  targetRefs:
-  - kind: Gateway
-    group: gateway.networking.k8s.io
-    name: waypoint
-  action: DENY
-  rules:
-  - to:
-    - operation: {methods: [GET], notPaths: ["/healthz"]}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-nothing, namespace: default}
-spec: {}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec:
-  mtls: {mode: STRICT}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: finance, namespace: foo}
-spec:
-  selector:
-    matchLabels: {app: finance}
-  mtls: {mode: STRICT}
-  portLevelMtls:
-    "8080": {mode: DISABLE}
-"""
+# Istio's published samples (bookinfo networking samples, security docs), shared with vagrant/.
+ISTIO_SAMPLES = (REPO / "vagrant/manifests/istio-samples.yaml").read_text()
+
 
 
 def schema_for(doc: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +158,7 @@ def schema_for(doc: dict[str, Any]) -> dict[str, Any]:
     return dict(v["schema"]["openAPIV3Schema"])
 
 
-@pytest.mark.parametrize("doc", list(yaml.safe_load_all(ISTIO_SAMPLES)),
+@pytest.mark.parametrize("doc", [d for d in yaml.safe_load_all(ISTIO_SAMPLES) if d],
                          ids=lambda d: f"{d['kind']}-{d['metadata']['name']}")
 def test_istio_samples_are_accepted_by_our_crds(doc: dict[str, Any]) -> None:
     jsonschema.validate(doc, schema_for(doc))
