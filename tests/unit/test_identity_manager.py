@@ -196,3 +196,30 @@ async def test_fetch_after_close_is_refused() -> None:
     await mgr.close()
     with pytest.raises(CertificateUnavailable, match="stopping"):
         await mgr.fetch(ALICE)
+
+
+async def test_track_snapshot_follows_the_nodes_enrolled_workloads() -> None:
+    def wl(name: str, node: str) -> Workload:
+        return Workload(uid=f"default/{name}", name=name, namespace="default",
+                        service_account=name, node=node, ips=(), enrolled=True)
+
+    client = InMemoryCaClient(InMemoryCA())
+    mgr = SecretManager(client)
+    try:
+        mgr.track_snapshot(Snapshot(workloads=(wl("alice", "n1"), wl("bob", "n2"))), "n1")
+        await eventually(lambda: mgr.current(ALICE))
+        assert [r["identity"] for r in mgr.describe()] == [ALICE]
+        mgr.track_snapshot(Snapshot(workloads=(wl("bob", "n1"),)), "n1")
+        await eventually(lambda: mgr.current(BOB))
+        assert mgr.current(ALICE) is None
+        assert [r["identity"] for r in mgr.describe()] == [BOB]
+    finally:
+        await mgr.close()
+
+
+def test_in_memory_ca_refuses_other_trust_domains_like_the_real_one() -> None:
+    from ztunnel_py.identity.errors import CsrError
+
+    with pytest.raises(CsrError, match="trust domain"):
+        InMemoryCA().issue("spiffe://other.td/ns/default/sa/alice")
+    assert InMemoryCA("other.td").issue("spiffe://other.td/ns/default/sa/a").identity.endswith("/a")

@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -98,7 +98,6 @@ class _Entry:
     last_error: str = ""
     retry_at: dt.datetime | None = None
     next_refresh: dt.datetime | None = None
-    issued: int = field(default=0)
 
 
 class SecretManager:
@@ -157,6 +156,10 @@ class SecretManager:
             return
         for identity in sorted(wanted - set(self._entries)):
             self._track(identity)
+
+    def track_snapshot(self, snapshot: Snapshot, node: str) -> None:
+        """Retain the identities ``node`` needs in ``snapshot`` (a StateStore listener)."""
+        self.retain(wanted_identities(snapshot, node))
 
     def forget(self, identity: str) -> None:
         entry = self._entries.pop(identity, None)
@@ -257,7 +260,6 @@ class SecretManager:
             entry.failures = 0
             entry.last_error = ""
             entry.retry_at = None
-            entry.issued += 1
         _log().info(
             "certificate issued",
             identity=identity,

@@ -39,11 +39,16 @@ class InMemoryCA:
             intermediates=(),
             roots=(root, *extra),
             max_ttl=dt.timedelta(seconds=max_ttl_s),
+            trust_domain=trust_domain,
         )
 
     @property
     def roots_pem(self) -> bytes:
         return self.issuer.roots_pem
+
+    @property
+    def max_ttl_s(self) -> float:
+        return self.issuer.max_ttl.total_seconds()
 
     @property
     def root_pem(self) -> bytes:

@@ -279,6 +279,7 @@ class Issuer:
     intermediates: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     max_ttl: dt.timedelta = dt.timedelta(hours=24)
+    trust_domain: str = ""  # when set, only identities of this trust domain are signed
     clock: Clock = utcnow
 
     def __post_init__(self) -> None:
@@ -307,7 +308,13 @@ class Issuer:
         ``chain_pem`` is the leaf then the intermediates (not the root). The
         validity is ``ttl_s`` capped at ``max_ttl`` (and at the CA's own expiry).
         """
-        spiffe.parse(identity)
+        try:
+            if self.trust_domain:
+                spiffe.check_trust_domain(identity, self.trust_domain)
+            else:
+                spiffe.parse(identity)
+        except IdentityError as exc:
+            raise CsrError(str(exc)) from None
         public = verify_csr(csr_pem, identity)
         ttl = dt.timedelta(seconds=min(ttl_s, self.max_ttl.total_seconds()))
         leaf = self.issue(public, uris=[identity], ttl=ttl)

@@ -27,9 +27,8 @@ from typing import Any
 from cryptography import x509
 
 from ztunnel_py import log
-from ztunnel_py.identity import spiffe
 from ztunnel_py.identity import x509 as x509u
-from ztunnel_py.identity.errors import CsrError, IdentityError
+from ztunnel_py.identity.errors import IdentityError
 
 CACERTS_FILES = ("ca-cert.pem", "ca-key.pem", "root-cert.pem")
 SERVING_TTL = dt.timedelta(days=365)
@@ -123,7 +122,9 @@ class CertificateAuthority:
         chain = x509u.load_certs(_read(chain_path), "cert-chain.pem") if chain_path.exists() else []
         intermediates = tuple(c for c in chain if c != ca_cert and c not in roots)
         _check_ca_cert(ca_cert, "ca-cert.pem")
-        issuer = cls._issuer(key, ca_cert, intermediates, tuple(roots), max_ttl, directory)
+        issuer = cls._issuer(
+            key, ca_cert, intermediates, tuple(roots), max_ttl, trust_domain, directory
+        )
         return cls(issuer, trust_domain, source=f"cacerts {directory}")
 
     @classmethod
@@ -150,7 +151,7 @@ class CertificateAuthority:
         _check_ca_cert(root, str(cert_path))
         extra_path = directory / "extra-roots.pem"
         extra = x509u.load_certs(_read(extra_path), str(extra_path)) if extra_path.exists() else []
-        issuer = cls._issuer(key, root, (), (root, *extra), max_ttl, directory)
+        issuer = cls._issuer(key, root, (), (root, *extra), max_ttl, trust_domain, directory)
         return cls(issuer, trust_domain, source=f"self-signed {directory}")
 
     @staticmethod
@@ -160,11 +161,17 @@ class CertificateAuthority:
         intermediates: tuple[x509.Certificate, ...],
         roots: tuple[x509.Certificate, ...],
         max_ttl: dt.timedelta,
+        trust_domain: str,
         directory: Path,
     ) -> x509u.Issuer:
         try:
             return x509u.Issuer(
-                key=key, cert=cert, intermediates=intermediates, roots=roots, max_ttl=max_ttl
+                key=key,
+                cert=cert,
+                intermediates=intermediates,
+                roots=roots,
+                max_ttl=max_ttl,
+                trust_domain=trust_domain,
             )
         except IdentityError as exc:
             raise CaSetupError(f"{directory}: {exc}") from None
@@ -183,12 +190,9 @@ class CertificateAuthority:
         """Verify and sign a workload CSR; return (chain_pem, roots_pem).
 
         ``chain_pem`` is the leaf then any intermediates (not the root); the
-        validity is ``ttl_s`` capped at the configured maximum.
+        validity is ``ttl_s`` capped at the configured maximum. Raises
+        :class:`~ztunnel_py.identity.errors.CsrError` for anything unsignable.
         """
-        try:
-            spiffe.check_trust_domain(identity, self.trust_domain)
-        except IdentityError as exc:
-            raise CsrError(str(exc)) from None
         return self.issuer.sign_csr(csr_pem, identity, ttl_s)
 
     def serving_certificate(
