@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ztunnel_py.redirect import links, routing, tc
 from ztunnel_py.redirect.hooks import Hook
@@ -114,9 +115,12 @@ class NodeNet:
 
     def accept_local(self, ifindex: int, on: bool) -> None:
         """The agent's HBONE to a local pod is turned back in with the node's source."""
-        found = self._ipr.get_links(ifindex) if ifindex else []
-        if not found:
+        try:
+            found = self._ipr.get_links(ifindex)
+        except NetlinkError:
             return  # the veth is gone with its pod
+        if not found:
+            return
         name = found[0].get_attr("IFLA_IFNAME")
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile
             write_sysctl(f"net.ipv4.conf.{name}.accept_local", "1" if on else "0", self._netns)
