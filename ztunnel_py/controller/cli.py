@@ -151,9 +151,9 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
         from ztunnel_py.controller.kube import KubernetesSource
 
         kube = kube_mode.source if kube_mode else KubernetesSource.from_config()
-        kube.add_listener(lambda _changes: controller.submit(kube.objects()))
         await kube.start()
-        controller.submit(kube.objects())
+        # The whole set after the initial list, then once per burst of watch events.
+        feeding = asyncio.create_task(kube.feed(controller.submit), name="controller-kube")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,6 +163,9 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
     finally:
         _log.info("controller stopping")
         if kube is not None:
+            feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeding
             with contextlib.suppress(Exception):
                 await kube.stop()
         await controller.stop()
