@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ztunnel_py.controller.ca.auth import BootstrapTokens
+from ztunnel_py.controller.ca.auth import (
+    BootstrapTokens,
+    KubernetesAuthenticator,
+    TokenReviewResult,
+)
 from ztunnel_py.controller.ca.authority import CertificateAuthority
 from ztunnel_py.controller.ca.service import add_certificate_service
 from ztunnel_py.identity import x509 as x509u
@@ -281,3 +285,46 @@ async def test_grpc_client_reports_unauthenticated_with_a_hint(controller: Contr
     with pytest.raises(CaError, match=r"UNAUTHENTICATED.*ZTUNNEL_TOKEN_FILE") as err:
         await client.sign(x509u.build_csr(x509u.new_key(), ALICE), ALICE, 60)
     assert err.value.code == "UNAUTHENTICATED"
+
+
+class FakeReviewer:
+    """TokenReview as the API server would answer for one agent pod on node-1."""
+
+    def review(self, token: str, audiences: Sequence[str]) -> TokenReviewResult:
+        if token != "projected-sa-token" or "istio-ca" not in audiences:
+            return TokenReviewResult(False, error="invalid bearer token")
+        return TokenReviewResult(
+            True, username="system:serviceaccount:istio-system:ztunnel", audiences=("istio-ca",),
+            pod_name="ztunnel-abcde", pod_namespace="istio-system",
+        )
+
+
+async def test_kubernetes_mode_over_grpc(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path, TD, MAX_TTL)
+    pods = {("istio-system", "ztunnel-abcde"): "node-1"}
+    auth = KubernetesAuthenticator(FakeReviewer(), lambda ns, name: pods.get((ns, name)))
+    server = grpc.aio.server()
+    add_certificate_service(server, ca, auth, lambda: SNAPSHOT)
+    chain, key = ca.serving_certificate(["controller.test"], [])
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    await server.start()
+    channel = grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca.roots_pem),
+        options=[("grpc.ssl_target_name_override", "controller.test")],
+    )
+    try:
+        ok = GrpcCaClient(channel, token="projected-sa-token", node="node-1")
+        chain_pem, _roots = await ok.sign(x509u.build_csr(x509u.new_key(), ALICE), ALICE, 60)
+        assert x509u.leaf_identity(x509u.load_certs(chain_pem, "c")[0], TD) == ALICE
+        # the same pod's token cannot pose as an agent on node-2
+        liar = GrpcCaClient(channel, token="projected-sa-token", node="node-2")
+        with pytest.raises(CaError) as err:
+            await liar.sign(x509u.build_csr(x509u.new_key(), BOB), BOB, 60)
+        assert err.value.code == "PERMISSION_DENIED"
+        stolen = GrpcCaClient(channel, token="someone-elses-token", node="node-1")
+        with pytest.raises(CaError) as err:
+            await stolen.sign(x509u.build_csr(x509u.new_key(), ALICE), ALICE, 60)
+        assert err.value.code == "UNAUTHENTICATED"
+    finally:
+        await channel.close()
+        await server.stop(None)

@@ -8,6 +8,7 @@ the CSR itself (let alone any key) is never logged.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -106,7 +107,8 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
         }
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         try:
-            node = self._auth.authenticate(metadata)
+            # In Kubernetes mode this may ask the API server (TokenReview): off the loop.
+            node = await asyncio.to_thread(self._auth.authenticate, metadata)
         except AuthError as exc:
             return await self._refuse(context, Refusal(exc.code, exc.message), fields)
         fields["node"] = node
