@@ -284,7 +284,10 @@ class SecretManager:
             else:
                 delay = refresh_delay(entry.cert, now, self._rng.uniform(-1, 1), self._policy)
             entry.next_refresh = now + dt.timedelta(seconds=delay)
+            held = entry.cert
             await asyncio.sleep(delay)
+            if entry.cert is not held and entry.cert is not None and not entry.failures:
+                continue  # an on-demand fetch renewed it meanwhile: plan from the new one
             try:
                 await self._issue(entry)
             except IdentityError as exc:
