@@ -127,6 +127,7 @@ class FakeKubeApi:
         self.ca_file: Path | None = None
         self.open_watches = 0
         self.hold_watches = False  # new watch requests wait while set (see offline())
+        self.watch_max_s: float | None = None  # end every watch after this long (0: at once)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -496,6 +497,8 @@ def _handler_for(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
             since = int(query.get("resourceVersion") or 0)
             bookmarks = query.get("allowWatchBookmarks") == "true"
             timeout = float(query.get("timeoutSeconds") or 1800)
+            if api.watch_max_s is not None:
+                timeout = min(timeout, api.watch_max_s)
             deadline = time.monotonic() + timeout
             sent = since
             try:
@@ -519,10 +522,10 @@ def _handler_for(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
                         bm_gen = api.bookmark_generation
                         current = api.rv
                         if not pending and not dropped and not do_bookmark:
-                            api.cond.wait(0.05)
-                            if time.monotonic() > deadline:
+                            if time.monotonic() >= deadline:
                                 self._chunk(b"")
                                 return
+                            api.cond.wait(0.05)
                             continue
                     if dropped:
                         with contextlib.suppress(OSError):

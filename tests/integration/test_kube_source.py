@@ -331,3 +331,20 @@ async def test_feed_hands_the_whole_set_on_every_change(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_watches_that_end_at_once_back_off(
+    fake: FakeKubeApi, source_for: Callable[..., Any]
+) -> None:
+    source, _ = await source_for(settings=kube.SourceSettings(
+        backoff_initial_s=0.2, backoff_max_s=0.4))
+    fake.watch_max_s = 0  # every watch ends at once, empty
+    with fake.offline():  # cut the watches opened before
+        pass
+    before = len(fake.watch_requests("pods"))
+    await asyncio.sleep(1.5)
+    rewatches = len(fake.watch_requests("pods")) - before
+    assert 1 <= rewatches <= 10, rewatches  # not a tight loop of hundreds
+    fake.watch_max_s = None
+    fake.apply(pod("after"))
+    await eventually(lambda: "kubernetes:Pod/demo/after" in origins(source))

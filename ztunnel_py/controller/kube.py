@@ -52,6 +52,7 @@ from ztunnel_py.controller.translate import KubeObject, Problem
 logger = log.get("controller.kube")
 
 ORIGIN_PREFIX = "kubernetes:"
+MIN_WATCH_S = 1.0  # a watch that ends sooner, empty, is treated as a failure (backoff)
 
 
 class KubeError(Exception):
@@ -522,8 +523,11 @@ class Reflector:
                 if need_list:
                     self._list()
                     need_list = False
-                self._watch()
-                self._backoff.reset()
+                started = time.monotonic()
+                if self._watch() or time.monotonic() - started >= MIN_WATCH_S:
+                    self._backoff.reset()
+                else:  # ended at once with nothing in it: do not hammer the server
+                    self._stop.wait(self._backoff.next())
             except NotInstalled as exc:
                 if not self.resource.optional:
                     self._failed(exc)
@@ -605,7 +609,8 @@ class Reflector:
             if not cont:
                 return items, str(meta.get("resourceVersion") or "")
 
-    def _watch(self) -> None:
+    def _watch(self) -> bool:
+        """One watch, until the server ends it; whether any event arrived."""
         s = self._settings
         timeout = int(s.watch_timeout_s * (1 + self._rng.random()))
         query = {
@@ -619,10 +624,12 @@ class Reflector:
         with self._lock:
             self._resp = resp
         self.watches += 1
+        got_events = False
         try:
             if self._stop.is_set():
-                return
+                return False
             for events in self._events(resp, path):
+                got_events = True
                 changes = []
                 for event in events:
                     change = self.cache.apply(str(event.get("type") or ""),
@@ -632,6 +639,7 @@ class Reflector:
                     self._backoff.reset()
                 if changes:
                     self._emit(changes, False)
+            return got_events
         finally:
             with self._lock:
                 self._resp = None
