@@ -1,0 +1,126 @@
+"""What the waypoint knows about one HTTP request, independent of HTTP/1.1 or HTTP/2.
+
+Wire types stop at the HTTP layer: ``waypoint.http1`` and ``waypoint.http2``
+build a ``Request`` from h11/h2 events, and everything past them (the decision
+engine, authorization, telemetry) sees only these types. Header names are
+lower case; values are text (latin-1 round-trips any byte).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from ztunnel_py.state.model import FrozenMap, Workload
+
+Headers = tuple[tuple[str, str], ...]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "content-length",
+        "host",
+    }
+)
+
+
+def header(headers: Headers, name: str) -> str | None:
+    """The value of ``name`` (values of a repeated header joined with ``,``), or None."""
+    values = [v for k, v in headers if k == name]
+    if not values:
+        return None
+    return ",".join(values)
+
+
+def set_header(headers: Headers, name: str, value: str) -> Headers:
+    return (*tuple((k, v) for k, v in headers if k != name), (name, value))
+
+
+def remove_header(headers: Headers, name: str) -> Headers:
+    return tuple((k, v) for k, v in headers if k != name)
+
+
+def normalise(headers: Iterable[tuple[str | bytes, str | bytes]]) -> Headers:
+    out: list[tuple[str, str]] = []
+    for k, v in headers:
+        ks = k.decode("latin-1") if isinstance(k, bytes) else k
+        vs = v.decode("latin-1") if isinstance(v, bytes) else v
+        out.append((ks.lower(), vs))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The client of a request: address, proven identity and (if known) its workload."""
+
+    ip: str = ""
+    principal: str = ""  # SPIFFE id, "" for an unauthenticated client
+    workload: Workload | None = None
+
+    @property
+    def namespace(self) -> str:
+        if self.workload is not None:
+            return self.workload.namespace
+        parts = self.principal.split("/")
+        try:
+            return parts[parts.index("ns") + 1]
+        except (ValueError, IndexError):
+            return ""
+
+    @property
+    def labels(self) -> FrozenMap[str, str]:
+        return self.workload.labels if self.workload is not None else FrozenMap()
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # the request target: path and query
+    authority: str  # Host / :authority
+    headers: Headers = ()  # everything else, lower-case names, without hop-by-hop headers
+    port: int = 80  # the service port the client dialled
+    scheme: str = "http"
+    source: Peer = field(default_factory=Peer)
+    grpc: bool = False
+
+    def header(self, name: str) -> str | None:
+        return header(self.headers, name)
+
+    @property
+    def path_only(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.path.split("?", 1)[1] if "?" in self.path else ""
+
+    @property
+    def host(self) -> str:
+        """The authority without its port."""
+        a = self.authority
+        if a.startswith("["):
+            return a.split("]", 1)[0] + "]"
+        return a.rsplit(":", 1)[0] if a.count(":") == 1 else a
+
+    def with_headers(self, headers: Headers) -> Request:
+        return replace(self, headers=headers)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Headers = ()
+    body: bytes = b""
+    trailers: Headers = ()
+
+    @property
+    def grpc_status(self) -> str | None:
+        return header(self.trailers, "grpc-status") or header(self.headers, "grpc-status")
