@@ -328,3 +328,35 @@ async def test_kubernetes_mode_over_grpc(tmp_path: Path) -> None:
     finally:
         await channel.close()
         await server.stop(None)
+
+
+async def test_operator_intermediate_chain_verifies_with_openssl(tmp_path: Path) -> None:
+    from tests.unit.test_ca_authority import write_cacerts
+
+    root = write_cacerts(tmp_path / "state" / "cacerts")
+    ca = CertificateAuthority.load_or_create(tmp_path / "state", TD, MAX_TTL)
+    tokens = BootstrapTokens(tmp_path / "state")
+    server = grpc.aio.server()
+    add_certificate_service(server, ca, tokens, lambda: SNAPSHOT)
+    chain, key = ca.serving_certificate(["controller.test"], ["127.0.0.1"])
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    await server.start()
+    channel = grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca.roots_pem)
+    )
+    try:
+        controller = Controller(ca, tokens, f"127.0.0.1:{port}", channel)
+        response = await controller.create(
+            ALICE, csr_for(ALICE)[0], token=tokens.token_for("node-1")
+        )
+    finally:
+        await channel.close()
+        await server.stop(None)
+    issued = list(response.cert_chain)
+    assert len(issued) == 3  # leaf, intermediate, root
+    assert issued[-1].encode() == x509u.certs_pem([root])
+    root_only = x509u.certs_pem([root])
+    assert "OK" in openssl_verify(tmp_path, root_only, issued[:-1])
+    # without the intermediate, the leaf does not verify: the chain really is needed
+    out = openssl_verify(tmp_path, root_only, [issued[0], issued[-1]])
+    assert "unable to get local issuer certificate" in out, out
