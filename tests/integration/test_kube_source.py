@@ -348,3 +348,31 @@ async def test_watches_that_end_at_once_back_off(
     fake.watch_max_s = None
     fake.apply(pod("after"))
     await eventually(lambda: "kubernetes:Pod/demo/after" in origins(source))
+
+
+async def test_http_410_on_watch_start_also_relists(
+    fake: FakeKubeApi, source_for: Callable[..., Any]
+) -> None:
+    """Some servers answer a too-old watch with HTTP 410 rather than an ERROR event."""
+    source, _ = await source_for()
+    with fake.offline():
+        fake.fail_next["/api/v1/pods"] = 410
+        fake.apply(pod("while-away"))
+    await eventually(lambda: "kubernetes:Pod/demo/while-away" in origins(source))
+    assert source.reflectors["pods"].relists_on_gone == 1
+    assert len(fake.list_requests("pods")) == 2
+
+
+async def test_a_missing_builtin_kind_is_an_error_not_an_absent_crd() -> None:
+    builtins_without_slices = tuple(c for c in BUILTINS if c.plural != "endpointslices")
+    with FakeKubeApi(builtins_without_slices + ISTIO + GATEWAY_API) as fake, \
+            structlog.testing.capture_logs() as logs:
+        api = kube.KubeApi(kube.load_api_client(fake.write_kubeconfig()))
+        source = kube.KubernetesSource(api, settings=FAST)
+        with pytest.raises(kube.KubeError, match="endpointslices"):
+            await source.start(sync_timeout_s=1.0)  # never synced: no partial first model
+        await source.stop()
+    failures = [e for e in logs if e.get("resource") == "endpointslices.discovery.k8s.io"
+                and e["log_level"] == "warning"]
+    assert failures and all(e.get("status") == 404 for e in failures)
+    assert not any("CRD not installed" in e["event"] for e in failures)
