@@ -11,7 +11,10 @@ log "building $IMAGE"
 docker build -t "$IMAGE" -f "$REPO/Containerfile" "$REPO"
 kind load docker-image --name "$CLUSTER" "$IMAGE"
 
+# A server-side dry run does not create the namespace, so the objects inside it would be
+# refused as "namespace not found" on a fresh cluster: create the namespace first.
 log "server-side dry run of daemonset/"
+kubectl apply -f "$REPO/daemonset/base/namespace.yaml"
 kubectl apply --dry-run=server -k "$REPO/daemonset" >/dev/null \
   || die "kubectl apply --dry-run=server -k daemonset/ was refused"
 
