@@ -518,6 +518,7 @@ class Reflector:
     # The loop: list when we must, otherwise watch from the last version.
     def _run(self) -> None:
         need_list = True
+        last_gone = -MIN_WATCH_S
         while not self._stop.is_set():
             try:
                 if need_list:
@@ -540,6 +541,10 @@ class Reflector:
                 logger.info("watch expired (410 Gone); relisting", resource=self.resource.name,
                             resource_version=self.cache.resource_version, detail=exc.reason)
                 need_list = True
+                now = time.monotonic()
+                if now - last_gone < MIN_WATCH_S:  # 410 right after a relist: back off
+                    self._stop.wait(self._backoff.next())
+                last_gone = now
             except ApiError as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug must not kill the reflector silently
@@ -554,7 +559,7 @@ class Reflector:
         delay = self._backoff.next()
         hint = ""
         if exc.status == 403:
-            hint = " (forbidden: check the controller's RBAC in daemonset/rbac.yaml)"
+            hint = " (forbidden: check the controller's RBAC in daemonset/base/rbac.yaml)"
         elif exc.status == 401:
             hint = " (unauthenticated: check the service-account token or kubeconfig credentials)"
         logger.warning("API call failed; retrying" + hint, resource=self.resource.name,
