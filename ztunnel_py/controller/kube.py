@@ -654,7 +654,6 @@ class Reflector:
                 resp.close()
 
     def _events(self, resp: Any, path: str) -> Iterator[list[dict[str, Any]]]:
-
         framing = LineBuffer()
         try:
             for chunk in resp.stream(amt=None, decode_content=True):
