@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvloop
@@ -23,7 +24,10 @@ from ztunnel_py.state.codec import snapshot_to_json
 from ztunnel_py.state.snapshot import StateStore
 from ztunnel_py.telemetry.admin import AdminError, AdminServer
 
-_log = log.get("agent")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("agent")
 
 _FLAGS = {
     "node": "node",
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(cfg))
     except (AdminError, OSError) as exc:
-        _log.error("agent cannot start", error=str(exc))
+        _log().error("agent cannot start", error=str(exc))
         return 1
     return 0
 
@@ -115,7 +119,7 @@ async def serve(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    _log.info("agent started", node=cfg.node, controller=cfg.controller, admin_port=admin.port)
+    _log().info("agent started", node=cfg.node, controller=cfg.controller, admin_port=admin.port)
     try:
         await stop.wait()
     finally:

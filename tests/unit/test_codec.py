@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from tests.unit.test_translate import DR, VS, ns, pod, svc, waypoint_gw
 from ztunnel_py.controller.translate import KubeObject, translate
 from ztunnel_py.state import codec
 from ztunnel_py.state.model import Endpoint, FrozenMap, Service, ServicePort, Workload
-from tests.unit.test_translate import DR, VS, ns, pod, svc, waypoint_gw
 
 
 def full_snapshot():  # type: ignore[no-untyped-def]

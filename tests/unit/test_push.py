@@ -159,3 +159,44 @@ def test_applier_refuses_bad_updates_and_keeps_what_it_holds() -> None:
     assert "names workload 'demo/a'" in messages["dangling"]
     assert "twice" in messages["duplicate"]
     assert len(messages) == len(cases)
+
+
+def test_delta_snapshots_equal_snapshots_built_from_scratch() -> None:
+    import random
+
+    rng = random.Random(7)
+    core = PushCore(epoch="e")
+    applier = UpdateApplier()
+    pods = {i: wl(f"p{i}", f"10.0.0.{i}") for i in range(20)}
+
+    def model() -> Snapshot:
+        services = tuple(
+            Service(f"s{j}", "demo", f"s{j}.demo.svc.cluster.local", (f"10.96.0.{j}",),
+                    (ServicePort(80 + j, 8080),),
+                    tuple(Endpoint(w.uid, w.ips[0]) for i, w in sorted(pods.items())
+                          if i % 3 == j % 3))
+            for j in range(6 if len(pods) % 2 else 5)
+        )
+        return Snapshot(workloads=tuple(pods.values()), services=services)
+
+    core.publish(model())
+    update = core.connect(1, "n1", "agent")
+    for _step in range(30):
+        assert update is not None
+        got = applier.apply(wire(update))
+        scratch = Snapshot(workloads=got.workloads, services=got.services,
+                           version=got.version)
+        for index in ("by_uid", "by_ip", "by_vip_port", "by_vip", "by_service_key"):
+            assert getattr(got, index) == getattr(scratch, index), index
+        assert {w.uid for w in got.workloads} == {w.uid for w in pods.values()}
+        core.ack(1, got.version)
+        # move, add or remove a pod
+        i = rng.randrange(25)
+        if i in pods and rng.random() < 0.4:
+            del pods[i]
+        else:
+            pods[i] = wl(f"p{i}", f"10.0.{rng.randrange(1, 3)}.{i}")
+        sends = core.publish(model())
+        update = sends[0][1] if sends else None
+        if update is None:
+            update = core.update(got.version, got.version, "agent")

@@ -24,7 +24,10 @@ from ztunnel_py.config import ControllerConfig
 from ztunnel_py.controller.runtime import Controller, ControllerError
 from ztunnel_py.state.snapshot import Snapshot
 
-_log = log.get("controller.cli")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("controller.cli")
 
 _FLAGS = {
     "config_dir": "config_dir",
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(_serve(cfg, args.tls_san))
     except ControllerError as exc:
-        _log.error("controller cannot start", error=str(exc))
+        _log().error("controller cannot start", error=str(exc))
         return 1
     return 0
 
@@ -161,7 +164,7 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
     try:
         await stop.wait()
     finally:
-        _log.info("controller stopping")
+        _log().info("controller stopping")
         if kube is not None:
             feeding.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -23,7 +23,10 @@ import yaml
 from ztunnel_py import log
 from ztunnel_py.controller.translate import KubeObject, Problem
 
-_log = log.get("controller.directory")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("controller.directory")
 
 SUFFIXES = (".yaml", ".yml")
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -126,11 +129,11 @@ async def watch(
         loader.root, watch_filter=_is_yaml, debounce=debounce_ms, step=10, recursive=True,
         force_polling=False,
     ):
-        _log.debug("config directory changed", files=sorted({p for _c, p in changes})[:5])
+        _log().debug("config directory changed", files=sorted({p for _c, p in changes})[:5])
         try:
             on_change(*loader.load())
         except SourceError as exc:
-            _log.error("config directory unreadable; keeping the last good model",
+            _log().error("config directory unreadable; keeping the last good model",
                        error=str(exc))
 
 

@@ -108,7 +108,7 @@ class PushCore:
         self._by_version: dict[str, Published] = {}
         self._agents: dict[int, AgentState] = {}
         self._deltas: OrderedDict[tuple[str, str, str], Outgoing] = OrderedDict()
-        self._encoded: dict[Any, bytes] = {}
+        self._encoded: dict[int, tuple[Any, bytes]] = {}
 
     # -- model side ------------------------------------------------------------------
 
@@ -119,13 +119,14 @@ class PushCore:
     def publish(self, snapshot: Snapshot) -> list[tuple[int, Outgoing]]:
         """Make ``snapshot`` the latest version (if anything changed); what to send now."""
         objs = resources(snapshot)
-        encoded: dict[Any, bytes] = {}
+        # The translator hands unchanged objects back as the same Python objects:
+        # encode by identity (no hashing of deep dataclasses), reuse the bytes.
+        encoded: dict[int, tuple[Any, bytes]] = {}
         out: dict[ResourceKey, bytes] = {}
         for key, obj in objs.items():
-            body = self._encoded.get(obj)
-            if body is None:
-                body = encode_resource(obj)
-            encoded[obj] = body
+            hit = self._encoded.get(id(obj))
+            body = hit[1] if hit is not None and hit[0] is obj else encode_resource(obj)
+            encoded[id(obj)] = (obj, body)
             out[key] = body
         self._encoded = encoded
         latest = self.latest

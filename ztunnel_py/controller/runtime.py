@@ -25,7 +25,10 @@ from ztunnel_py.state.client import GRPC_OPTIONS
 from ztunnel_py.state.codec import snapshot_to_json
 from ztunnel_py.telemetry.admin import AdminServer
 
-_log = log.get("controller")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("controller")
 
 
 class ControllerError(Exception):
@@ -84,7 +87,7 @@ class Controller:
             self.sync.rebuild(objects, problems)  # the first version before any agent asks
             self._tasks.append(asyncio.create_task(
                 directory.watch(loader, self.sync.submit), name="controller-directory"))
-        _log.info("controller started", grpc_port=self.grpc_port, admin_port=self.admin.port,
+        _log().info("controller started", grpc_port=self.grpc_port, admin_port=self.admin.port,
                   config_dir=str(self.cfg.config_dir), tls=self._credentials is not None)
 
     def submit(self, objects: Sequence[KubeObject], problems: Sequence[Problem] = ()) -> None:

@@ -23,7 +23,10 @@ from ztunnel_py.proto_gen import mesh_pb2
 from ztunnel_py.state.codec import CODEC_VERSION
 from ztunnel_py.state.snapshot import Snapshot
 
-_log = log.get("controller.server")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("controller.server")
 
 SERVICE_NAME = "ztunnel.mesh.v1.MeshConfig"
 _NODE_KINDS: dict[int, NodeKind] = {
@@ -112,7 +115,7 @@ class MeshConfigService:
             code = getattr(exc, "code", None)
             if not isinstance(code, grpc.StatusCode):
                 code = grpc.StatusCode.UNAUTHENTICATED
-            _log.warning("config stream refused", peer=context.peer(), error=str(exc))
+            _log().warning("config stream refused", peer=context.peer(), error=str(exc))
             await context.abort(code, str(exc))
             return
         iterator = aiter(requests)
@@ -138,7 +141,7 @@ class MeshConfigService:
         reader = asyncio.create_task(self._read(stream_id, iterator), name=f"mesh-read-{caller}")
         get: asyncio.Future[bytes] | None = None
         try:
-            _log.info("agent connected", node=caller, kind=kind, peer=context.peer(),
+            _log().info("agent connected", node=caller, kind=kind, peer=context.peer(),
                       last_version=hello.last_version)
             self._enqueue(stream_id, self._core.connect(
                 stream_id, caller, kind, hello.last_version, context.peer()))
@@ -159,14 +162,14 @@ class MeshConfigService:
             await asyncio.gather(*pending, return_exceptions=True)
             self._queues.pop(stream_id, None)
             self._core.disconnect(stream_id)
-            _log.info("agent disconnected", node=caller)
+            _log().info("agent disconnected", node=caller)
 
     async def _read(self, stream_id: int, iterator: AsyncIterator[Any]) -> None:
         async for msg in iterator:
             if msg.HasField("ack"):
                 self._enqueue(stream_id, self._core.ack(stream_id, msg.ack.version))
             elif msg.HasField("nack"):
-                _log.warning("agent refused an update", stream=stream_id,
+                _log().warning("agent refused an update", stream=stream_id,
                              version=msg.nack.version, error=msg.nack.error)
                 self._enqueue(stream_id, self._core.nack(stream_id, msg.nack.version,
                                                          msg.nack.error))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ztunnel_py import log
 from ztunnel_py.controller.translate import (
@@ -19,11 +20,14 @@ from ztunnel_py.controller.translate import (
     ObjectId,
     Problem,
     Translation,
-    translate_keeping_last_good,
+    Translator,
 )
 from ztunnel_py.state.snapshot import Snapshot
 
-_log = log.get("controller.sync")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("controller.sync")
 
 
 class ModelSync:
@@ -36,11 +40,10 @@ class ModelSync:
         debounce_s: float,
     ) -> None:
         self._publish = publish
-        self._trust_domain = trust_domain
-        self._root_namespace = root_namespace
         self._debounce_s = debounce_s
         self._pending: tuple[list[KubeObject], list[Problem]] | None = None
         self._changed = asyncio.Event()
+        self._translator = Translator(trust_domain=trust_domain, root_namespace=root_namespace)
         self._last_good: dict[ObjectId, KubeObject] = {}
         self._reported: set[Problem] = set()
         self.translation: Translation | None = None
@@ -71,10 +74,7 @@ class ModelSync:
 
     def rebuild(self, objects: list[KubeObject], source_problems: list[Problem]) -> str | None:
         start = time.perf_counter()
-        translation = translate_keeping_last_good(
-            objects, self._last_good, trust_domain=self._trust_domain,
-            root_namespace=self._root_namespace,
-        )
+        translation = self._translator.translate_keeping_last_good(objects, self._last_good)
         self.last_translate_s = time.perf_counter() - start
         self._last_good = dict(translation.accepted)
         self.translation = translation
@@ -82,7 +82,7 @@ class ModelSync:
         self._report()
         version = self._publish(translation.snapshot)
         if version != self.version:
-            _log.info("model published", version=version, workloads=len(
+            _log().info("model published", version=version, workloads=len(
                 translation.snapshot.workloads), services=len(translation.snapshot.services),
                 problems=len(self.problems), translate_ms=round(self.last_translate_s * 1e3, 1))
         self.version = version
@@ -93,7 +93,7 @@ class ModelSync:
         current = set(self.problems)
         for p in sorted(current - self._reported, key=str):
             if p.severity == "error":
-                _log.error("configuration problem", problem=str(p))
+                _log().error("configuration problem", problem=str(p))
             else:
-                _log.warning("configuration problem", problem=str(p))
+                _log().warning("configuration problem", problem=str(p))
         self._reported = current

@@ -233,6 +233,22 @@ _TYPE_WORDS: dict[type, str] = {
 }
 
 
+class _LazyReader(_Reader):
+    """A reader for the resolve pass, whose origin object is only built on a problem."""
+
+    def __init__(self, origin: str, kind: str, name: str, problems: list[Problem]) -> None:
+        self.origin, self.kind, self.name, self.problems, self.failed = (
+            origin, kind, name, problems, False)
+
+    def error(self, fld: str, message: str, hint: str = "") -> None:
+        self.failed = True
+        self.problems.append(Problem(self.origin, self.kind, self.name, fld, message, hint))
+
+    def warn(self, fld: str, message: str, hint: str = "") -> None:
+        self.problems.append(
+            Problem(self.origin, self.kind, self.name, fld, message, hint, "warning"))
+
+
 def _types(typ: type | tuple[type, ...]) -> tuple[type, ...]:
     return typ if isinstance(typ, tuple) else (typ,)
 
@@ -301,20 +317,13 @@ class _Parsed:
     routing: list[tuple[str, Any]] = field(default_factory=list)  # (origin, object)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, ns/name) -> origin
     accepted: dict[ObjectId, KubeObject] = field(default_factory=dict)
-    rejected: dict[ObjectId, KubeObject] = field(default_factory=dict)
 
 
 def translate(
     objects: Iterable[KubeObject], *, trust_domain: str, root_namespace: str
 ) -> Translation:
     """The model for ``objects``, and every problem found on the way."""
-    problems: list[Problem] = []
-    parsed = _Parsed()
-    for obj in sorted(_expand_lists(objects, problems), key=lambda o: o.origin):
-        _parse_object(obj, parsed, problems)
-    snapshot = _resolve(parsed, problems, trust_domain, root_namespace)
-    problems.sort(key=lambda p: (p.origin, p.kind, p.name, p.field))
-    return Translation(snapshot, problems, parsed.accepted)
+    return Translator(trust_domain=trust_domain, root_namespace=root_namespace).translate(objects)
 
 
 def translate_keeping_last_good(
@@ -330,22 +339,134 @@ def translate_keeping_last_good(
     Bad input never wipes good state: an edit that breaks a Pod leaves the Pod as
     it was, with the problem reported.
     """
-    objects = list(objects)
-    first = translate(objects, trust_domain=trust_domain, root_namespace=root_namespace)
-    present = {_object_id(o.body) for o in objects}
-    broken = present - set(first.accepted)
-    revive = [last_good[oid] for oid in sorted(broken & set(last_good))]
-    if not revive:
-        return first
-    second = translate(objects + revive, trust_domain=trust_domain, root_namespace=root_namespace)
-    notes = [
-        Problem(o.origin, oid[0], oid[1], "", "the new version is refused; keeping the last "
-                "good version", "fix the problems reported above", "warning")
-        for oid, o in ((_object_id(o.body), o) for o in revive)
-    ]
-    problems = sorted(set(second.problems) | set(notes),
-                      key=lambda p: (p.origin, p.kind, p.name, p.field))
-    return Translation(second.snapshot, problems, second.accepted)
+    return Translator(trust_domain=trust_domain, root_namespace=root_namespace) \
+        .translate_keeping_last_good(objects, last_good)
+
+
+@dataclass(frozen=True)
+class _One:
+    """What one object contributes, before cross-object resolution (cached per object)."""
+
+    problems: tuple[Problem, ...]
+    seen_key: tuple[str, str] | None  # for duplicate detection; None if the object failed
+    object_id: ObjectId | None
+    bucket: str  # the _Parsed attribute the item goes to ("" for none)
+    item: Any
+
+
+def _endpoint_key(ep: Endpoint) -> tuple[Any, ...]:
+    return (ep.workload_uid, ep.address, tuple(sorted(ep.ports.items())), ep.ready)
+
+
+class Translator:
+    """:func:`translate` with a memory, for a source that hands the same objects again.
+
+    Results are a pure function of the input; the memory only saves work: an
+    object handed again *as the same Python object* (the directory source keeps
+    the objects of unchanged files, the Kubernetes source those of unchanged
+    resources) is not parsed again, and an unchanged workload, endpoint or
+    service comes out as the same model object, so that the push encodes only
+    what changed. Bodies must not be mutated after they are handed in.
+    """
+
+    def __init__(self, *, trust_domain: str, root_namespace: str) -> None:
+        self.trust_domain = trust_domain
+        self.root_namespace = root_namespace
+        self._parsed: dict[int, tuple[KubeObject, _One]] = {}
+        self._refused: list[KubeObject] = []
+        self._memo = _Memo()
+
+    def translate(self, objects: Iterable[KubeObject]) -> Translation:
+        problems: list[Problem] = []
+        parsed = _Parsed()
+        cache: dict[int, tuple[KubeObject, _One]] = {}
+        self._refused = []
+        for obj in sorted(_expand_lists(objects, problems), key=lambda o: o.origin):
+            hit = self._parsed.get(id(obj))
+            one = hit[1] if hit is not None and hit[0] is obj else _parse_object(obj)
+            cache[id(obj)] = (obj, one)
+            if not _merge(obj, one, parsed, problems):
+                self._refused.append(obj)
+        self._parsed = cache
+        memo = _Memo(self._memo)
+        snapshot = _resolve(parsed, problems, self.trust_domain, self.root_namespace, memo)
+        memo.done()
+        self._memo = memo
+        problems.sort(key=lambda p: (p.origin, p.kind, p.name, p.field))
+        return Translation(snapshot, problems, parsed.accepted)
+
+    def translate_keeping_last_good(
+        self, objects: Iterable[KubeObject], last_good: Mapping[ObjectId, KubeObject]
+    ) -> Translation:
+        objects = list(objects)
+        first = self.translate(objects)
+        broken = {_object_id(o.body) for o in self._refused} - set(first.accepted)
+        revive = [last_good[oid] for oid in sorted(broken & set(last_good))]
+        if not revive:
+            return first
+        second = self.translate(objects + revive)
+        notes = [
+            Problem(o.origin, oid[0], oid[1], "", "the new version is refused; keeping the last "
+                    "good version", "fix the problems reported above", "warning")
+            for oid, o in ((_object_id(o.body), o) for o in revive)
+        ]
+        problems = sorted(set(second.problems) | set(notes),
+                          key=lambda p: (p.origin, p.kind, p.name, p.field))
+        return Translation(second.snapshot, problems, second.accepted)
+
+
+class _Memo:
+    """Model objects of the previous translation, reused when their inputs are identical."""
+
+    def __init__(self, previous: _Memo | None = None) -> None:
+        self.workloads: dict[tuple[Any, ...], tuple[_Pod, Workload]] = {}
+        self.endpoints: dict[tuple[Any, ...], Endpoint] = {}
+        self.services: dict[tuple[Any, ...], tuple[_Service, tuple[Endpoint, ...], Service]] = {}
+        self.selections: dict[tuple[Any, ...], tuple[_Service, tuple[Workload, ...],
+                                                     tuple[Endpoint, ...]]] = {}
+        self._previous = previous
+
+    def done(self) -> None:
+        self._previous = None
+
+    def workload(self, pod: _Pod, key: tuple[Any, ...], build: Any) -> Workload:
+        full = (id(pod), *key)
+        prev = self._previous.workloads.get(full) if self._previous else None
+        wl = prev[1] if prev is not None and prev[0] is pod else build()
+        self.workloads[full] = (pod, wl)
+        return wl
+
+    def endpoint(self, uid: str, address: str, ports: dict[int, int], ready: bool) -> Endpoint:
+        key = (uid, address, tuple(sorted(ports.items())), ready)  # == _endpoint_key
+        ep = self._previous.endpoints.get(key) if self._previous else None
+        if ep is None:
+            ep = Endpoint(uid, address, FrozenMap(ports), ready)
+        self.endpoints[key] = ep
+        return ep
+
+    def selected(self, svc: _Service, candidates: tuple[Workload, ...],
+                 build: Any) -> tuple[Endpoint, ...]:
+        """A selector service's endpoints: the same if the service and the candidate
+        workloads are the same objects as last time."""
+        key = (id(svc), tuple(map(id, candidates)))
+        prev = self._previous.selections.get(key) if self._previous else None
+        if prev is not None and prev[0] is svc and all(
+                a is b for a, b in zip(prev[1], candidates, strict=True)):
+            out: tuple[Endpoint, ...] = prev[2]
+            for ep in out:  # keep them in this run's endpoint memo
+                self.endpoints[_endpoint_key(ep)] = ep
+        else:
+            out = build()
+        self.selections[key] = (svc, candidates, out)
+        return out
+
+    def service(self, svc: _Service, endpoints: tuple[Endpoint, ...], waypoint: Any,
+                build: Any) -> Service:
+        key = (id(svc), tuple(map(id, endpoints)), waypoint)
+        prev = self._previous.services.get(key) if self._previous else None
+        out = prev[2] if prev is not None and prev[0] is svc and prev[1] == endpoints else build()
+        self.services[key] = (svc, endpoints, out)
+        return out
 
 
 def _object_id(body: Any) -> ObjectId:
@@ -374,18 +495,19 @@ def _expand_lists(objects: Iterable[KubeObject], problems: list[Problem]) -> lis
     return out
 
 
-def _parse_object(obj: KubeObject, parsed: _Parsed, problems: list[Problem]) -> None:
+def _parse_object(obj: KubeObject) -> _One:
+    problems: list[Problem] = []
     body = obj.body
     if not isinstance(body, Mapping):
         problems.append(Problem(obj.origin, "", "", "", f"expected a Kubernetes object (a "
                                 f"mapping), got {type(body).__name__}",
                                 "each YAML document must be one object with apiVersion and kind"))
-        return
+        return _One(tuple(problems), None, None, "", None)
     kind, api = body.get("kind"), body.get("apiVersion")
     if not isinstance(kind, str) or not kind:
         problems.append(Problem(obj.origin, "", "", "kind", "missing kind",
                                 "every object needs apiVersion and kind"))
-        return
+        return _One(tuple(problems), None, None, "", None)
     meta = body.get("metadata")
     name = meta.get("name") if isinstance(meta, Mapping) else None
     namespace = (meta.get("namespace") if isinstance(meta, Mapping) else None) or "default"
@@ -395,37 +517,60 @@ def _parse_object(obj: KubeObject, parsed: _Parsed, problems: list[Problem]) -> 
             problems.append(Problem(obj.origin, kind, display, "kind",
                                     f"{kind} carries nothing the mesh reads; ignored",
                                     severity="warning"))
-            return
+            return _One(tuple(problems), None, None, "", None)
         close = difflib.get_close_matches(kind, list(KNOWN_KINDS), n=1)
         problems.append(Problem(obj.origin, kind, display, "kind", f"unknown kind {kind!r}",
                                 f"did you mean {close[0]!r}?" if close
                                 else "supported: " + ", ".join(sorted(KNOWN_KINDS))))
-        return
+        return _One(tuple(problems), None, None, "", None)
     r = _Reader(obj, kind, display, problems)
     if api not in KNOWN_KINDS[kind]:
         r.error("apiVersion", f"unsupported apiVersion {api!r} for {kind}",
                 "use one of " + ", ".join(KNOWN_KINDS[kind]))
-        return
+        return _One(tuple(problems), None, None, "", None)
     if not isinstance(meta, Mapping):
         r.error("metadata", "missing metadata", "add metadata.name")
-        return
+        return _One(tuple(problems), None, None, "", None)
     if not isinstance(name, str) or not name:
         r.error("metadata.name", "missing or non-string metadata.name")
-        return
+        return _One(tuple(problems), None, None, "", None)
     if not isinstance(namespace, str):
         r.error("metadata.namespace", f"expected a string, got {namespace!r}")
-        return
+        return _One(tuple(problems), None, None, "", None)
     seen_kind = kind if kind != "Gateway" else f"Gateway/{api.split('/')[0]}"
-    previous = parsed.seen.get((seen_kind, display))
+    local = _Parsed()
+    _HANDLERS[kind](r, body, name, namespace, api, local)
+    if r.failed:
+        return _One(tuple(problems), None, None, "", None)
+    for bucket in ("pods", "services", "slices", "authz", "peer_authn", "routing"):
+        items = getattr(local, bucket)
+        if items:
+            return _One(tuple(problems), (seen_kind, display), (kind, display), bucket, items[0])
+    if local.namespaces:
+        return _One(tuple(problems), (seen_kind, display), (kind, display), "namespaces",
+                    next(iter(local.namespaces.values())))
+    return _One(tuple(problems), (seen_kind, display), (kind, display), "", None)
+
+
+def _merge(obj: KubeObject, one: _One, parsed: _Parsed, problems: list[Problem]) -> bool:
+    """Add what ``obj`` contributes; False if it is refused."""
+    problems.extend(one.problems)
+    if one.seen_key is None or one.object_id is None:
+        return False
+    previous = parsed.seen.get(one.seen_key)
     if previous is not None:
-        r.error("metadata.name", f"duplicate {kind} {display} (first defined in {previous})",
-                "each object must be defined once; remove or rename one")
-        return
-    handler = _HANDLERS[kind]
-    handler(r, body, name, namespace, api, parsed)
-    if not r.failed:
-        parsed.seen[(seen_kind, display)] = obj.origin
-        parsed.accepted[(kind, display)] = obj
+        kind, display = one.object_id
+        problems.append(Problem(obj.origin, kind, display, "metadata.name",
+                                f"duplicate {kind} {display} (first defined in {previous})",
+                                "each object must be defined once; remove or rename one"))
+        return False
+    parsed.seen[one.seen_key] = obj.origin
+    parsed.accepted[one.object_id] = obj
+    if one.bucket == "namespaces":
+        parsed.namespaces[one.item.name] = one.item
+    elif one.bucket:
+        getattr(parsed, one.bucket).append(one.item)
+    return True
 
 
 def _spec(r: _Reader, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -743,7 +888,7 @@ def _enrolled(pod: _Pod, namespace: _Namespace | None, r: _Reader) -> bool:
                "use ambient or none")
         mode = None
     if mode is not None:
-        return mode == "ambient"
+        return bool(mode == "ambient")
     return namespace is not None and namespace.labels.get(ENROLL_LABEL) == "ambient"
 
 
@@ -756,28 +901,33 @@ def _same_family(a: str, b: str) -> bool:
 
 
 def _resolve(
-    parsed: _Parsed, problems: list[Problem], trust_domain: str, root_namespace: str
+    parsed: _Parsed, problems: list[Problem], trust_domain: str, root_namespace: str,
+    memo: _Memo,
 ) -> Snapshot:
     gateways = [obj for _o, obj in parsed.routing if isinstance(obj, routing.KubernetesGateway)]
     waypoints = {(g.namespace, g.name) for g in gateways if g.is_waypoint}
 
     # workloads, first come (by origin) first served for duplicate IPs
     workloads: dict[str, Workload] = {}
-    ip_owner: dict[str, str] = {}
+    ip_owner: dict[str, _Pod] = {}
     pods_by_name: dict[tuple[str, str], Workload] = {}
     for pod in parsed.pods:
-        r = _Reader(KubeObject(pod.origin, {}), "Pod", f"{pod.namespace}/{pod.name}", problems)
+        r = _LazyReader(pod.origin, "Pod", f"{pod.namespace}/{pod.name}", problems)
         ns = parsed.namespaces.get(pod.namespace)
         is_wp = (pod.namespace, pod.labels.get(GATEWAY_NAME_LABEL, "")) in waypoints
         clash = [ip for ip in pod.ips if ip in ip_owner]
         if clash:
-            r.error("status.podIP", f"IP {clash[0]} is already used by {ip_owner[clash[0]]}; "
-                    "pod dropped", "every pod needs its own IP address")
+            owner = _owner(ip_owner[clash[0]])
+            r.error("status.podIP", f"IP {clash[0]} is already used by {owner}; pod dropped",
+                    "every pod needs its own IP address")
             continue
         if pod.uid in workloads:
             r.error("metadata.uid", f"uid {pod.uid} is already used; pod dropped")
             continue
-        wl = Workload(
+        enrolled = _enrolled(pod, ns, r)
+        waypoint = None if is_wp else _waypoint_for(pod.labels, ns, pod.namespace, waypoints, r)
+        wl = memo.workload(pod, (enrolled, waypoint, is_wp), lambda pod=pod, enrolled=enrolled,
+                           waypoint=waypoint, is_wp=is_wp: Workload(
             uid=pod.uid,
             name=pod.name,
             namespace=pod.namespace,
@@ -786,55 +936,61 @@ def _resolve(
             ips=pod.ips,
             trust_domain=trust_domain,
             labels=pod.labels,
-            enrolled=_enrolled(pod, ns, r),
-            waypoint=None if is_wp else _waypoint_for(pod.labels, ns, pod.namespace, waypoints, r),
+            enrolled=enrolled,
+            waypoint=waypoint,
             healthy=pod.healthy,
             named_ports=pod.named_ports,
             is_waypoint=is_wp,
-        )
+        ))
         workloads[wl.uid] = wl
         pods_by_name[(pod.namespace, pod.name)] = wl
         for ip in pod.ips:
-            ip_owner[ip] = f"Pod {pod.namespace}/{pod.name} ({pod.origin})"
+            ip_owner[ip] = pod
 
     slices_by_service: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
     for sl in parsed.slices:
         slices_by_service[(sl.namespace, sl.service)].append(sl)
     by_ip = {ip: wl for wl in workloads.values() for ip in wl.ips}
-    pods_by_ns: dict[str, list[Workload]] = defaultdict(list)
-    for wl in workloads.values():
-        pods_by_ns[wl.namespace].append(wl)
+    # (namespace, label key, label value) -> workloads, in uid order: selectors look up
+    # their rarest label instead of scanning the namespace
+    by_label: dict[tuple[str, str, str], list[Workload]] = defaultdict(list)
+    for wl in sorted(workloads.values(), key=lambda w: w.uid):
+        if not wl.is_waypoint:
+            for k, v in wl.labels.items():
+                by_label[(wl.namespace, k, v)].append(wl)
 
     services: list[Service] = []
-    vip_owner: dict[str, str] = {}
+    vip_owner: dict[str, _Service] = {}
     for svc in parsed.services:
-        r = _Reader(KubeObject(svc.origin, {}), "Service", f"{svc.namespace}/{svc.name}",
-                    problems)
+        r = _LazyReader(svc.origin, "Service", f"{svc.namespace}/{svc.name}", problems)
         clash = [ip for ip in svc.vips if ip in vip_owner or ip in ip_owner]
         if clash:
-            owner = vip_owner.get(clash[0]) or ip_owner[clash[0]]
+            owner = _owner(vip_owner.get(clash[0]) or ip_owner[clash[0]])
             r.error("spec.clusterIP", f"IP {clash[0]} is already used by {owner}; "
                     "service dropped", "every service needs its own cluster IP")
             continue
         for vip in svc.vips:
-            vip_owner[vip] = f"Service {svc.namespace}/{svc.name} ({svc.origin})"
+            vip_owner[vip] = svc
         slices = slices_by_service.get((svc.namespace, svc.name))
         if slices:
-            endpoints = _slice_endpoints(svc, slices, workloads, pods_by_name, by_ip, problems)
+            endpoints = _slice_endpoints(svc, slices, workloads, pods_by_name, by_ip, problems,
+                                         memo)
         else:
-            endpoints = _selector_endpoints(svc, pods_by_ns.get(svc.namespace, []))
-        services.append(Service(
+            endpoints = _selector_endpoints(svc, by_label, memo)
+        waypoint = _waypoint_for(svc.labels, parsed.namespaces.get(svc.namespace),
+                                 svc.namespace, waypoints, r)
+        services.append(memo.service(svc, endpoints, waypoint, lambda svc=svc,
+                                     endpoints=endpoints, waypoint=waypoint: Service(
             name=svc.name,
             namespace=svc.namespace,
             hostname=f"{svc.name}.{svc.namespace}.svc.{CLUSTER_DOMAIN}",
             vips=svc.vips,
             ports=svc.ports,
             endpoints=endpoints,
-            waypoint=_waypoint_for(svc.labels, parsed.namespaces.get(svc.namespace),
-                                   svc.namespace, waypoints, r),
+            waypoint=waypoint,
             labels=svc.labels,
             selector=svc.selector,
-        ))
+        )))
 
     for (sl_ns, name), slices in sorted(slices_by_service.items()):
         if not any(s.namespace == sl_ns and s.name == name for s in parsed.services):
@@ -856,6 +1012,11 @@ def _resolve(
     )
 
 
+def _owner(item: _Pod | _Service) -> str:
+    kind = "Pod" if isinstance(item, _Pod) else "Service"
+    return f"{kind} {item.namespace}/{item.name} ({item.origin})"
+
+
 def _port_map(svc: _Service, wl: Workload) -> dict[int, int]:
     out: dict[int, int] = {}
     for p in svc.ports:
@@ -871,16 +1032,22 @@ def _endpoint_ips(svc: _Service, ips: Iterable[str]) -> list[str]:
     return [ip for ip in ips if not svc.vips or any(_same_family(ip, v) for v in svc.vips)]
 
 
-def _selector_endpoints(svc: _Service, candidates: list[Workload]) -> tuple[Endpoint, ...]:
+def _selector_endpoints(
+    svc: _Service, by_label: Mapping[tuple[str, str, str], list[Workload]], memo: _Memo
+) -> tuple[Endpoint, ...]:
     if not svc.selector:
         return ()
-    out: list[Endpoint] = []
-    for wl in sorted(candidates, key=lambda w: w.uid):
-        if wl.is_waypoint or not _matches(svc.selector, wl.labels):
-            continue
-        ports = FrozenMap(_port_map(svc, wl))
-        out += [Endpoint(wl.uid, ip, ports, wl.healthy) for ip in _endpoint_ips(svc, wl.ips)]
-    return tuple(out)
+    rarest: list[Workload] | None = None
+    for k, v in svc.selector.items():
+        found = by_label.get((svc.namespace, k, v), [])
+        if rarest is None or len(found) < len(rarest):
+            rarest = found
+    candidates = tuple(rarest or ())
+    return memo.selected(svc, candidates, lambda: tuple(
+        memo.endpoint(wl.uid, ip, _port_map(svc, wl), wl.healthy)
+        for wl in candidates if _matches(svc.selector, wl.labels)
+        for ip in _endpoint_ips(svc, wl.ips)
+    ))
 
 
 def _slice_endpoints(
@@ -890,6 +1057,7 @@ def _slice_endpoints(
     pods_by_name: Mapping[tuple[str, str], Workload],
     by_ip: Mapping[str, Workload],
     problems: list[Problem],
+    memo: _Memo,
 ) -> tuple[Endpoint, ...]:
     out: list[Endpoint] = []
     for sl in slices:
@@ -910,7 +1078,7 @@ def _slice_endpoints(
                         "the mesh only routes to pods it knows (add the Pod, or fix targetRef)",
                         "warning"))
                     continue
-                out.append(Endpoint(wl.uid, addr, FrozenMap(ports), e.ready and wl.healthy))
+                out.append(memo.endpoint(wl.uid, addr, ports, e.ready and wl.healthy))
     return tuple(sorted(out, key=lambda e: (e.workload_uid, e.address)))
 
 

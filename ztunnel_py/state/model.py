@@ -9,7 +9,7 @@ object is hashable and safe to share between tasks.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +34,22 @@ class FrozenMap(Mapping[K, V]):
 
     def __len__(self) -> int:
         return len(self._d)
+
+    # fast paths (Mapping's defaults go through __getitem__ and exceptions)
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def get(self, key: K, default: Any = None) -> Any:
+        return self._d.get(key, default)
+
+    def items(self) -> ItemsView[K, V]:
+        return self._d.items()
+
+    def keys(self) -> KeysView[K]:
+        return self._d.keys()
+
+    def values(self) -> ValuesView[V]:
+        return self._d.values()
 
     def __hash__(self) -> int:
         if self._h is None:

@@ -8,7 +8,7 @@ every connection are dict lookups on indexes computed at build time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ztunnel_py.state.model import AuthorizationPolicy, PeerAuthentication, Service, Workload
@@ -52,6 +52,78 @@ class Snapshot:
         object.__setattr__(self, "by_vip", by_vip)
         object.__setattr__(self, "by_service_key", {s.key: s for s in self.services})
 
+    def derive(
+        self,
+        *,
+        version: str,
+        root_namespace: str,
+        workloads: tuple[Workload, ...],
+        services: tuple[Service, ...],
+        authorization_policies: tuple[AuthorizationPolicy, ...],
+        peer_authentications: tuple[PeerAuthentication, ...],
+        routing: tuple[Any, ...],
+        gone_workloads: Iterable[Workload] = (),
+        new_workloads: Iterable[Workload] = (),
+        gone_services: Iterable[Service] = (),
+        new_services: Iterable[Service] = (),
+    ) -> Snapshot:
+        """The next snapshot, its indexes patched from this one's instead of rebuilt.
+
+        ``gone_*`` are the objects of this snapshot that were removed or replaced,
+        ``new_*`` those added or replacing them; the tuples are the next snapshot's
+        whole contents. A delta touching a few objects of a large mesh costs a few
+        dict copies (C speed) instead of a Python loop over every workload. The
+        result equals ``Snapshot(...)`` built from scratch (tested).
+        """
+        derived = object.__new__(Snapshot)
+        init: dict[str, Any] = {
+            "version": version, "workloads": workloads, "services": services,
+            "authorization_policies": authorization_policies,
+            "peer_authentications": peer_authentications, "routing": routing,
+            "root_namespace": root_namespace,
+        }
+        derived_fields = {f.name for f in fields(Snapshot) if not f.init}
+        if derived_fields != _PATCHED_INDEXES or set(init) != {
+            f.name for f in fields(Snapshot) if f.init
+        }:
+            return Snapshot(**init)  # someone added a field: be correct rather than fast
+        for name, value in init.items():
+            object.__setattr__(derived, name, value)
+        by_uid, by_ip = dict(self.by_uid), dict(self.by_ip)
+        for w in gone_workloads:
+            if by_uid.get(w.uid) is w:
+                del by_uid[w.uid]
+            for ip in w.ips:
+                if by_ip.get(ip) is w:
+                    del by_ip[ip]
+        for w in new_workloads:
+            by_uid[w.uid] = w
+            for ip in w.ips:
+                by_ip[ip] = w
+        by_vip_port, by_vip = dict(self.by_vip_port), dict(self.by_vip)
+        by_service_key = dict(self.by_service_key)
+        for s in gone_services:
+            if by_service_key.get(s.key) is s:
+                del by_service_key[s.key]
+            for vip in s.vips:
+                if by_vip.get(vip) is s:
+                    del by_vip[vip]
+                for p in s.ports:
+                    if by_vip_port.get((vip, p.port)) is s:
+                        del by_vip_port[(vip, p.port)]
+        for s in new_services:
+            by_service_key[s.key] = s
+            for vip in s.vips:
+                by_vip[vip] = s
+                for p in s.ports:
+                    by_vip_port[(vip, p.port)] = s
+        object.__setattr__(derived, "by_uid", by_uid)
+        object.__setattr__(derived, "by_ip", by_ip)
+        object.__setattr__(derived, "by_vip_port", by_vip_port)
+        object.__setattr__(derived, "by_vip", by_vip)
+        object.__setattr__(derived, "by_service_key", by_service_key)
+        return derived
+
     def workloads_on(self, node: str) -> Iterable[Workload]:
         return (w for w in self.workloads if w.node == node)
 
@@ -61,6 +133,9 @@ class Snapshot:
     def service_for(self, ip: str, port: int) -> Service | None:
         return self.by_vip_port.get((ip, port))
 
+
+# The indexes ``derive`` knows how to patch; a new index makes it fall back to a full build.
+_PATCHED_INDEXES = frozenset({"by_uid", "by_ip", "by_vip_port", "by_vip", "by_service_key"})
 
 Listener = Callable[[Snapshot, Snapshot], None]
 

@@ -17,7 +17,10 @@ from typing import Any
 
 from ztunnel_py import log
 
-_log = log.get("telemetry.admin")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("telemetry.admin")
 
 Handler = Callable[[], Any | Awaitable[Any]]
 _MAX_REQUEST = 16 * 1024
@@ -105,7 +108,7 @@ class AdminServer:
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 result = await result
         except Exception as exc:
-            _log.exception("admin handler failed", path=target)
+            _log().exception("admin handler failed", path=target)
             return 500, {"error": str(exc)}
         return 200, result
 
