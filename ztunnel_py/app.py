@@ -21,7 +21,7 @@ from ztunnel_py import config, log
 from ztunnel_py.config import AgentConfig
 from ztunnel_py.state.client import GRPC_OPTIONS, ConfigClient
 from ztunnel_py.state.codec import snapshot_to_json
-from ztunnel_py.state.snapshot import StateStore
+from ztunnel_py.state.snapshot import StateStore, settle_heap
 from ztunnel_py.telemetry.admin import AdminError, AdminServer
 
 
@@ -105,6 +105,7 @@ async def serve(cfg: AgentConfig) -> None:
     assert cfg.token_file is not None
     token_file = cfg.token_file
     store = StateStore()
+    store.subscribe(lambda _old, _new: settle_heap())
     channel = controller_channel(cfg)
     client = ConfigClient(channel, store, node=cfg.node,
                           token=lambda: token_file.read_text().strip())

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ztunnel_py.state.codec import KINDS, ResourceKey, encode_resource, resources
@@ -136,7 +136,7 @@ class PushCore:
         self._counter += 1
         version = f"{self._epoch}-{self._counter}"
         published = Published(version, snapshot.root_namespace, out,
-                              replace(snapshot, version=version))
+                              snapshot.with_version(version))
         if len(self._history) == self._history.maxlen:
             self._by_version.pop(self._history[0].version, None)
         self._history.append(published)

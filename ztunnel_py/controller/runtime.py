@@ -23,6 +23,7 @@ from ztunnel_py.controller.sync import ModelSync
 from ztunnel_py.controller.translate import KubeObject, Problem
 from ztunnel_py.state.client import GRPC_OPTIONS
 from ztunnel_py.state.codec import snapshot_to_json
+from ztunnel_py.state.snapshot import Snapshot, settle_heap
 from ztunnel_py.telemetry.admin import AdminServer
 
 
@@ -48,7 +49,7 @@ class Controller:
         self.cfg = cfg
         self.core = PushCore(epoch=epoch)
         self.service = MeshConfigService(self.core, authenticator)
-        self.sync = ModelSync(self.service.publish, trust_domain=cfg.trust_domain,
+        self.sync = ModelSync(self._publish, trust_domain=cfg.trust_domain,
                               root_namespace=cfg.root_namespace, debounce_s=cfg.debounce_s)
         self._credentials = server_credentials
         self._add_services = add_services
@@ -89,6 +90,11 @@ class Controller:
                 directory.watch(loader, self.sync.submit), name="controller-directory"))
         _log().info("controller started", grpc_port=self.grpc_port, admin_port=self.admin.port,
                   config_dir=str(self.cfg.config_dir), tls=self._credentials is not None)
+
+    def _publish(self, snapshot: Snapshot) -> str | None:
+        version = self.service.publish(snapshot)
+        settle_heap()
+        return version
 
     def submit(self, objects: Sequence[KubeObject], problems: Sequence[Problem] = ()) -> None:
         """Feed a source's whole object set (Kubernetes watcher, benchmark)."""

@@ -179,15 +179,24 @@ class Schema:
         if origin in (typing.Union, types.UnionType):
             return self._compile_union(typ)
         if origin is tuple:
-            item = self.decoder(typing.get_args(typ)[0])
+            item_type = typing.get_args(typ)[0]
+            item = self.decoder(item_type)
+            scalar = item_type if item_type in (str, int) else None
 
             def dec_tuple(raw: Any, path: str, issues: list[Issue]) -> Any:
                 if not isinstance(raw, (list, tuple)):
                     issues.append(Issue(path, f"expected a list, got {_got(raw)}",
                                         "write the value as a YAML list (- item)"))
                     return _BAD
+                if scalar is not None and all(type(v) is scalar for v in raw):
+                    return tuple(raw)
+                mark = len(issues)
+                out = [item(v, path, issues) for v in raw]
+                if not any(v is _BAD for v in out):
+                    return tuple(out)
+                del issues[mark:]  # again, with each item's path
                 out = [item(v, f"{path}[{i}]", issues) for i, v in enumerate(raw)]
-                return _BAD if any(v is _BAD for v in out) else tuple(out)
+                return _BAD
 
             return dec_tuple
         if origin is FrozenMap:
@@ -199,6 +208,9 @@ class Schema:
                     issues.append(Issue(path, f"expected a mapping, got {_got(raw)}",
                                         "write the value as key: value pairs"))
                     return _BAD
+                if ktyp is str and vtyp is str and all(
+                        type(k) is str and type(v) is str for k, v in raw.items()):
+                    return FrozenMap(raw)
                 out: dict[Any, Any] = {}
                 ok = True
                 for k, v in raw.items():
@@ -228,8 +240,7 @@ class Schema:
 
             return dec_enum
         if isinstance(typ, type) and dataclasses.is_dataclass(typ):
-            cls = typ
-            return lambda raw, path, issues: self._decode_dataclass(cls, raw, path, issues, {})
+            return self._compile_dataclass(typ)
         if typ in (str, int, float, bool):
             return _scalar_decoder(typ)
         raise TypeError(f"codec: unsupported model type {typ!r}")
@@ -261,6 +272,38 @@ class Schema:
             return _BAD
 
         return dec_union
+
+    def _compile_dataclass(self, cls: type) -> Decoder:
+        """The hot path: a field table built once; any problem reruns the careful
+        ``_decode_dataclass`` for its messages and hints."""
+        table: tuple[dict[str, tuple[str, Decoder]], tuple[str, ...]] | None = None
+
+        def dec_dataclass(raw: Any, path: str, issues: list[Issue]) -> Any:
+            nonlocal table
+            if table is None:  # compiled lazily: model types refer to each other
+                fields = self.fields(cls)
+                table = ({f.wire: (f.name, self.decoder(f.typ)) for f in fields},
+                         tuple(f.name for f in fields if f.required))
+            by_wire, required = table
+            if isinstance(raw, Mapping):
+                mark = len(issues)
+                kwargs: dict[str, Any] = {}
+                for key, value in raw.items():
+                    entry = by_wire.get(key)
+                    if entry is None:
+                        break
+                    # no path formatting here: a failure reruns the careful decoder below
+                    decoded = entry[1](value, path, issues)
+                    if decoded is _BAD:
+                        break
+                    kwargs[entry[0]] = decoded
+                else:
+                    if all(name in kwargs for name in required):
+                        return cls(**kwargs)
+                del issues[mark:]
+            return self._decode_dataclass(cls, raw, path, issues, {})
+
+        return dec_dataclass
 
     def _decode_dataclass(
         self, cls: type, raw: Any, path: str, issues: list[Issue], given: Mapping[str, Any]

@@ -7,6 +7,8 @@ every connection are dict lookups on indexes computed at build time.
 
 from __future__ import annotations
 
+import copy
+import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -124,6 +126,12 @@ class Snapshot:
         object.__setattr__(derived, "by_service_key", by_service_key)
         return derived
 
+    def with_version(self, version: str) -> Snapshot:
+        """The same snapshot under another version, sharing its indexes (no rebuild)."""
+        out = copy.copy(self)
+        object.__setattr__(out, "version", version)
+        return out
+
     def workloads_on(self, node: str) -> Iterable[Workload]:
         return (w for w in self.workloads if w.node == node)
 
@@ -132,6 +140,28 @@ class Snapshot:
 
     def service_for(self, ip: str, port: int) -> Service | None:
         return self.by_vip_port.get((ip, port))
+
+
+_settled = 0
+
+
+def settle_heap(full_every: int = 256) -> None:
+    """Move the live object graph out of the cyclic garbage collector's way.
+
+    A mesh of ten thousand workloads is a million long-lived Python objects; a
+    full (generation 2) collection walks all of them and stalls the event loop
+    for a few hundred milliseconds at random. Processes that hold snapshots call
+    this after swapping one in: ``gc.freeze()`` parks what is alive now in the
+    permanent generation (reference counting still frees it), so collections
+    only walk what is new. Every ``full_every`` calls, one real full collection
+    reclaims any reference cycles that were parked.
+    """
+    global _settled
+    _settled += 1
+    if _settled % full_every == 0:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 # The indexes ``derive`` knows how to patch; a new index makes it fall back to a full build.
