@@ -29,6 +29,8 @@ def _log() -> Any:
     """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
     return log.get("controller.cli")
 
+ROOTS_FILE = "roots.pem"
+
 _FLAGS = {
     "config_dir": "config_dir",
     "kubernetes": "kubernetes",
@@ -58,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Watches a directory of Kubernetes-shaped YAML (--config-dir) or the Kubernetes API "
             "(--kubernetes), translates it into the mesh model and pushes per-node versions to "
             "connected agents over gRPC (TLS, bootstrap-token authentication); also signs "
-            "workload certificates. Admin JSON (loopback): /config_dump, /agents, /problems."
+            "workload certificates. Admin JSON (loopback): /config_dump, /agents, /problems. "
+            "Agents verify the controller with <state-dir>/roots.pem and authenticate with "
+            "the token file printed by --issue-token NODE."
         ),
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--debounce", type=float, help="seconds to gather changes into one version")
     p.add_argument("--tls-san", action="append", default=[],
                    help="extra DNS name or IP for the serving certificate (repeatable)")
+    p.add_argument("--issue-token", action="append", default=[], metavar="NODE",
+                   help="create NODE's bootstrap token if needed, print its file, and exit "
+                        "(hand the file to that node's agent: --token-file)")
     p.add_argument("--config", type=Path, help="YAML settings file")
     p.add_argument("--log-level")
     p.add_argument("--log-format")
@@ -88,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ztunnel-py controller: {exc}")
         return 2
     log.configure(cfg.log)
+    if args.issue_token:
+        return _issue_tokens(cfg, args.issue_token)
     if cfg.config_dir is None and not cfg.kubernetes:
         print("ztunnel-py controller: give --config-dir DIR (or ZTUNNEL_CONFIG_DIR), "
               "or --kubernetes")
@@ -98,6 +107,30 @@ def run(args: argparse.Namespace) -> int:
         _log().error("controller cannot start", error=str(exc))
         return 1
     return 0
+
+
+def _issue_tokens(cfg: ControllerConfig, nodes: list[str]) -> int:
+    from ztunnel_py.controller.ca.auth import BootstrapTokens
+
+    tokens = BootstrapTokens(cfg.state_dir)
+    for node in nodes:
+        try:
+            tokens.token_for(node)
+        except ValueError as exc:
+            print(f"ztunnel-py controller: {exc}")
+            return 2
+        print(tokens.path_for(node))
+    return 0
+
+
+def _write_roots(cfg: ControllerConfig, roots_pem: bytes) -> Path:
+    """The trust bundle agents verify the controller with (public): <state-dir>/roots.pem."""
+    path = cfg.state_dir / ROOTS_FILE
+    tmp = path.with_name(f".{ROOTS_FILE}.tmp")
+    tmp.write_bytes(roots_pem)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
 
 
 def _serving_names(cfg: ControllerConfig, extra: list[str]) -> tuple[list[str], list[str]]:
@@ -132,6 +165,8 @@ async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
             cfg.state_dir, cfg.trust_domain, cfg.cert_max_ttl_s)
     names, ips = _serving_names(cfg, tls_san)
     chain, key = ca.serving_certificate(names, ips)
+    roots = _write_roots(cfg, ca.roots_pem)
+    _log().info("serving TLS", dns_names=names, ips=ips, roots=str(roots))
     credentials = grpc.ssl_server_credentials([(key, chain)])
     # Directory mode: per-node bootstrap tokens. (Kubernetes mode will swap in the
     # TokenReview authenticator, ztunnel_py.controller.ca.auth.KubernetesAuthenticator.)
