@@ -242,6 +242,82 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         await controller.stop(grace=0)
 
 
+async def directory_edits(edits: int, debounce: float) -> list[float]:
+    """Seconds from writing a Pod's YAML to both of two agents holding the edit."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="ztunnel-bench-") as tmp:
+        root = Path(tmp)
+        (root / "ns.yaml").write_text(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: "
+            "{istio.io/dataplane-mode: ambient}}\n")
+
+        def pod(rev: int) -> str:
+            return ("apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: demo, "
+                    f"labels: {{rev: '{rev}'}}}}\nspec: {{nodeName: node-0}}\n"
+                    "status: {podIP: 10.1.0.1}\n")
+
+        (root / "pod.yaml").write_text(pod(0))
+        cfg = ControllerConfig(config_dir=root, grpc_address="127.0.0.1:0",
+                               admin_address="127.0.0.1:0", debounce_s=debounce)
+        controller = Controller(cfg, authenticator=NodeNameIsToken(), server_credentials=None)
+        await controller.start()
+        channels, tasks, stores = [], [], []
+        try:
+            for node in ("node-0", "node-1"):
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{controller.grpc_port}",
+                                                    options=list(GRPC_OPTIONS))
+                store = StateStore()
+                client = ConfigClient(channel, store, node=node, token=node)
+                channels.append(channel)
+                stores.append(store)
+                tasks.append(asyncio.create_task(client.run()))
+            out = []
+            for rev in range(1, edits + 1):
+                want = str(rev)
+
+                def holds(store: StateStore, want: str = want) -> bool:
+                    w = store.current.by_uid.get("demo/web")
+                    return w is not None and w.labels.get("rev") == want
+
+                t0 = time.monotonic()
+                (root / "pod.yaml").write_text(pod(rev))
+                async with asyncio.timeout(10):
+                    while not all(holds(s) for s in stores):  # noqa: ASYNC110 - polls stores
+                        await asyncio.sleep(0.002)
+                out.append(time.monotonic() - t0)
+            return out
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in channels:
+                await c.close(None)
+            await controller.stop(grace=0)
+
+
+def agent_full_apply_s(args: argparse.Namespace) -> float:
+    """CPU seconds one agent spends decoding and applying the first full snapshot."""
+    from ztunnel_py.controller.push import PushCore
+    from ztunnel_py.controller.translate import translate
+    from ztunnel_py.state.client import UpdateApplier, WireUpdate
+    from ztunnel_py.state.codec import CODEC_VERSION
+
+    snap = translate(objects(args.pods, args.services, args.agents),
+                     trust_domain="cluster.local", root_namespace="istio-system").snapshot
+    core = PushCore(epoch="b")
+    core.publish(snap)
+    u = core.update("", "b-1", "agent")
+    wire = WireUpdate(u.version, "", CODEC_VERSION, u.root_namespace, u.upserts, u.removals)
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        UpdateApplier().apply(wire)
+        best = min(best, time.process_time() - t)
+    return best
+
+
 def table(rows: list[dict[str, Any]]) -> None:
     base = rows[0]
     print(f"\n{'':28}" + "".join(f"{r['agents']:>12} agent(s)" for r in rows) + "   ratio")
@@ -268,6 +344,15 @@ async def main_async(args: argparse.Namespace) -> None:
     rows = [await scenario(args, 1), await scenario(args, args.agents)]
     table(rows)
     print("\n(baseline: 1 agent in the same run; p50/p99 include the debounce window)")
+    apply_s = agent_full_apply_s(args)
+    print(f"one agent decoding+applying the full snapshot: {apply_s:.2f} CPU s "
+          f"(x{args.agents} agents = {apply_s * args.agents:.1f} CPU s on this machine's "
+          f"{os.cpu_count()} CPU(s): the floor for in-process full sync here)")
+    edits = sorted(await directory_edits(args.edits, args.debounce))
+    print(f"directory source, edit a Pod YAML -> both of 2 agents hold it ({len(edits)} edits): "
+          f"p50 {statistics.median(edits) * 1e3:.0f} ms, "
+          f"p99 {edits[min(len(edits) - 1, int(len(edits) * 0.99))] * 1e3:.0f} ms, "
+          f"max {edits[-1] * 1e3:.0f} ms")
 
 
 def main() -> None:
@@ -279,6 +364,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=5, help="agent worker processes")
     parser.add_argument("--changes", type=int, default=30, help="single-pod changes timed")
     parser.add_argument("--debounce", type=float, default=0.05)
+    parser.add_argument("--edits", type=int, default=20, help="directory edits timed")
     parser.add_argument("--worker", nargs=2, metavar=("PORT", "NODES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import uvloop

@@ -61,8 +61,12 @@ async def wait_for(port: int, path: str, check: Any, log: Path, limit_s: float =
     pytest.fail(f"{path} on :{port} never satisfied the check; last={last!r}\n{tail(log)}")
 
 
+def whole(log: Path) -> str:
+    return log.read_text()
+
+
 def tail(log: Path) -> str:
-    return log.read_text()[-3000:]
+    return whole(log)[-3000:]
 
 
 def private(path: Path) -> bool:
@@ -109,7 +113,7 @@ async def test_controller_and_agent_commands_over_tls(tmp_path: Path) -> None:
                 lambda a: [x["acked_version"] for x in a["agents"]] == [a["latest_version"]],
                 tmp_path / "controller.log")
             assert agents["agents"][0]["node"] == "node-a"
-            assert "PRIVATE KEY" not in tail(tmp_path / "controller.log")
+            assert "PRIVATE KEY" not in whole(tmp_path / "controller.log")
 
 
 def test_help_documents_environment_variables() -> None:

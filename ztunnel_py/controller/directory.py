@@ -62,6 +62,7 @@ class DirectoryLoader:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._files: dict[Path, _FileState] = {}
+        self.generation = 0  # bumped whenever a file appears, changes or goes away
 
     def _paths(self) -> list[Path]:
         if not self.root.is_dir():
@@ -77,15 +78,18 @@ class DirectoryLoader:
         paths = self._paths()
         for gone in set(self._files) - set(paths):
             del self._files[gone]
+            self.generation += 1
         for path in paths:
             try:
                 st = path.stat()
             except FileNotFoundError:
-                self._files.pop(path, None)
+                if self._files.pop(path, None) is not None:
+                    self.generation += 1
                 continue
             state = self._files.get(path)
             if state is not None and (state.mtime_ns, state.size) == (st.st_mtime_ns, st.st_size):
                 continue
+            self.generation += 1
             rel = path.relative_to(self.root).as_posix()
             try:
                 text = path.read_text(encoding="utf-8")
@@ -119,22 +123,39 @@ async def watch(
     on_change: Callable[[list[KubeObject], list[Problem]], None],
     *,
     debounce_ms: int = 20,
-    ready: Callable[[], None] | None = None,
+    rescan_s: float = 5.0,
+    reported: int = -1,
 ) -> None:
-    """Report the directory now, then after every change, until cancelled."""
-    on_change(*loader.load())
-    if ready is not None:
-        ready()
-    async for changes in watchfiles.awatch(
-        loader.root, watch_filter=_is_yaml, debounce=debounce_ms, step=10, recursive=True,
-        force_polling=False,
-    ):
-        _log().debug("config directory changed", files=sorted({p for _c, p in changes})[:5])
+    """Report the directory now, then after every change, until cancelled.
+
+    inotify events (through watchfiles) drive it; every ``rescan_s`` without an
+    event the files are re-stat'ed anyway (cheap: only changed files are read),
+    which covers an edit made while the watch was being set up, and filesystems
+    where inotify misses changes. ``reported``: the loader generation the caller
+    has already handed on (so that an unchanged directory is not reported twice).
+    """
+    seen = reported
+
+    def reload() -> None:
+        nonlocal seen
         try:
-            on_change(*loader.load())
+            objects, problems = loader.load()
         except SourceError as exc:
             _log().error("config directory unreadable; keeping the last good model",
-                       error=str(exc))
+                         error=str(exc))
+            return
+        if loader.generation != seen:
+            seen = loader.generation
+            on_change(objects, problems)
+
+    reload()
+    async for changes in watchfiles.awatch(
+        loader.root, watch_filter=_is_yaml, debounce=debounce_ms, step=10, recursive=True,
+        rust_timeout=int(rescan_s * 1000), yield_on_timeout=True,
+    ):
+        if changes:
+            _log().debug("config directory changed", files=sorted({p for _c, p in changes})[:5])
+        reload()
 
 
 def load_directory(root: Path) -> tuple[list[KubeObject], list[Problem]]:

@@ -87,7 +87,8 @@ class Controller:
                 raise ControllerError(str(exc)) from None
             self.sync.rebuild(objects, problems)  # the first version before any agent asks
             self._tasks.append(asyncio.create_task(
-                directory.watch(loader, self.sync.submit), name="controller-directory"))
+                directory.watch(loader, self.sync.submit, reported=loader.generation),
+                name="controller-directory"))
         _log().info("controller started", grpc_port=self.grpc_port, admin_port=self.admin.port,
                   config_dir=str(self.cfg.config_dir), tls=self._credentials is not None)
 

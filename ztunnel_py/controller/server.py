@@ -110,7 +110,8 @@ class MeshConfigService:
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or ()
                     if isinstance(v, str)}
         try:
-            caller = self._auth.authenticate(metadata)
+            # off the event loop: an authenticator may read files or call the API server
+            caller = await asyncio.to_thread(self._auth.authenticate, metadata)
         except Exception as exc:  # the authenticator's error names the status code
             code = getattr(exc, "code", None)
             if not isinstance(code, grpc.StatusCode):
