@@ -167,9 +167,16 @@ class UpdateApplier:
                 gone.append(old)
             groups[_group(kind)][_slot(kind, key)] = obj
             new.append(obj)
-        everything = [o for d in groups.values() for o in d.values()]
         waypoints = _waypoints(groups["routing"].values())
-        if full or any(isinstance(o, (Workload, routing.KubernetesGateway)) for o in gone):
+        # a workload or waypoint that went away may leave references dangling anywhere
+        lost = any(
+            (isinstance(o, Workload) and o.uid not in groups["workload"])
+            or (isinstance(o, routing.KubernetesGateway) and o.is_waypoint
+                and (o.namespace, o.name) not in waypoints)
+            for o in gone
+        )
+        if full or lost:
+            everything = [o for d in groups.values() for o in d.values()]
             check_references(everything, workloads=groups["workload"], waypoints=waypoints)
         else:
             check_references(new, workloads=groups["workload"], waypoints=waypoints)
