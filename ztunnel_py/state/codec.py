@@ -276,22 +276,32 @@ class Schema:
     def _compile_dataclass(self, cls: type) -> Decoder:
         """The hot path: a field table built once; any problem reruns the careful
         ``_decode_dataclass`` for its messages and hints."""
-        table: tuple[dict[str, tuple[str, Decoder]], tuple[str, ...]] | None = None
+        table: tuple[dict[str, tuple[str, Decoder, type | None]], tuple[str, ...],
+                     dict[str, Any]] | None = None
+        # Frozen dataclasses without __post_init__ are built by filling __dict__ (what
+        # __init__ would do, minus one object.__setattr__ per field); defaults are
+        # immutable (None, (), an empty FrozenMap), so sharing them is safe.
+        direct = "__post_init__" not in vars(cls) and "__slots__" not in vars(cls)
 
         def dec_dataclass(raw: Any, path: str, issues: list[Issue]) -> Any:
             nonlocal table
             if table is None:  # compiled lazily: model types refer to each other
                 fields = self.fields(cls)
-                table = ({f.wire: (f.name, self.decoder(f.typ)) for f in fields},
-                         tuple(f.name for f in fields if f.required))
-            by_wire, required = table
+                table = ({f.wire: (f.name, self.decoder(f.typ),
+                                   f.typ if f.typ in (str, bool) else None) for f in fields},
+                         tuple(f.name for f in fields if f.required),
+                         {f.name: f.default for f in fields if not f.required})
+            by_wire, required, defaults = table
             if isinstance(raw, Mapping):
                 mark = len(issues)
-                kwargs: dict[str, Any] = {}
+                kwargs: dict[str, Any] = dict(defaults) if direct else {}
                 for key, value in raw.items():
                     entry = by_wire.get(key)
                     if entry is None:
                         break
+                    if type(value) is entry[2]:  # a plain str or bool field: nothing to convert
+                        kwargs[entry[0]] = value
+                        continue
                     # no path formatting here: a failure reruns the careful decoder below
                     decoded = entry[1](value, path, issues)
                     if decoded is _BAD:
@@ -299,7 +309,11 @@ class Schema:
                     kwargs[entry[0]] = decoded
                 else:
                     if all(name in kwargs for name in required):
-                        return cls(**kwargs)
+                        if not direct:
+                            return cls(**kwargs)
+                        obj: Any = object.__new__(cls)
+                        obj.__dict__.update(kwargs)
+                        return obj
                 del issues[mark:]
             return self._decode_dataclass(cls, raw, path, issues, {})
 
