@@ -479,6 +479,21 @@ REJECTIONS: list[tuple[str, Any, str, str, str]] = [
      "spec.portLevelMtls", "needs a workload selector", "matchLabels"),
     ("pa-bad-mode", _meta("PeerAuthentication", AP_API, mtls={"mode": "strict"}),
      "spec.mtls.mode", "one of", "STRICT"),
+    ("namespace-not-string", {"apiVersion": "v1", "kind": "Pod",
+                              "metadata": {"name": "a", "namespace": 7}},
+     "metadata.namespace", "expected a string", ""),
+    ("container-not-mapping", {**pod("a"), "spec": {"containers": ["c"]}}, "spec.containers[0]",
+     "expected a mapping", ""),
+    ("empty-target-port", svc(target=""), "spec.ports[0].targetPort",
+     "port number or a port name", ""),
+    ("slice-bad-port", {**slice_("web"), "ports": [{"name": "http", "port": "80"}]},
+     "ports[0].port", "port number", ""),
+    ("slice-bad-address", slice_("web", {"addresses": ["not-an-ip"]}),
+     "endpoints[0].addresses[0]", "not an IP address", ""),
+    ("service-account-bad-label", {"apiVersion": "v1", "kind": "ServiceAccount",
+                                   "metadata": {"name": "sa", "namespace": "demo",
+                                                "labels": {"a": True}}},
+     "metadata.labels.a", "must be strings", "quote it"),
     ("httproute-port-not-integer", _meta("HTTPRoute", "gateway.networking.k8s.io/v1",
                                            parentRefs=[{"port": "80"}]),
      "spec.parentRefs[0].port", "expected an integer", ""),
@@ -542,6 +557,20 @@ def test_virtual_service_subset_without_destination_rule() -> None:
     assert "'v2'" in errs[0].message and "DestinationRule" in errs[0].hint
     # the VirtualService still applies (as in Istio): only the reference is reported
     assert any(type(o).__name__ == "VirtualService" for o in t.snapshot.routing)
+
+
+def test_list_items_must_be_a_list() -> None:
+    t = run({"apiVersion": "v1", "kind": "List", "items": {"a": 1}})
+    assert [(p.kind, p.field) for p in errors(t)] == [("List", "items")]
+
+
+def test_duplicate_uid_is_rejected() -> None:
+    a, b = pod("a"), pod("b", "10.0.0.2")
+    a["metadata"]["uid"] = b["metadata"]["uid"] = "same"
+    t = run(a, b)
+    assert [w.name for w in t.snapshot.workloads] == ["a"]
+    (e,) = errors(t)
+    assert e.field == "metadata.uid" and e.name == "demo/b"
 
 
 def test_endpoint_slice_without_service() -> None:
