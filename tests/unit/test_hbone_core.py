@@ -253,7 +253,9 @@ def test_parse_authority(authority: str, expected: tuple[str, int]) -> None:
     assert core.format_authority(*expected) == authority
 
 
-@pytest.mark.parametrize("authority", ["", "example.com:80", "10.0.0.1", "10.0.0.1:0", "1.2.3.4:99999"])
+@pytest.mark.parametrize(
+    "authority", ["", "example.com:80", "10.0.0.1", "10.0.0.1:0", "1.2.3.4:99999"]
+)
 def test_parse_authority_rejects(authority: str) -> None:
     with pytest.raises(core.BadRequest):
         core.parse_authority(authority)

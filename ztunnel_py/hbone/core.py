@@ -20,6 +20,7 @@ Flow control gives real backpressure in both directions:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import secrets
@@ -247,10 +248,8 @@ class HboneConnection:
         """Send GOAWAY: no new streams; open ones are left to the caller."""
         if not self.ended:
             self.ended = True
-            try:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(error_code)
-            except h2.exceptions.ProtocolError:
-                pass
 
     @property
     def open_streams(self) -> int:
@@ -335,19 +334,15 @@ class HboneConnection:
         if stream_id not in self._streams:
             return
         self._forget(stream_id)
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
 
     def ack(self, stream_id: int, flow_length: int) -> None:
         """The local writer drained ``flow_length`` bytes of this stream: open the window."""
         if flow_length <= 0:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
             self._h2.acknowledge_received_data(flow_length, stream_id)
-        except (h2.exceptions.StreamClosedError, KeyError):
-            pass
 
     def receive(self, data: bytes) -> list[Event]:
         try:

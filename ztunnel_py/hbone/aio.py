@@ -1,0 +1,393 @@
+"""HBONE over asyncio: Protocols around the sans-IO core, on TLS transports.
+
+Every proxied byte flows between two *legs* (``Leg``): a TCP connection
+(``ztunnel_py.proxy.relay.TcpLeg``) and an HBONE stream (``StreamLeg``), or two
+TCP connections. A leg writes what its peer read and tells the peer to stop
+(``pause_source``) when its own sink backs up, and to go on
+(``resume_source``) once drained:
+
+* a TCP sink backs up when its transport's write buffer passes the high-water
+  mark (``pause_writing``);
+* an HBONE sink backs up when the peer's flow-control window is exhausted or
+  the TLS transport's write buffer is full;
+* pausing a TCP source pauses its transport's reading; pausing an HBONE source
+  stops crediting received DATA back to the remote, so *its* sender runs out
+  of window.
+
+Buffering per tunnel is therefore bounded by one stream window plus the
+transports' high-water marks, whatever the speed of either end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from ztunnel_py import log
+from ztunnel_py.config import HboneConfig
+from ztunnel_py.hbone import core
+from ztunnel_py.hbone.core import HboneConnection, Role
+
+_log = log.get("hbone")
+
+# Write-buffer limits of the TLS transport carrying the streams.
+TLS_HIGH_WATER = 1 << 20
+TLS_LOW_WATER = 256 << 10
+
+
+class TunnelRefused(Exception):
+    """The HBONE server answered the CONNECT with a non-200 status."""
+
+    def __init__(self, status: int, authority: str) -> None:
+        hint = {
+            core.BAD_REQUEST: "the destination is not a workload on that node",
+            core.UNAUTHORIZED: "denied by the destination's authorization policy",
+            core.SERVICE_UNAVAILABLE: "the destination workload refused or did not answer",
+        }.get(status, "unexpected status")
+        super().__init__(f"HBONE CONNECT {authority} got {status}: {hint}")
+        self.status = status
+
+
+class TunnelBroken(Exception):
+    """The HBONE connection went away before or while the stream was set up."""
+
+
+class Leg:
+    """One side of a relay. Subclasses move bytes; this class tracks completion."""
+
+    def __init__(self) -> None:
+        self.peer: Leg | None = None
+        self.rx_bytes = 0  # bytes read from this leg's source (plain int adds)
+        self.read_done = False
+        self.write_done = False
+        self.was_reset = False
+        self.done = False
+        self.on_done: Callable[[Leg], None] | None = None
+
+    # -- the interface a peer calls ---------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_eof(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Abort abruptly: TCP RST / RST_STREAM."""
+        raise NotImplementedError
+
+    def pause_source(self) -> None:
+        raise NotImplementedError
+
+    def resume_source(self) -> None:
+        raise NotImplementedError
+
+    def sink_blocked(self) -> bool:
+        """Whether a peer starting up should stay paused."""
+        return False
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        cb, self.on_done = self.on_done, None
+        if cb is not None:
+            cb(self)
+
+
+def join(a: Leg, b: Leg) -> None:
+    a.peer = b
+    b.peer = a
+
+
+class StreamLeg(Leg):
+    """An HBONE stream as a relay leg."""
+
+    def __init__(self, conn: HboneProtocol, stream_id: int, authority: str) -> None:
+        super().__init__()
+        self.conn = conn
+        self.stream_id = stream_id
+        self.authority = authority
+        self.headers: dict[str, str] = {}
+        self._source_paused = False
+        self._held_ack = 0
+        self._early: list[bytes] = []  # DATA that arrived before the peer leg was attached
+        self._early_eof = False
+        self._sink_blocked = False  # the window is exhausted: our peer is paused
+        self.response: asyncio.Future[StreamLeg] | None = None
+
+    # the peer writes into the tunnel
+    def send(self, data: bytes) -> None:
+        if self.done or self.write_done:
+            return
+        core_conn = self.conn.core
+        if not core_conn.send(self.stream_id, data) and not self._sink_blocked:
+            self._sink_blocked = True
+            if self.peer is not None:
+                self.peer.pause_source()
+        self.conn.flush()
+
+    def send_eof(self) -> None:
+        if self.done or self.write_done:
+            return
+        self.write_done = True
+        self.conn.core.end(self.stream_id)
+        self.conn.flush()
+        self._check()
+
+    def reset(self) -> None:
+        if self.done:
+            return
+        self.was_reset = True
+        self.conn.core.reset(self.stream_id)
+        self.conn.flush()
+        self._check()
+
+    def pause_source(self) -> None:
+        self._source_paused = True
+
+    def resume_source(self) -> None:
+        self._source_paused = False
+        if self._held_ack:
+            n, self._held_ack = self._held_ack, 0
+            self.conn.core.ack(self.stream_id, n)
+            self.conn.flush()
+
+    def sink_blocked(self) -> bool:
+        return self._sink_blocked or self.conn.writing_paused
+
+    def attach(self, peer: Leg) -> None:
+        """Pair with ``peer`` and hand over anything that arrived early."""
+        join(self, peer)
+        early, self._early = self._early, []
+        for chunk in early:
+            peer.send(chunk)
+        if self._early_eof:
+            peer.send_eof()
+        if self._sink_blocked or self.conn.writing_paused:
+            peer.pause_source()
+
+    # events from the connection
+    def _on_data(self, data: bytes, flow_length: int) -> None:
+        self.rx_bytes += len(data)
+        peer = self.peer
+        if peer is None:
+            self._early.append(data)
+            self._held_ack += flow_length
+            return
+        peer.send(data)
+        if self._source_paused:
+            self._held_ack += flow_length
+        else:
+            self.conn.core.ack(self.stream_id, flow_length)
+
+    def _on_end(self) -> None:
+        self.read_done = True
+        if self.peer is None:
+            self._early_eof = True
+        else:
+            self.peer.send_eof()
+        self._check()
+
+    def _on_reset(self) -> None:
+        self.was_reset = True
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(TunnelBroken(f"stream to {self.authority} was reset"))
+        if self.peer is not None:
+            self.peer.reset()
+        self._check()
+
+    def _on_writable(self) -> None:
+        if self._sink_blocked:
+            self._sink_blocked = False
+            if self.peer is not None and not self.conn.writing_paused:
+                self.peer.resume_source()
+
+    def _check(self) -> None:
+        if not self.done and not self.conn.core.is_open(self.stream_id):
+            self.read_done = self.write_done = True
+            self.conn.forget(self.stream_id)
+            self._finish()
+
+
+ConnectHandler = Callable[[StreamLeg], None]
+
+
+class HboneProtocol(asyncio.Protocol):
+    """One HBONE connection (client or server role) on a TLS transport."""
+
+    def __init__(
+        self,
+        role: Role,
+        config: HboneConfig,
+        *,
+        on_connect: ConnectHandler | None = None,
+        on_closed: Callable[[HboneProtocol, BaseException | None], None] | None = None,
+        on_stream_done: Callable[[HboneProtocol, StreamLeg], None] | None = None,
+    ) -> None:
+        self.core = HboneConnection(role, config)
+        self.role = role
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamLeg] = {}
+        self.writing_paused = False
+        self.lost = False
+        self._on_connect = on_connect
+        self._early: list[bytes] = []  # bytes TLS delivered before connection_made (start_tls)
+        self._on_closed = on_closed
+        self._on_stream_done = on_stream_done
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(TLS_HIGH_WATER, TLS_LOW_WATER)
+        self.core.initiate()
+        self.flush()
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+            return
+        try:
+            events = self.core.receive(data)
+        except core.ProtocolError as exc:
+            _log.warning("hbone protocol error; closing connection", error=str(exc))
+            self.flush()
+            self.abort()
+            return
+        for ev in events:
+            self._dispatch(ev)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # TLS: close; connection_lost fails the streams
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.core.ended = True
+        streams, self.streams = self.streams, {}
+        for leg in streams.values():
+            leg._on_reset()
+            leg.read_done = leg.write_done = True
+            leg._finish()
+            if self._on_stream_done is not None:
+                self._on_stream_done(self, leg)
+        if self._on_closed is not None:
+            self._on_closed(self, exc)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for leg in list(self.streams.values()):
+            if leg.peer is not None:
+                leg.peer.pause_source()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for leg in list(self.streams.values()):
+            if leg.peer is not None and not leg._sink_blocked:
+                leg.peer.resume_source()
+
+    # -- API -------------------------------------------------------------------------
+
+    def set_connect_handler(self, handler: ConnectHandler) -> None:
+        self._on_connect = handler
+
+    def flush(self) -> None:
+        data = self.core.data_to_send()
+        if data and self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def open_stream(
+        self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""
+    ) -> asyncio.Future[StreamLeg]:
+        """Send CONNECT; the future resolves with the leg on 200, else raises TunnelRefused."""
+        if self.lost or not self.core.can_open:
+            raise TunnelBroken("connection cannot take more streams")
+        sid = self.core.open(
+            authority, forwarded=forwarded, baggage=baggage, traceparent=traceparent
+        )
+        leg = StreamLeg(self, sid, authority)
+        leg.response = asyncio.get_running_loop().create_future()
+        self.streams[sid] = leg
+        self.flush()
+        return leg.response
+
+    def respond(self, leg: StreamLeg, status: int) -> None:
+        self.core.respond(leg.stream_id, status)
+        self.flush()
+        leg._check()
+
+    def forget(self, stream_id: int) -> None:
+        leg = self.streams.pop(stream_id, None)
+        if leg is not None and self._on_stream_done is not None:
+            self._on_stream_done(self, leg)
+
+    def close(self) -> None:
+        """GOAWAY then close the transport (open streams are failed by connection_lost)."""
+        self.core.close()
+        self.flush()
+        if self.transport is not None and not self.lost:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def peer_info(self, key: str) -> Any:
+        return self.transport.get_extra_info(key) if self.transport is not None else None
+
+    # -- events ----------------------------------------------------------------------
+
+    def _dispatch(self, ev: core.Event) -> None:
+        if isinstance(ev, core.Data):
+            leg = self.streams.get(ev.stream_id)
+            if leg is not None:
+                leg._on_data(ev.data, ev.flow_length)
+            else:
+                self.core.ack(ev.stream_id, ev.flow_length)
+        elif isinstance(ev, core.Writable):
+            leg = self.streams.get(ev.stream_id)
+            if leg is not None:
+                leg._on_writable()
+        elif isinstance(ev, core.StreamEnded):
+            leg = self.streams.get(ev.stream_id)
+            if leg is not None:
+                leg._on_end()
+        elif isinstance(ev, core.StreamReset):
+            leg = self.streams.get(ev.stream_id)
+            if leg is not None:
+                leg._on_reset()
+        elif isinstance(ev, core.ConnectRequested):
+            leg = StreamLeg(self, ev.stream_id, ev.authority)
+            leg.headers = dict(ev.headers)
+            self.streams[ev.stream_id] = leg
+            if self._on_connect is None:
+                self.respond(leg, core.SERVICE_UNAVAILABLE)
+            else:
+                self._on_connect(leg)
+        elif isinstance(ev, core.ConnectResponse):
+            leg = self.streams.get(ev.stream_id)
+            if leg is None or leg.response is None or leg.response.done():
+                return
+            if ev.status == core.OK:
+                leg.response.set_result(leg)
+            else:
+                leg.response.set_exception(TunnelRefused(ev.status, leg.authority))
+                leg._check()
+        elif isinstance(ev, core.ConnectionEnded):
+            _log.debug("hbone peer sent GOAWAY", error_code=ev.error_code)
+            if not self.streams and self.transport is not None:
+                with contextlib.suppress(Exception):
+                    self.transport.close()

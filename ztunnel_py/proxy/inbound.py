@@ -1,0 +1,265 @@
+"""Inbound HBONE (:15008): mTLS + HTTP/2 CONNECT to the workloads of this node.
+
+Per connection: the address the client dialled picks the destination
+workload's certificate (TLS is started only for an enrolled workload of this
+node); the client's chain must verify against the mesh roots and its SPIFFE id
+must be in our trust domain. Per stream, ``decide()`` (pure) checks the
+``:authority``: only a workload on this node, and only the one whose identity
+the client verified, may be the target; anything else gets 400 and no
+connection is attempted (never an open proxy). Then the authorizer (policy
+hook), then the upstream connection: 200 and relay, or 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import typing
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ztunnel_py import log
+from ztunnel_py.config import HboneConfig
+from ztunnel_py.hbone import core
+from ztunnel_py.hbone.aio import HboneProtocol, StreamLeg
+from ztunnel_py.hbone.core import Role
+from ztunnel_py.identity.errors import IdentityError
+from ztunnel_py.identity.manager import CertificateSource
+from ztunnel_py.identity.tls import ALPN_H2, peer_identity
+from ztunnel_py.policy.types import Connection
+from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
+from ztunnel_py.proxy.pool import ContextCache
+from ztunnel_py.proxy.relay import Relay, TcpLeg, set_linger_zero
+from ztunnel_py.proxy.sockets import (
+    OriginalDst,
+    UpstreamError,
+    UpstreamFactory,
+    connect,
+    plain_upstream,
+    sockname_original_dst,
+)
+from ztunnel_py.state.model import Workload
+from ztunnel_py.state.snapshot import Snapshot, StateStore
+from ztunnel_py.telemetry.connection import ConnectionResult, Peer
+
+_log = log.get("inbound")
+
+
+def local_workload(snapshot: Snapshot, ip: str, node: str) -> Workload | None:
+    """The enrolled workload of this node that owns ``ip``, if any."""
+    w = snapshot.by_ip.get(ip)
+    if w is None or w.node != node or not w.enrolled:
+        return None
+    return w
+
+
+@dataclass(frozen=True)
+class Accept:
+    destination: Workload
+    address: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Refuse:
+    status: int
+    reason: str
+
+
+def decide(
+    authority: str, snapshot: Snapshot, node: str, served_identity: str
+) -> Accept | Refuse:
+    """What to do with a CONNECT to ``authority`` on a connection where we proved
+    ``served_identity``. Pure."""
+    try:
+        ip, port = core.parse_authority(authority)
+    except core.BadRequest as exc:
+        return Refuse(core.BAD_REQUEST, str(exc))
+    w = local_workload(snapshot, ip, node)
+    if w is None:
+        return Refuse(core.BAD_REQUEST, f"{authority} is not a mesh workload on node {node!r}")
+    if w.identity != served_identity:
+        return Refuse(
+            core.BAD_REQUEST,
+            f"{authority} is {w.identity}, but this connection was made to {served_identity}",
+        )
+    return Accept(w, (ip, port))
+
+
+class _Handshake(asyncio.Protocol):
+    """The plain TCP phase of an inbound connection, until TLS takes over."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inbound._accepted(typing.cast(asyncio.Transport, transport), self)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class Inbound:
+    def __init__(
+        self,
+        config: HboneConfig,
+        store: StateStore,
+        node: str,
+        certificates: CertificateSource,
+        trust_domain: str,
+        *,
+        authorizer: Authorizer = allow_all,
+        dialled: OriginalDst = sockname_original_dst,
+        upstream: UpstreamFactory = plain_upstream,
+        contexts: ContextCache | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.node = node
+        self.certificates = certificates
+        self.trust_domain = trust_domain
+        self.authorizer = authorizer
+        self.dialled = dialled
+        self.upstream = upstream
+        self.contexts = contexts or ContextCache()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections: set[HboneProtocol] = set()
+        self.relays: set[Relay] = set()
+        self.upstream_attempts = 0  # connections tried towards workloads (tests: never for 400s)
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Handshake(self)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _accepted(self, transport: asyncio.Transport, handshake: _Handshake) -> None:
+        transport.pause_reading()
+        sock: socket.socket = transport.get_extra_info("socket")
+        try:
+            dialled = self.dialled(sock)
+        except OSError:
+            transport.abort()
+            return
+        w = local_workload(self.store.current, dialled[0], self.node)
+        if w is None:
+            _log.info("hbone connection to an address that is not a local workload; closing",
+                      dialled=core.format_authority(*dialled))
+            set_linger_zero(transport)
+            transport.abort()
+            return
+        self._spawn(self._tls(transport, handshake, w))
+
+    async def _tls(self, transport: asyncio.Transport, handshake: _Handshake, w: Workload) -> None:
+        loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        try:
+            cert = await self.certificates.fetch(w.identity)
+            ctx = self.contexts.server(cert)
+        except IdentityError as exc:
+            _log.warning("no certificate to serve HBONE", identity=w.identity, error=str(exc))
+            transport.abort()
+            return
+        if handshake.lost:
+            transport.abort()
+            return
+        proto = HboneProtocol(Role.SERVER, self.config, on_closed=self._closed)
+        try:
+            tls = await loop.start_tls(
+                transport, proto, ctx, server_side=True,
+                ssl_handshake_timeout=self.config.connect_timeout_s,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            _log.info("hbone TLS handshake failed", peer=str(peer), error=str(exc))
+            transport.abort()
+            return
+        except BaseException:
+            transport.abort()
+            raise
+        if tls is None:  # pragma: no cover - the transport closed during the handshake
+            transport.abort()
+            return
+        ssl_object = tls.get_extra_info("ssl_object")
+        try:
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
+                raise IdentityError("the client did not negotiate ALPN h2")
+            client_id = peer_identity(ssl_object, self.trust_domain)
+        except IdentityError as exc:
+            _log.info("hbone client refused", peer=str(peer), error=str(exc))
+            tls.abort()
+            return
+        proto.set_connect_handler(
+            lambda leg: self._spawn(self._stream(proto, leg, client_id, w.identity, peer))
+        )
+        self.connections.add(proto)
+        proto.connection_made(tls)
+
+    def _closed(self, proto: HboneProtocol, exc: BaseException | None) -> None:
+        self.connections.discard(proto)
+
+    async def _stream(
+        self,
+        conn: HboneProtocol,
+        leg: StreamLeg,
+        client_id: str,
+        served: str,
+        peer: tuple[str, int] | None,
+    ) -> None:
+        snapshot = self.store.current
+        result = ConnectionResult("inbound", security="mutual_tls")
+        result.hbone_target = leg.authority
+        peer_ip = str(peer[0]) if peer else ""
+        src_ip = core.parse_forwarded_for(leg.headers.get("forwarded", "")) or peer_ip
+        src_w = snapshot.by_ip.get(src_ip)
+        result.src = peer_of(src_w, src_ip)
+        result.src.principal = client_id
+        decision = decide(leg.authority, snapshot, self.node, served)
+        if isinstance(decision, Refuse):
+            result.dst = Peer(address=leg.authority)
+            _log.info("hbone CONNECT refused", authority=leg.authority, status=decision.status,
+                      reason=decision.reason, client=client_id)
+            conn.respond(leg, decision.status)
+            result.close(decision.reason, "NR")
+            return
+        result.dst = peer_of(decision.destination, leg.authority)
+        verdict = self.authorizer(
+            Connection(src_ip, decision.address[0], decision.address[1], decision.destination,
+                       client_id, 0),
+            snapshot,
+        )
+        if not verdict.allowed:
+            conn.respond(leg, core.UNAUTHORIZED)
+            result.close(f"denied: {verdict.reason}", "DENY")
+            return
+        self.upstream_attempts += 1
+        try:
+            sock = await connect(self.upstream, decision.address, self.config.connect_timeout_s)
+        except UpstreamError as exc:
+            conn.respond(leg, core.SERVICE_UNAVAILABLE)
+            result.close(str(exc), "UF")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await loop.create_connection(TcpLeg, sock=sock)
+        except OSError as exc:
+            if sock.fileno() != -1:
+                sock.close()
+            conn.respond(leg, core.SERVICE_UNAVAILABLE)
+            result.close(str(exc), "UF")
+            return
+        if leg.done or conn.lost:
+            upstream.reset()
+            result.close("client went away during setup", "DC")
+            return
+        conn.respond(leg, core.OK)
+        leg.attach(upstream)
+        relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
+        if not relay.finished:
+            self.relays.add(relay)

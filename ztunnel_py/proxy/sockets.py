@@ -1,0 +1,93 @@
+"""Socket seams: where the data path gets its listening and upstream sockets.
+
+The eBPF capture (``ztunnel_py.redirect.sockets``) supplies IP_TRANSPARENT
+listeners (``getsockname()`` of an accepted socket is then the original
+destination) and marked upstream sockets (so the agent's own traffic is never
+captured). The defaults here are plain sockets, for tests and ``capture=none``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+ListenerFactory = Callable[[str, int], socket.socket]
+UpstreamFactory = Callable[[int], socket.socket]  # address family -> unconnected socket
+OriginalDst = Callable[[socket.socket], tuple[str, int]]
+
+
+class UpstreamError(OSError):
+    """Connecting to an upstream failed; the message says where and the likely cause."""
+
+
+def plain_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def plain_upstream(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def marked_upstream(mark: int) -> UpstreamFactory:
+    """Upstream sockets carrying ``SO_MARK`` (needs CAP_NET_ADMIN)."""
+
+    def factory(family: int) -> socket.socket:
+        sock = plain_upstream(family)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return factory
+
+
+def sockname_original_dst(sock: socket.socket) -> tuple[str, int]:
+    """With ``bpf_sk_assign`` to a transparent listener, the local address is the original one."""
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+async def connect(
+    factory: UpstreamFactory, address: tuple[str, int], timeout: float  # noqa: ASYNC109
+) -> socket.socket:
+    """A connected non-blocking socket from ``factory``; closed on failure."""
+    loop = asyncio.get_running_loop()
+    sock = factory(family_of(address[0]))
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+    except TimeoutError:
+        sock.close()
+        raise UpstreamError(
+            f"connecting to {address[0]}:{address[1]} timed out after {timeout}s "
+            "(is a NetworkPolicy or firewall dropping it?)"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(
+            f"connecting to {address[0]}:{address[1]} failed: {exc.strerror or exc}"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
