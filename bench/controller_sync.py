@@ -199,9 +199,17 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         v1 = latest.version
         fleet = Agents(controller.grpc_port, agents, args.procs)
         await fleet.start()
-        sent0 = controller.service.bytes_sent
+        sent0, updates0 = controller.service.bytes_sent, controller.service.updates_sent
         t0 = fleet.go()
+
+        async def handed_out() -> float:
+            while controller.service.updates_sent - updates0 < agents:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            return time.time() - t0
+
+        fan_out = asyncio.create_task(handed_out())
         full_sync = await fleet.all_at(v1) - t0
+        fan_out_s = await fan_out
         full_bytes = (controller.service.bytes_sent - sent0) / agents
         rss_after_sync = rss_mib()
         latencies: list[float] = []
@@ -224,11 +232,14 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             # every agent got the delta once it is applied everywhere
             delta_bytes.append((controller.service.bytes_sent - sent) / agents)
         await fleet.stop()
+        print(f"  {agents} agent(s): pod change -> all agents, in order (ms): "
+              + " ".join(f"{x * 1e3:.0f}" for x in latencies), flush=True)
         lat = sorted(latencies)
         return {
             "agents": agents,
             "first_model_s": first_model_s,
             "full_sync_s": full_sync,
+            "fan_out_s": fan_out_s,
             "full_bytes_per_agent": full_bytes,
             "p50_ms": statistics.median(lat) * 1e3 if lat else float("nan"),
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else float("nan"),
@@ -323,6 +334,7 @@ def table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'':28}" + "".join(f"{r['agents']:>12} agent(s)" for r in rows) + "   ratio")
     for key, label, fmt in [
         ("full_sync_s", "time to first full sync (s)", "{:.2f}"),
+        ("fan_out_s", "  controller sent them all (s)", "{:.2f}"),
         ("p50_ms", "one pod change, p50 (ms)", "{:.0f}"),
         ("p99_ms", "one pod change, p99 (ms)", "{:.0f}"),
         ("publish_p50_ms", "  of which change->published", "{:.0f}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -142,23 +143,25 @@ class Snapshot:
         return self.by_vip_port.get((ip, port))
 
 
-_settled = 0
+_last_full_collection = time.monotonic()
 
 
-def settle_heap(full_every: int = 256) -> None:
+def settle_heap(full_every_s: float = 600.0) -> None:
     """Move the live object graph out of the cyclic garbage collector's way.
 
     A mesh of ten thousand workloads is a million long-lived Python objects; a
     full (generation 2) collection walks all of them and stalls the event loop
     for a few hundred milliseconds at random. Processes that hold snapshots call
     this after swapping one in: ``gc.freeze()`` parks what is alive now in the
-    permanent generation (reference counting still frees it), so collections
-    only walk what is new. Every ``full_every`` calls, one real full collection
-    reclaims any reference cycles that were parked.
+    permanent generation (reference counting still frees it: the model is
+    acyclic), so collections only walk what is new. At most every
+    ``full_every_s`` seconds one real full collection reclaims any reference
+    cycles that were parked (a bounded, rare pause instead of frequent ones).
     """
-    global _settled
-    _settled += 1
-    if _settled % full_every == 0:
+    global _last_full_collection
+    now = time.monotonic()
+    if now - _last_full_collection >= full_every_s:
+        _last_full_collection = now
         gc.unfreeze()
         gc.collect()
     gc.freeze()
