@@ -49,6 +49,7 @@ class Issue(NamedTuple):
 
 
 _BAD: Any = object()  # a value that failed to decode (its issues are already recorded)
+_MISSING: Any = object()
 
 Decoder = Callable[[Any, str, list[Issue]], Any]
 Encoder = Callable[[Any], Any]
@@ -274,50 +275,70 @@ class Schema:
         return dec_union
 
     def _compile_dataclass(self, cls: type) -> Decoder:
-        """The hot path: a field table built once; any problem reruns the careful
-        ``_decode_dataclass`` for its messages and hints."""
-        table: tuple[dict[str, tuple[str, Decoder, type | None]], tuple[str, ...],
-                     dict[str, Any]] | None = None
-        # Frozen dataclasses without __post_init__ are built by filling __dict__ (what
-        # __init__ would do, minus one object.__setattr__ per field); defaults are
-        # immutable (None, (), an empty FrozenMap), so sharing them is safe.
-        direct = "__post_init__" not in vars(cls) and "__slots__" not in vars(cls)
+        """The hot path, generated once per class (straight-line code, one dict lookup
+        per field); any problem reruns the careful ``_decode_dataclass`` for its
+        messages, paths and hints.
 
-        def dec_dataclass(raw: Any, path: str, issues: list[Issue]) -> Any:
-            nonlocal table
-            if table is None:  # compiled lazily: model types refer to each other
-                fields = self.fields(cls)
-                table = ({f.wire: (f.name, self.decoder(f.typ),
-                                   f.typ if f.typ in (str, bool) else None) for f in fields},
-                         tuple(f.name for f in fields if f.required),
-                         {f.name: f.default for f in fields if not f.required})
-            by_wire, required, defaults = table
-            if isinstance(raw, Mapping):
-                mark = len(issues)
-                kwargs: dict[str, Any] = dict(defaults) if direct else {}
-                for key, value in raw.items():
-                    entry = by_wire.get(key)
-                    if entry is None:
-                        break
-                    if type(value) is entry[2]:  # a plain str or bool field: nothing to convert
-                        kwargs[entry[0]] = value
-                        continue
-                    # no path formatting here: a failure reruns the careful decoder below
-                    decoded = entry[1](value, path, issues)
-                    if decoded is _BAD:
-                        break
-                    kwargs[entry[0]] = decoded
-                else:
-                    if all(name in kwargs for name in required):
-                        if not direct:
-                            return cls(**kwargs)
-                        obj: Any = object.__new__(cls)
-                        obj.__dict__.update(kwargs)
-                        return obj
-                del issues[mark:]
+        Frozen dataclasses without ``__post_init__`` are built by filling
+        ``__dict__`` (what ``__init__`` does, minus one ``object.__setattr__`` per
+        field); defaults are immutable (None, (), an empty FrozenMap), so sharing
+        them is safe.
+        """
+        compiled: Decoder | None = None
+
+        def careful(raw: Any, path: str, issues: list[Issue]) -> Any:
             return self._decode_dataclass(cls, raw, path, issues, {})
 
+        def dec_dataclass(raw: Any, path: str, issues: list[Issue]) -> Any:
+            nonlocal compiled
+            if compiled is None:  # generated lazily: model types refer to each other
+                compiled = self._generate(cls, careful)
+            return compiled(raw, path, issues)
+
         return dec_dataclass
+
+    def _generate(self, cls: type, careful: Decoder) -> Decoder:
+        direct = "__post_init__" not in vars(cls) and "__slots__" not in vars(cls)
+        env: dict[str, Any] = {"MISSING": _MISSING, "BAD": _BAD, "careful": careful,
+                               "cls": cls, "new": object.__new__}
+        lines = ["def dec(raw, path, issues):",
+                 "    if type(raw) is not dict:",
+                 "        return careful(raw, path, issues)",
+                 "    mark = len(issues)",
+                 "    found = 0",
+                 "    out = {}"]
+        for i, f in enumerate(self.fields(cls)):
+            env[f"dec_{i}"] = self.decoder(f.typ)
+            env[f"default_{i}"] = f.default
+            plain = f.typ if f.typ in (str, bool) else None
+            env[f"plain_{i}"] = plain
+            lines += [f"    v = raw.get({f.wire!r}, MISSING)",
+                      "    if v is MISSING:"]
+            if f.required:
+                lines.append("        return careful(raw, path, issues)")
+            else:
+                lines.append(f"        out[{f.name!r}] = default_{i}")
+            lines.append("    else:")
+            lines.append("        found += 1")
+            decode = [f"v = dec_{i}(v, path, issues)",
+                      "if v is BAD:",
+                      "    del issues[mark:]",
+                      "    return careful(raw, path, issues)"]
+            if plain is not None:
+                lines.append(f"        if type(v) is not plain_{i}:")
+                lines += ["            " + line for line in decode]
+            else:
+                lines += ["        " + line for line in decode]
+            lines.append(f"        out[{f.name!r}] = v")
+        lines += ["    if found != len(raw):  # an unknown field",
+                  "        del issues[mark:]",
+                  "        return careful(raw, path, issues)"]
+        if direct:
+            lines += ["    obj = new(cls)", "    obj.__dict__.update(out)", "    return obj"]
+        else:
+            lines.append("    return cls(**out)")
+        exec(compile("\n".join(lines), f"<codec decoder for {cls.__name__}>", "exec"), env)  # noqa: S102 - our own generated code
+        return env["dec"]  # type: ignore[no-any-return]
 
     def _decode_dataclass(
         self, cls: type, raw: Any, path: str, issues: list[Issue], given: Mapping[str, Any]
