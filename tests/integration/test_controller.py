@@ -388,3 +388,35 @@ async def test_refused_update_is_nacked_and_never_replaces_good_state(mesh: Mesh
     for a in agents:
         await eventually(lambda a=a: _has_pods(a, {"web-1", "web-2", "db-1"}))
     await eventually(lambda: all_acked(mesh))
+
+
+async def test_admin_server_is_loopback_only_read_only_json() -> None:
+    from ztunnel_py.telemetry.admin import AdminError
+
+    with pytest.raises(AdminError, match="not loopback"):
+        AdminServer("0.0.0.0", 0)
+    admin = AdminServer("127.0.0.1", 0)
+    admin.route("/x", lambda: {"ok": True})
+
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    admin.route("/boom", boom)
+    await admin.start()
+    try:
+        assert await get_json("127.0.0.1", admin.port, "/x?verbose=1") == {"ok": True}
+        assert "/x" in (await get_json("127.0.0.1", admin.port, "/"))["routes"]
+        with pytest.raises(AdminError, match="HTTP 404"):
+            await get_json("127.0.0.1", admin.port, "/nope")
+        with pytest.raises(AdminError, match=r"HTTP 500(?s:.*)kaput"):
+            await get_json("127.0.0.1", admin.port, "/boom")
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            reply = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert reply.startswith(b"HTTP/1.1 405")
+    finally:
+        await admin.close()
