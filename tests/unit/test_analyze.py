@@ -72,9 +72,13 @@ spec:
 
 
 def test_warnings_only_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write(tmp_path, "a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    write(tmp_path, "a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
+          "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: d}\n"
+          "spec: {nodeName: n1}\n")
     assert main(["analyze", str(tmp_path)]) == 0
-    assert "Warning [a.yaml#doc1] ConfigMap" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Warning [a.yaml#doc2] Pod d/p status.podIP: pod has no IP address yet" in out
+    assert "ConfigMap" not in out
 
 
 def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

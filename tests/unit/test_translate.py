@@ -523,9 +523,17 @@ def test_bad_object_dropped_rest_applies() -> None:
     assert len(errors(t)) == 1
 
 
-def test_ignored_kind_is_a_warning() -> None:
-    t = run({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}})
-    assert [p.severity for p in t.problems] == ["warning"]
+def test_unsupported_istio_kind_is_a_warning() -> None:
+    t = run({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"name": "ext", "namespace": "demo"}})
+    assert [(p.severity, p.kind, p.name) for p in t.problems] == [
+        ("warning", "ServiceEntry", "demo/ext")]
+
+
+def test_ordinary_kubernetes_kinds_are_ignored_silently() -> None:
+    t = run({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}},
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    assert t.problems == [] and t.snapshot == run().snapshot
 
 
 def test_duplicate_object_is_rejected() -> None:

@@ -119,11 +119,25 @@ KNOWN_KINDS: dict[str, tuple[str, ...]] = {
     "PeerAuthentication": _ISTIO_SECURITY,
     "HTTPRoute": _GATEWAY_API,
 }
-# Ordinary Kubernetes kinds that carry nothing the mesh needs: ignored with a warning.
+# Ordinary Kubernetes kinds that carry nothing the mesh needs: silently ignored (as
+# istioctl analyze does), so that a directory can hold a whole application.
 IGNORED_KINDS = frozenset({
     "ConfigMap", "Secret", "Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job",
     "CronJob", "Endpoints", "Node", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-    "CustomResourceDefinition", "GatewayClass", "NetworkPolicy", "Ingress",
+    "CustomResourceDefinition", "GatewayClass", "NetworkPolicy", "Ingress", "PersistentVolume",
+    "PersistentVolumeClaim", "StorageClass", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+    "ReferenceGrant",
+})
+# Istio / Gateway API kinds that ztunnel-py does not implement: ignored with a warning,
+# since the user expects them to have an effect.
+UNSUPPORTED_KINDS = frozenset({
+    "ServiceEntry", "WorkloadEntry", "WorkloadGroup", "Sidecar", "EnvoyFilter", "Telemetry",
+    "RequestAuthentication", "ProxyConfig", "WasmPlugin", "GRPCRoute", "TCPRoute", "TLSRoute",
+    "UDPRoute",
+})
+CLUSTER_SCOPED = frozenset({
+    "Namespace", "Node", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+    "GatewayClass", "PersistentVolume", "StorageClass",
 })
 
 _YAML = Schema(camel_case=True)
@@ -475,7 +489,7 @@ def _object_id(body: Any) -> ObjectId:
     meta = body.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     kind, name = str(body.get("kind", "")), str(meta.get("name", ""))
-    if kind == "Namespace":
+    if kind in CLUSTER_SCOPED:
         return (kind, name)
     return (kind, f"{meta.get('namespace') or 'default'}/{name}")
 
@@ -511,12 +525,14 @@ def _parse_object(obj: KubeObject) -> _One:
     meta = body.get("metadata")
     name = meta.get("name") if isinstance(meta, Mapping) else None
     namespace = (meta.get("namespace") if isinstance(meta, Mapping) else None) or "default"
-    display = f"{namespace}/{name}" if kind != "Namespace" and name else str(name or "")
+    display = f"{namespace}/{name}" if kind not in CLUSTER_SCOPED and name else str(name or "")
     if kind not in KNOWN_KINDS:
-        if kind in IGNORED_KINDS:
+        if kind in IGNORED_KINDS:  # ordinary Kubernetes objects: nothing to say
+            return _One((), None, None, "", None)
+        if kind in UNSUPPORTED_KINDS:
             problems.append(Problem(obj.origin, kind, display, "kind",
-                                    f"{kind} carries nothing the mesh reads; ignored",
-                                    severity="warning"))
+                                    f"{kind} is not supported by ztunnel-py; ignored",
+                                    "see the supported kinds in the README", "warning"))
             return _One(tuple(problems), None, None, "", None)
         close = difflib.get_close_matches(kind, list(KNOWN_KINDS), n=1)
         problems.append(Problem(obj.origin, kind, display, "kind", f"unknown kind {kind!r}",
