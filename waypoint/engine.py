@@ -305,7 +305,10 @@ def _redirect(req: Request, rd: r.HTTPRedirect, route: str) -> Respond:
     if port is None and rd.derive_port == "FROM_REQUEST_PORT":
         port = req.port
     default = {"http": 80, "https": 443}.get(scheme)
-    authority = host if port is None or port == default else f"{host}:{port}"
+    if rd.authority is None and port is None and rd.scheme is None:
+        authority = req.authority  # Envoy keeps the original Host, port included
+    else:
+        authority = host if port is None or port == default else f"{host}:{port}"
     path = rd.uri if rd.uri is not None else req.path_only
     query = f"?{req.query}" if req.query and rd.uri is None else ""
     location = f"{scheme}://{authority}{path}{query}"

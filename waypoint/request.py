@@ -90,6 +90,8 @@ class Request:
     scheme: str = "http"
     source: Peer = field(default_factory=Peer)
     grpc: bool = False
+    dst: str = ""  # the address the client dialled (a service VIP or a pod IP)
+    http2: bool = False
 
     def header(self, name: str) -> str | None:
         return header(self.headers, name)
@@ -124,3 +126,15 @@ class Response:
     @property
     def grpc_status(self) -> str | None:
         return header(self.trailers, "grpc-status") or header(self.headers, "grpc-status")
+
+
+class UpstreamError(Exception):
+    """A try towards an endpoint failed before a complete response.
+
+    ``kind`` is the retry condition it maps to: ``connect-failure``, ``reset`` or
+    ``refused-stream``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -315,7 +315,8 @@ class RouteTable:
             p for p in snapshot.authorization_policies if _targets_waypoint(p, namespace, name)
         )
         return RouteTable(
-            namespace, name, snapshot, FrozenMap(by_host), FrozenMap(drs), policies,
+            namespace, name, snapshot, FrozenMap[str, ServiceRoutes](by_host),
+            FrozenMap[str, r.DestinationRule](drs), policies,
             tuple(problems),
         )
 
@@ -323,13 +324,14 @@ class RouteTable:
         return self.snapshot.service_for(ip, port)
 
     def routes_for(self, service: Service, port: int) -> ServiceRoutes:
-        found = self.by_host.get(service.hostname)
+        found: ServiceRoutes | None = self.by_host.get(service.hostname)
         if found is None or (found.ports and port not in found.ports):
             return ServiceRoutes(service, ())
         return found
 
     def destination_rule(self, host: str) -> r.DestinationRule | None:
-        return self.destination_rules.get(host)
+        dr: r.DestinationRule | None = self.destination_rules.get(host)
+        return dr
 
     def service(self, host: str) -> Service | None:
         sr = self.by_host.get(host)

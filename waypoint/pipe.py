@@ -1,0 +1,187 @@
+"""Byte pipes: the one seam between the HTTP codecs and the transports under them.
+
+The waypoint speaks HTTP over two kinds of byte stream: a TCP connection
+(tests, benchmarks, plaintext upstreams) and an HBONE stream (the mesh). Both
+are wrapped as a ``Pipe`` (write / write_eof / close / abort) that delivers
+what it reads to a ``Sink`` (on_data / on_eof / on_lost). The HTTP/1.1 and
+HTTP/2 codecs are written against these two small interfaces only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol, cast
+
+from ztunnel_py.hbone.aio import Leg, StreamLeg
+
+
+class Sink(Protocol):
+    def on_data(self, data: bytes) -> None: ...
+
+    def on_eof(self) -> None: ...
+
+    def on_lost(self, exc: BaseException | None) -> None: ...
+
+
+class Pipe(Protocol):
+    closed: bool
+
+    def set_sink(self, sink: Sink) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def peer_address(self) -> tuple[str, int] | None: ...
+
+
+class _Buffering:
+    """Holds what arrives before a sink is attached."""
+
+    def __init__(self) -> None:
+        self.sink: Sink | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._early_lost: tuple[BaseException | None] | None = None
+        self.closed = False
+
+    def set_sink(self, sink: Sink) -> None:
+        self.sink = sink
+        early, self._early = self._early, []
+        for chunk in early:
+            sink.on_data(chunk)
+        if self._early_eof:
+            sink.on_eof()
+        if self._early_lost is not None:
+            sink.on_lost(self._early_lost[0])
+
+    def _data(self, data: bytes) -> None:
+        if self.sink is None:
+            self._early.append(data)
+        else:
+            self.sink.on_data(data)
+
+    def _eof(self) -> None:
+        if self.sink is None:
+            self._early_eof = True
+        else:
+            self.sink.on_eof()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self.closed and self._early_lost is not None:
+            return
+        self.closed = True
+        if self.sink is None:
+            self._early_lost = (exc,)
+        else:
+            self.sink.on_lost(exc)
+
+
+class TcpPipe(_Buffering, asyncio.Protocol):
+    """A TCP connection (``loop.create_connection(TcpPipe, ...)`` or a server factory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: asyncio.Transport | None = None
+        self.on_connected: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._data(data)
+
+    def eof_received(self) -> bool:
+        self._eof()
+        return True  # keep the write side open until the codec closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def peer_address(self) -> tuple[str, int] | None:
+        if self.transport is None:
+            return None
+        p = self.transport.get_extra_info("peername")
+        return (str(p[0]), int(p[1])) if p else None
+
+
+class StreamPipe(_Buffering, Leg):
+    """An HBONE stream (``ztunnel_py.hbone.aio.StreamLeg``) as a pipe.
+
+    The stream leg calls ``send`` / ``send_eof`` / ``reset`` on its peer with what
+    it reads; we are that peer. Writes go to the stream leg.
+    """
+
+    def __init__(self, leg: StreamLeg, peer_addr: tuple[str, int] | None = None) -> None:
+        _Buffering.__init__(self)
+        Leg.__init__(self)
+        self.leg = leg
+        self._peer_addr = peer_addr
+        self._source_paused = False
+        leg.on_done = self._leg_done
+        leg.attach(self)
+
+    # Leg interface: called by the stream leg with what it read.
+    def send(self, data: bytes) -> None:
+        self._data(data)
+
+    def send_eof(self) -> None:
+        self._eof()
+
+    def reset(self) -> None:
+        self._lost(ConnectionResetError("HBONE stream reset"))
+
+    def pause_source(self) -> None:
+        self._source_paused = True
+
+    def resume_source(self) -> None:
+        self._source_paused = False
+
+    def _leg_done(self, _leg: Leg) -> None:
+        self._lost(None)
+
+    # Pipe interface.
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.leg.send(data)
+
+    def write_eof(self) -> None:
+        if not self.closed:
+            self.leg.send_eof()
+
+    def close(self) -> None:
+        if not self.leg.done:
+            self.leg.send_eof()
+            if not self.leg.read_done:
+                self.leg.reset()
+        self._lost(None)
+
+    def abort(self) -> None:
+        if not self.leg.done:
+            self.leg.reset()
+        self._lost(None)
+
+    def peer_address(self) -> tuple[str, int] | None:
+        return self._peer_addr

@@ -1,0 +1,400 @@
+"""The waypoint's request path: resolve, authorize, decide, forward, record.
+
+``WaypointProxy.handle`` is what the HTTP/1.1 and HTTP/2 servers call for every
+request. The decisions are the pure functions of ``engine``, ``authz`` and
+``cluster``; this module does the I/O they ask for: the fault delay, the tries
+(each within ``perTryTimeout``, the whole within the route ``timeout``, with
+jittered backoff between them), connection-pool admission, outlier
+bookkeeping, fire-and-forget mirrors, and one telemetry record per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import h11
+
+from waypoint import authz, engine
+from waypoint.cluster import (
+    Cluster,
+    EndpointRef,
+    Overflow,
+    UnknownSubset,
+    effective_policy,
+    endpoints_for,
+)
+from waypoint.engine import Forward, Outcome, Respond, Target
+from waypoint.http1 import H1Server
+from waypoint.request import Headers, Request, Response, UpstreamError, set_header
+from waypoint.routes import RouteTable, ServiceRoutes, qualify
+from waypoint.telemetry import RequestRecord, WaypointMetrics, next_traceparent
+from waypoint.upstream import Upstreams
+from ztunnel_py import log
+from ztunnel_py.state.model import Service
+from ztunnel_py.state.snapshot import Snapshot, StateStore
+
+_log = log.get("waypoint")
+
+MAX_MIRRORS_IN_FLIGHT = 1024
+MIRROR_TIMEOUT_S = 30.0
+TEXT = (("content-type", "text/plain"),)
+
+
+@dataclass
+class _Result:
+    response: Response
+    flags: list[str]
+    endpoint: EndpointRef | None = None
+    attempts: int = 0
+
+
+def _flags(*parts: str) -> str:
+    out = [p for p in parts if p and p != "-"]
+    return ",".join(dict.fromkeys(out)) or "-"
+
+
+def _error_response(status: int, body: str) -> Response:
+    return Response(status, TEXT, body.encode())
+
+
+class WaypointProxy:
+    """Serves one waypoint (``namespace/name``) from the snapshots in ``store``."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        namespace: str,
+        name: str,
+        upstreams: Upstreams,
+        *,
+        metrics: WaypointMetrics | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        own_workloads: frozenset[str] = frozenset(),
+        security: str = "mutual_tls",
+    ) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.name = name
+        self.upstreams = upstreams
+        self.metrics = metrics or WaypointMetrics()
+        self.rng = rng or random.Random()  # noqa: S311 - load balancing, not secrets
+        self.clock = clock
+        self.own_workloads = own_workloads
+        self.security = security
+        self.table = RouteTable.build(store.current, namespace, name)
+        self.clusters: dict[tuple[str, str | None, int, bool], Cluster] = {}
+        self.mirror_tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        store.subscribe(self._swapped)
+
+    def _swapped(self, _old: Snapshot, new: Snapshot) -> None:
+        self.table = RouteTable.build(new, self.namespace, self.name)
+        for p in self.table.problems:
+            _log.warning("routing problem", problem=p)
+
+    def spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- resolving the destination --
+
+    def resolve(self, req: Request) -> tuple[Service | None, Request]:
+        """The service a request is for: by the address dialled (a VIP), else by Host."""
+        table = self.table
+        svc = table.service_at(req.dst, req.port) if req.dst else None
+        if svc is not None:
+            return svc, req
+        host, _, port_text = req.authority.rpartition(":")
+        if not host or not port_text.isdigit():
+            host, port_text = req.authority, ""
+        host = host.lower()
+        svc = table.snapshot.by_vip.get(host) or table.service(qualify(host, self.namespace))
+        if svc is None:
+            return None, req
+        port = int(port_text) if port_text else 0
+        if svc.port(port) is None:
+            port = svc.ports[0].port if svc.ports else req.port
+        return svc, replace(req, port=port)
+
+    def cluster(self, target: Target, http2: bool) -> Cluster:
+        key = (target.host, target.subset, target.port, http2)
+        c = self.clusters.get(key)
+        if c is None:
+            c = self.clusters[key] = Cluster(
+                f"outbound|{target.port}|{target.subset or ''}|{target.host}",
+                rng=self.rng, clock=self.clock,
+            )
+        c.policy = effective_policy(self.table.destination_rule(target.host), target.subset,
+                                    target.port)
+        return c
+
+    def _endpoints(self, target: Target) -> tuple[Service | None, tuple[EndpointRef, ...]]:
+        svc = self.table.service(target.host)
+        if svc is None:
+            return None, ()
+        eps = endpoints_for(target, svc, self.table.destination_rule(target.host),
+                            self.table.snapshot, exclude=self.own_workloads)
+        return svc, eps
+
+    # -- the request path --
+
+    async def handle(self, req: Request, body: bytes) -> Response:
+        started = self.clock()
+        rec = RequestRecord(
+            method=req.method, path=req.path, authority=req.authority,
+            protocol="grpc" if req.grpc else "http", source=req.source,
+            request_bytes=len(body), security=self.security,
+        )
+        try:
+            result = await self._handle(req, body, rec)
+        except asyncio.CancelledError:
+            rec.status, rec.flags = 499, "DC"
+            rec.duration_ms = (self.clock() - started) * 1000.0
+            self.metrics.record(rec)
+            raise
+        resp = result.response
+        rec.status = resp.status
+        rec.grpc_status = resp.grpc_status or ""
+        rec.flags = _flags(*result.flags)
+        rec.response_bytes = len(resp.body)
+        rec.attempts = result.attempts
+        if result.endpoint is not None:
+            rec.upstream = result.endpoint.key
+            rec.destination = result.endpoint.workload
+        rec.duration_ms = (self.clock() - started) * 1000.0
+        self.metrics.record(rec)
+        return resp
+
+    def _prepare(self, req: Request, rec: RequestRecord) -> tuple[Request, _Result | Forward]:
+        svc, req = self.resolve(req)
+        if svc is None:
+            return req, _Result(_error_response(404, f"no service for {req.authority!r}"),
+                                ["NR"])
+        rec.destination_service = svc.hostname
+        verdict = authz.evaluate(self.table.policies_for(svc), req)
+        if not verdict.allowed:
+            _log.debug("request denied", reason=verdict.reason, path=req.path)
+            return req, _Result(Response(403, TEXT, authz.DENIED_BODY), ["-"])
+        tp = next_traceparent(req.header("traceparent"), self.rng)
+        rec.traceparent = tp
+        headers: Headers = set_header(req.headers, "traceparent", tp)
+        if req.header("x-request-id") is None:
+            headers = (*headers, ("x-request-id", str(uuid.UUID(int=self.rng.getrandbits(128)))))
+        req = req.with_headers(headers)
+        routes: ServiceRoutes = self.table.routes_for(svc, req.port)
+        decision = engine.decide(req, routes, self.rng)
+        rec.route = decision.route
+        if isinstance(decision, Respond):
+            return req, _Result(self._respond(decision, req), [decision.flags])
+        return req, decision
+
+    async def _handle(self, req: Request, body: bytes, rec: RequestRecord) -> _Result:
+        req, planned = self._prepare(req, rec)
+        if isinstance(planned, _Result):
+            return planned
+        d = planned
+        if d.mirrors:
+            rec.mirrored_to = tuple(t.host for t in d.mirrors)
+            for t in d.mirrors:
+                self._mirror(t, d.request, body)
+        try:
+            if d.timeout_s:
+                result = await asyncio.wait_for(self._tries(d, body), d.timeout_s)
+            else:
+                result = await self._tries(d, body)
+        except TimeoutError:
+            return _Result(_error_response(504, "upstream request timeout"), [d.flags, "UT"])
+        result.flags.insert(0, d.flags)
+        result.response = self._response_ops(result.response, d)
+        return result
+
+    def _respond(self, d: Respond, req: Request) -> Response:
+        if d.grpc_status is not None:
+            return Response(200, (("content-type", "application/grpc"),
+                                  ("grpc-status", d.grpc_status),
+                                  ("grpc-message", "fault filter abort")))
+        return Response(d.status, d.headers, d.body)
+
+    def _response_ops(self, resp: Response, d: Forward) -> Response:
+        headers = resp.headers
+        for ops in d.response_ops:
+            headers = engine.apply_header_ops(headers, ops)
+        resp.headers = headers
+        return resp
+
+    async def _tries(self, d: Forward, body: bytes) -> _Result:
+        if d.delay_s:
+            await asyncio.sleep(d.delay_s)
+        http2 = d.request.http2
+        try:
+            svc, eps = self._endpoints(d.target)
+        except UnknownSubset as exc:
+            return _Result(_error_response(503, str(exc)), ["NC"])
+        if svc is None:
+            return _Result(_error_response(503, f"no service {d.target.host}"), ["NC"])
+        cluster = self.cluster(d.target, http2)
+        limits = cluster.limits(http2)
+        retry = d.retry
+        tries = 1 + (retry.attempts if retry is not None else 0)
+        req = d.request
+        resp: Response | None = None
+        error: UpstreamError | None = None
+        timed_out = False
+        outcome = Outcome()
+        ep: EndpointRef | None = None
+        attempt = 0
+        while attempt < tries:
+            attempt += 1
+            if attempt > 1:
+                assert retry is not None
+                if not cluster.gate.retry_allowed(limits):
+                    break
+                cluster.gate.retries += 1
+            try:
+                if attempt > 1 and retry is not None:
+                    await asyncio.sleep(retry.backoff(attempt - 1, self.rng))
+                ep = cluster.pick(eps, req)
+                if ep is None:
+                    return _Result(_error_response(503, "no healthy upstream"), ["UH"],
+                                   attempts=attempt)
+                try:
+                    await cluster.gate.acquire(limits)
+                except Overflow:
+                    return _Result(
+                        _error_response(503, "upstream connect error or disconnect/reset "
+                                        "before headers. reset reason: overflow"),
+                        ["UO"], ep, attempt)
+                cluster.begin(ep)
+                resp, error, timed_out = None, None, False
+                try:
+                    call = self.upstreams.exchange(
+                        ep, req, body, connect_timeout_s=limits.connect_timeout_s,
+                        max_requests_per_connection=limits.max_requests_per_connection)
+                    per_try = retry.per_try_timeout_s if retry is not None else None
+                    resp = await (asyncio.wait_for(call, per_try) if per_try else call)
+                    outcome = Outcome(resp.status, resp.grpc_status)
+                    cluster.record(ep, resp.status, eps)
+                except UpstreamError as exc:
+                    error = exc
+                    outcome = Outcome(error=exc.kind)
+                    cluster.record(ep, None, eps)
+                except TimeoutError:
+                    timed_out = True
+                    outcome = Outcome(error="timeout")
+                    cluster.record(ep, 504, eps)
+                finally:
+                    cluster.end(ep)
+                    cluster.gate.release()
+            finally:
+                if attempt > 1:
+                    cluster.gate.retries -= 1
+            if retry is None or not engine.should_retry(retry, outcome):
+                break
+        flags: list[str] = []
+        retried_out = attempt > 1 and retry is not None and engine.should_retry(retry, outcome)
+        if retried_out:
+            flags.append("URX")
+        if resp is not None:
+            return _Result(resp, flags, ep, attempt)
+        if timed_out:
+            return _Result(_error_response(504, "upstream request timeout"), [*flags, "UT"], ep,
+                           attempt)
+        assert error is not None
+        flag = "UF" if error.kind == "connect-failure" else "UC"
+        reason = "connection failure" if flag == "UF" else "connection termination"
+        return _Result(
+            _error_response(503, "upstream connect error or disconnect/reset before headers. "
+                            f"reset reason: {reason}"), [*flags, flag], ep, attempt)
+
+    # -- mirroring --
+
+    def _mirror(self, target: Target, req: Request, body: bytes) -> None:
+        if len(self.mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror_one(target, req, body))
+        self.mirror_tasks.add(task)
+        task.add_done_callback(self.mirror_tasks.discard)
+
+    async def _mirror_one(self, target: Target, req: Request, body: bytes) -> None:
+        try:
+            _, eps = self._endpoints(target)
+        except UnknownSubset as exc:
+            _log.info("mirror skipped", error=str(exc))
+            return
+        cluster = self.cluster(target, req.http2)
+        ep = cluster.pick(eps, req)
+        if ep is None:
+            return
+        shadow = replace(req, authority=engine.shadow_authority(req.authority))
+        try:
+            await asyncio.wait_for(self.upstreams.exchange(ep, shadow, body), MIRROR_TIMEOUT_S)
+        except (UpstreamError, TimeoutError) as exc:
+            _log.debug("mirror failed", endpoint=ep.key, error=str(exc))
+
+    # -- WebSocket and other upgrades --
+
+    async def upgrade(self, req: Request, server: H1Server) -> None:
+        started = self.clock()
+        rec = RequestRecord(method=req.method, path=req.path, authority=req.authority,
+                            source=req.source, security=self.security)
+        req, planned = self._prepare(req, rec)
+        if isinstance(planned, _Result):
+            server.respond(planned.response)
+            rec.status, rec.flags = planned.response.status, _flags(*planned.flags)
+            self.metrics.record(rec)
+            return
+        d = planned
+        try:
+            svc, eps = self._endpoints(d.target)
+        except UnknownSubset:
+            svc, eps = None, ()
+        cluster = self.cluster(d.target, False)
+        ep = cluster.pick(eps, req) if svc is not None else None
+        if ep is None:
+            server.respond(_error_response(503, "no healthy upstream"))
+            return
+        try:
+            client = await self.upstreams.raw(ep)
+            head, resp_body, trailing = await asyncio.wait_for(
+                client.upgrade(d.request), d.timeout_s or 30.0)
+        except (UpstreamError, TimeoutError) as exc:
+            server.respond(_error_response(503, f"upstream connect error: {exc}"))
+            return
+        rec.upstream, rec.destination = ep.key, ep.workload
+        rec.status = head.status_code
+        rec.destination_service = svc.hostname if svc else ""
+        if head.status_code != 101:
+            client.close()
+            server.respond(Response(head.status_code, tuple(
+                (k.decode().lower(), v.decode("latin-1")) for k, v in head.headers), resp_body))
+        else:
+            early = server.switch(h11.InformationalResponse(status_code=101, headers=head.headers))
+            server.raw = client.pipe.write
+            client.raw = server.pipe.write
+
+            def close_both() -> None:
+                client.close()
+                server.pipe.close()
+
+            server.raw_eof = close_both
+            client.raw_eof = close_both
+            if early:
+                client.pipe.write(early)
+            if trailing:
+                server.pipe.write(trailing)
+        rec.duration_ms = (self.clock() - started) * 1000.0
+        self.metrics.record(rec)
+
+    async def close(self) -> None:
+        for t in list(self.mirror_tasks) + list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.mirror_tasks, *self.tasks, return_exceptions=True)
+        self.upstreams.close()

@@ -1,0 +1,256 @@
+"""Request telemetry: Istio's HTTP metrics, one access-log line per request, traceparent.
+
+Metrics (in the waypoint's own ``CollectorRegistry``, with Istio's names and
+labels so that dashboards work, ``reporter="waypoint"``):
+
+* ``istio_requests_total`` (counter)
+* ``istio_request_duration_milliseconds`` (histogram, Istio's buckets)
+* ``istio_request_bytes`` / ``istio_response_bytes`` (histograms)
+
+Like the L4 metrics (``ztunnel_py.telemetry.metrics``) they are served by a
+custom collector: no ``_created`` series, nothing in the global registry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from waypoint.request import Peer
+from ztunnel_py import log
+from ztunnel_py.state.model import Workload
+from ztunnel_py.telemetry.metrics import DEFAULT_CLUSTER, UNKNOWN, _service_name_namespace
+
+HTTP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+
+# Istio's default buckets (stats filter).
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                       60000, 300000, 600000, 1800000, 3600000)
+BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+
+_access = log.get("waypoint.access")
+
+
+@dataclass
+class RequestRecord:
+    """Everything the metrics and the access log need about one finished request."""
+
+    method: str = ""
+    path: str = ""
+    authority: str = ""
+    protocol: str = "http"  # http | grpc
+    source: Peer = field(default_factory=Peer)
+    destination_service: str = ""
+    destination: Workload | None = None
+    upstream: str = ""  # ip:port of the endpoint that answered
+    route: str = ""
+    status: int = 0
+    grpc_status: str = ""
+    flags: str = "-"
+    request_bytes: int = 0
+    response_bytes: int = 0
+    duration_ms: float = 0.0
+    attempts: int = 0
+    traceparent: str = ""
+    mirrored_to: tuple[str, ...] = ()
+    security: str = "mutual_tls"
+
+
+def _v(value: str) -> str:
+    return value or UNKNOWN
+
+
+def labels_of(rec: RequestRecord, cluster: str = DEFAULT_CLUSTER) -> tuple[str, ...]:
+    src = rec.source.workload
+    dst = rec.destination
+    svc_name, svc_ns = (_service_name_namespace(rec.destination_service)
+                        if rec.destination_service else (UNKNOWN, UNKNOWN))
+    return (
+        "waypoint",
+        _v(src.name if src else ""),
+        _v(src.namespace if src else rec.source.namespace),
+        _v(rec.source.principal),
+        _v(src.canonical_name if src else ""),
+        _v(src.canonical_revision if src else ""),
+        _v(src.canonical_name if src else ""),
+        _v(src.canonical_revision if src else ""),
+        cluster,
+        _v(dst.name if dst else ""),
+        _v(dst.namespace if dst else ""),
+        _v(dst.identity if dst else ""),
+        _v(dst.canonical_name if dst else ""),
+        _v(dst.canonical_revision if dst else ""),
+        _v(rec.destination_service),
+        svc_name,
+        svc_ns,
+        _v(dst.canonical_name if dst else ""),
+        _v(dst.canonical_revision if dst else ""),
+        cluster,
+        rec.protocol,
+        str(rec.status),
+        rec.grpc_status or "-",
+        rec.flags or "-",
+        rec.security,
+    )
+
+
+class _Hist:
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self, n: int) -> None:
+        self.buckets = [0] * (n + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+        self.buckets[bisect.bisect_left(bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def family_buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        acc = 0
+        for bound, n in zip((*bounds, float("inf")), self.buckets, strict=True):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+        return out
+
+
+class HttpCollector(Collector):
+    def __init__(self, cluster: str = DEFAULT_CLUSTER) -> None:
+        self.cluster = cluster
+        self.requests: dict[tuple[str, ...], int] = {}
+        self.duration: dict[tuple[str, ...], _Hist] = {}
+        self.req_bytes: dict[tuple[str, ...], _Hist] = {}
+        self.resp_bytes: dict[tuple[str, ...], _Hist] = {}
+
+    def record(self, rec: RequestRecord) -> None:
+        key = labels_of(rec, self.cluster)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        for table, bounds, value in (
+            (self.duration, DURATION_BUCKETS_MS, rec.duration_ms),
+            (self.req_bytes, BYTES_BUCKETS, float(rec.request_bytes)),
+            (self.resp_bytes, BYTES_BUCKETS, float(rec.response_bytes)),
+        ):
+            h = table.get(key)
+            if h is None:
+                h = table[key] = _Hist(len(bounds))
+            h.observe(bounds, value)
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily("istio_requests", "Total requests", labels=HTTP_LABELS)
+        for key, n in self.requests.items():
+            c.add_metric(key, n)
+        yield c
+        for name, doc, table, bounds in (
+            ("istio_request_duration_milliseconds", "Request duration", self.duration,
+             DURATION_BUCKETS_MS),
+            ("istio_request_bytes", "Request body sizes", self.req_bytes, BYTES_BUCKETS),
+            ("istio_response_bytes", "Response body sizes", self.resp_bytes, BYTES_BUCKETS),
+        ):
+            h = HistogramMetricFamily(name, doc, labels=HTTP_LABELS)
+            for key, hist in table.items():
+                h.add_metric(list(key), hist.family_buckets(bounds), hist.sum)
+            yield h
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class WaypointMetrics:
+    """The waypoint's registry; ``record`` once per finished request."""
+
+    def __init__(self, cluster: str = DEFAULT_CLUSTER) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.http = HttpCollector(cluster)
+        self.registry.register(self.http)
+
+    def record(self, rec: RequestRecord) -> None:
+        self.http.record(rec)
+        access_log(rec)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def count(self, **labels: str) -> int:
+        """Requests whose labels include ``labels`` (tests, the admin page)."""
+        idx = {name: i for i, name in enumerate(HTTP_LABELS)}
+        return sum(n for key, n in self.http.requests.items()
+                   if all(key[idx[k]] == v for k, v in labels.items()))
+
+
+def access_log(rec: RequestRecord) -> None:
+    fields = {
+        "src.addr": rec.source.ip,
+        "src.workload": rec.source.workload.name if rec.source.workload else "",
+        "src.identity": rec.source.principal,
+        "method": rec.method,
+        "path": rec.path,
+        "authority": rec.authority,
+        "protocol": rec.protocol,
+        "dst.service": rec.destination_service,
+        "dst.addr": rec.upstream,
+        "dst.workload": rec.destination.name if rec.destination else "",
+        "route": rec.route,
+        "response_code": rec.status,
+        "grpc_status": rec.grpc_status,
+        "response_flags": rec.flags,
+        "bytes_recv": rec.request_bytes,
+        "bytes_sent": rec.response_bytes,
+        "duration_ms": round(rec.duration_ms, 3),
+        "attempts": rec.attempts,
+        "traceparent": rec.traceparent,
+        "mirrored_to": ",".join(rec.mirrored_to),
+    }
+    _access.info("request complete", **{k: v for k, v in fields.items() if v not in ("", 0)})
+
+
+# -- W3C trace context --------------------------------------------------------------------
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def next_traceparent(incoming: str | None, rng: random.Random) -> str:
+    """The ``traceparent`` for the next hop: the caller's trace id and flags with a new
+    span id (this hop), or a new sampled trace when the caller sent none (or a bad one)."""
+    span = f"{rng.getrandbits(64):016x}"
+    if span == "0" * 16:
+        span = "0" * 15 + "1"
+    m = _TRACEPARENT.match((incoming or "").strip().lower())
+    if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
+        return f"00-{m.group(2)}-{span}-{m.group(4)}"
+    trace = f"{rng.getrandbits(128):032x}"
+    return f"00-{trace}-{span}-01"

@@ -1,0 +1,120 @@
+"""Upstream connections: how the waypoint reaches an endpoint, and reuse of connections.
+
+``Connector`` is the seam: ``TcpConnector`` dials the endpoint directly (tests
+and benchmarks on loopback), ``waypoint.mesh.HboneConnector`` opens an HBONE
+stream to the endpoint's node. ``Upstreams`` keeps HTTP/1.1 connections idle
+per endpoint for keep-alive (at most ``maxRequestsPerConnection`` exchanges
+each) and one multiplexed HTTP/2 connection per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+from waypoint.cluster import EndpointRef
+from waypoint.http1 import H1Client
+from waypoint.http2 import H2Client
+from waypoint.pipe import Pipe, TcpPipe
+from waypoint.request import Request, Response, UpstreamError
+
+IDLE_PER_ENDPOINT = 64
+
+
+class Connector(Protocol):
+    async def connect(self, ep: EndpointRef, timeout_s: float) -> Pipe: ...
+
+
+class TcpConnector:
+    """Plain TCP to the endpoint (``resolve`` maps it elsewhere, e.g. loopback in tests)."""
+
+    def __init__(self, resolve: Callable[[EndpointRef], tuple[str, int]] | None = None) -> None:
+        self.resolve = resolve or (lambda ep: (ep.address, ep.port))
+        self.dials = 0
+
+    async def connect(self, ep: EndpointRef, timeout_s: float) -> Pipe:
+        host, port = self.resolve(ep)
+        loop = asyncio.get_running_loop()
+        self.dials += 1
+        try:
+            _, proto = await asyncio.wait_for(loop.create_connection(TcpPipe, host, port),
+                                              timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError("connect-failure",
+                                f"cannot connect to {ep.key} ({host}:{port}): {exc}") from exc
+        return proto
+
+
+class Upstreams:
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self._idle: dict[str, list[H1Client]] = {}
+        self._h2: dict[str, H2Client] = {}
+        self._h2_dialing: dict[str, asyncio.Lock] = {}
+        self._busy: set[H1Client] = set()
+
+    async def exchange(self, ep: EndpointRef, req: Request, body: bytes, *,
+                       connect_timeout_s: float = 10.0,
+                       max_requests_per_connection: int = 0) -> Response:
+        if req.http2:
+            return await self._h2_exchange(ep, req, body, connect_timeout_s)
+        client = self._idle_client(ep)
+        if client is None:
+            client = H1Client(await self.connector.connect(ep, connect_timeout_s))
+        self._busy.add(client)
+        ok = False
+        try:
+            resp = await client.request(req, body)
+            ok = True
+            return resp
+        finally:
+            self._busy.discard(client)
+            limit = max_requests_per_connection
+            if ok and client.recycle() and not (limit and client.requests >= limit):
+                idle = self._idle.setdefault(ep.key, [])
+                if len(idle) < IDLE_PER_ENDPOINT:
+                    idle.append(client)
+                else:
+                    client.close()
+            else:
+                client.close()
+
+    def _idle_client(self, ep: EndpointRef) -> H1Client | None:
+        idle = self._idle.get(ep.key)
+        while idle:
+            c = idle.pop()
+            if not c.closed:
+                return c
+        return None
+
+    async def _h2_exchange(self, ep: EndpointRef, req: Request, body: bytes,
+                           connect_timeout_s: float) -> Response:
+        client = self._h2.get(ep.key)
+        if client is None or not client.usable:
+            lock = self._h2_dialing.setdefault(ep.key, asyncio.Lock())
+            async with lock:
+                client = self._h2.get(ep.key)
+                if client is None or not client.usable:
+                    if client is not None:
+                        client.close()
+                    client = H2Client(await self.connector.connect(ep, connect_timeout_s))
+                    self._h2[ep.key] = client
+        return await client.request(req, body)
+
+    async def raw(self, ep: EndpointRef, connect_timeout_s: float = 10.0) -> H1Client:
+        """A fresh HTTP/1.1 connection for an Upgrade (never pooled)."""
+        return H1Client(await self.connector.connect(ep, connect_timeout_s))
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for c in idle:
+                c.close()
+        self._idle.clear()
+        for c in list(self._busy):
+            c.close()
+        for h in self._h2.values():
+            with contextlib.suppress(Exception):
+                h.close()
+        self._h2.clear()
