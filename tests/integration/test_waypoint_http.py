@@ -64,8 +64,8 @@ class Backend:
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._conn, host, port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -172,6 +172,7 @@ class Mesh:
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
         self.ips: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self.objects: list[dict[str, Any]] = []
         self.store = StateStore()
         self.metrics = WaypointMetrics()
@@ -184,8 +185,17 @@ class Mesh:
     def _resolve(self, ep: EndpointRef) -> tuple[str, int]:
         for name, ip in self.ips.items():
             if ip == ep.address:
+                if name in self.ports:
+                    return "127.0.0.1", self.ports[name]
                 return "127.0.0.1", self.backends[name].port
         return "127.0.0.1", 1  # nothing listens: connection refused
+
+    def external(self, name: str, labels: dict[str, str], port: int) -> None:
+        """A pod served by a server the test runs itself on 127.0.0.1:``port``."""
+        ip = f"10.1.0.{next(self._ip)}"
+        self.ips[name] = ip
+        self.ports[name] = port
+        self.objects.append(pod(name, ip, labels))
 
     async def add(self, name: str, labels: dict[str, str], behaviour: Behaviour = ok) -> Backend:
         b = Backend(name, behaviour)
