@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import h11
 
@@ -22,7 +22,10 @@ from waypoint.pipe import Pipe
 from waypoint.request import HOP_BY_HOP, Headers, Peer, Request, Response, UpstreamError, normalise
 from ztunnel_py import log
 
-_log = log.get("waypoint.http1")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("waypoint.http1")
 
 MAX_BODY = 16 << 20
 MAX_HEAD = 64 << 10
@@ -152,7 +155,7 @@ class H1Server:
         except asyncio.CancelledError:
             raise
         except Exception:
-            _log.exception("waypoint handler failed")
+            _log().exception("waypoint handler failed")
             resp = Response(500, (("content-type", "text/plain"),), b"internal error")
         self.respond(resp)
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -27,7 +28,10 @@ from waypoint.pipe import Pipe
 from waypoint.request import HOP_BY_HOP, Request, Response, UpstreamError, normalise
 from ztunnel_py import log
 
-_log = log.get("waypoint.http2")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("waypoint.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_BODY = 16 << 20
@@ -123,7 +127,7 @@ class H2Server:
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            _log.info("HTTP/2 protocol error from client", error=str(exc))
+            _log().info("HTTP/2 protocol error from client", error=str(exc))
             self.flush()
             self._close()
             return
@@ -197,7 +201,7 @@ class H2Server:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _log.exception("waypoint handler failed")
+                _log().exception("waypoint handler failed")
                 resp = Response(500, (("content-type", "text/plain"),), b"internal error")
             await self.respond(stream_id, resp)
         except (UpstreamError, h2.exceptions.H2Error):

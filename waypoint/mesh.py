@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ssl
 import typing
+from typing import Any
 
 from waypoint.cluster import EndpointRef
 from waypoint.http1 import ConnInfo
@@ -41,7 +42,10 @@ from ztunnel_py.identity.tls import ALPN_H2, peer_identity
 from ztunnel_py.proxy.pool import ConnectionPool, ContextCache, PoolError, PoolKey
 from ztunnel_py.state.snapshot import Snapshot
 
-_log = log.get("waypoint.hbone")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("waypoint.hbone")
 
 
 def serves(snapshot: Snapshot, authority: str, namespace: str, name: str) -> str | None:
@@ -119,7 +123,7 @@ class HboneListener:
         try:
             ctx = self.contexts.server(await self.certificates.fetch(self.identity))
         except IdentityError as exc:
-            _log.warning("no certificate to serve HBONE", identity=self.identity, error=str(exc))
+            _log().warning("no certificate to serve HBONE", identity=self.identity, error=str(exc))
             transport.abort()
             return
         if handshake.lost:
@@ -130,7 +134,7 @@ class HboneListener:
             tls = await loop.start_tls(transport, proto, ctx, server_side=True,
                                        ssl_handshake_timeout=self.config.connect_timeout_s)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            _log.info("HBONE TLS handshake failed", peer=str(peer), error=str(exc))
+            _log().info("HBONE TLS handshake failed", peer=str(peer), error=str(exc))
             transport.abort()
             return
         except BaseException:
@@ -145,7 +149,7 @@ class HboneListener:
                 raise IdentityError("the client did not negotiate ALPN h2")
             client_id = peer_identity(ssl_object, self.trust_domain)
         except IdentityError as exc:
-            _log.info("HBONE client refused", peer=str(peer), error=str(exc))
+            _log().info("HBONE client refused", peer=str(peer), error=str(exc))
             self.refused += 1
             tls.abort()
             return
@@ -161,7 +165,7 @@ class HboneListener:
         snapshot = self.proxy.table.snapshot
         why = serves(snapshot, leg.authority, self.proxy.namespace, self.proxy.name)
         if why is not None:
-            _log.info("HBONE CONNECT refused", authority=leg.authority, reason=why,
+            _log().info("HBONE CONNECT refused", authority=leg.authority, reason=why,
                       client=client_id)
             self.refused += 1
             conn.respond(leg, core.BAD_REQUEST)

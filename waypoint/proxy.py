@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import h11
 
@@ -38,7 +39,10 @@ from ztunnel_py import log
 from ztunnel_py.state.model import Service
 from ztunnel_py.state.snapshot import Snapshot, StateStore
 
-_log = log.get("waypoint")
+
+def _log() -> Any:
+    """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
+    return log.get("waypoint")
 
 MAX_MIRRORS_IN_FLIGHT = 1024
 MIRROR_TIMEOUT_S = 30.0
@@ -96,7 +100,7 @@ class WaypointProxy:
     def _swapped(self, _old: Snapshot, new: Snapshot) -> None:
         self.table = RouteTable.build(new, self.namespace, self.name)
         for p in self.table.problems:
-            _log.warning("routing problem", problem=p)
+            _log().warning("routing problem", problem=p)
 
     def spawn(self, coro: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -181,7 +185,7 @@ class WaypointProxy:
         rec.destination_service = svc.hostname
         verdict = authz.evaluate(self.table.policies_for(svc), req)
         if not verdict.allowed:
-            _log.debug("request denied", reason=verdict.reason, path=req.path)
+            _log().debug("request denied", reason=verdict.reason, path=req.path)
             return req, _Result(Response(403, TEXT, authz.DENIED_BODY), ["-"])
         tp = next_traceparent(req.header("traceparent"), self.rng)
         rec.traceparent = tp
@@ -327,7 +331,7 @@ class WaypointProxy:
         try:
             _, eps = self._endpoints(target)
         except UnknownSubset as exc:
-            _log.info("mirror skipped", error=str(exc))
+            _log().info("mirror skipped", error=str(exc))
             return
         cluster = self.cluster(target, req.http2)
         ep = cluster.pick(eps, req)
@@ -337,7 +341,7 @@ class WaypointProxy:
         try:
             await asyncio.wait_for(self.upstreams.exchange(ep, shadow, body), MIRROR_TIMEOUT_S)
         except (UpstreamError, TimeoutError) as exc:
-            _log.debug("mirror failed", endpoint=ep.key, error=str(exc))
+            _log().debug("mirror failed", endpoint=ep.key, error=str(exc))
 
     # -- WebSocket and other upgrades --
 

@@ -14,6 +14,7 @@ custom collector: no ``_created`` series, nothing in the global registry.
 from __future__ import annotations
 
 import bisect
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -61,7 +62,6 @@ DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
                        60000, 300000, 600000, 1800000, 3600000)
 BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
 
-_access = log.get("waypoint.access")
 
 
 @dataclass
@@ -213,6 +213,10 @@ class WaypointMetrics:
 
 
 def access_log(rec: RequestRecord) -> None:
+    logger = log.get("waypoint.access")  # at each use: log.configure applies
+    enabled = getattr(logger, "is_enabled_for", None)
+    if enabled is not None and not enabled(logging.INFO):
+        return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,
         "src.workload": rec.source.workload.name if rec.source.workload else "",
@@ -235,7 +239,7 @@ def access_log(rec: RequestRecord) -> None:
         "traceparent": rec.traceparent,
         "mirrored_to": ",".join(rec.mirrored_to),
     }
-    _access.info("request complete", **{k: v for k, v in fields.items() if v not in ("", 0)})
+    logger.info("request complete", **{k: v for k, v in fields.items() if v not in ("", 0)})
 
 
 # -- W3C trace context --------------------------------------------------------------------

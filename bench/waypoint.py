@@ -1,0 +1,276 @@
+"""The waypoint's L7 path against HAProxy doing the same 90/10 split, same run.
+
+    .venv/bin/python -m bench.waypoint [--duration 10] [--rate 1000] [--connections 16]
+
+Two backends (the demo's HTTP service, one process each) stand for reviews v1
+and v2. In front of them, on loopback:
+
+- haproxy (Debian's, ``mode http``, one thread, weighted round robin 90/10);
+- the waypoint (one process on uvloop, a VirtualService with a 90/10 weighted
+  route, the plaintext listener: no TLS on either side, access log off like
+  HAProxy's).
+
+Each target gets, in turn:
+
+1. saturation: ``wrk`` with N keep-alive connections -> requests/s (and
+   its latency percentiles at saturation);
+2. fixed rate: ``h2load --h1 --rps`` at ``--rate`` requests/s over 10
+   connections, per-request times from ``--log-file`` -> p50 / p99.
+
+Goals (issue 9): requests/s >= 0.7x HAProxy; p99 at 1,000 requests/s <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "reviews:9080"
+
+ROUTING = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bench}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bench}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, deadline_s: float = 15.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s}s")
+
+
+# -- the waypoint, in a child process ----------------------------------------------------
+
+
+def serve_waypoint(port: int, v1: int, v2: int) -> None:
+    import asyncio
+    import random
+
+    import uvloop
+    import yaml
+
+    from waypoint.proxy import WaypointProxy
+    from waypoint.server import PlainListener
+    from waypoint.upstream import TcpConnector, Upstreams
+    from ztunnel_py import log
+    from ztunnel_py.config import LogConfig
+    from ztunnel_py.controller.translate import KubeObject, translate
+    from ztunnel_py.state.snapshot import StateStore
+
+    log.configure(LogConfig(level="warning"))
+    pods = {"10.1.0.1": v1, "10.1.0.2": v2}
+    bodies = [
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": f"reviews-{v}", "namespace": "bench",
+                      "labels": {"app": "reviews", "version": v}},
+         "spec": {"nodeName": "n1"}, "status": {"podIP": ip}}
+        for v, ip in (("v1", "10.1.0.1"), ("v2", "10.1.0.2"))
+    ]
+    bodies.append({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "reviews", "namespace": "bench"},
+                   "spec": {"selector": {"app": "reviews"}, "clusterIP": "10.96.0.10",
+                            "ports": [{"name": "http", "port": 9080, "targetPort": 8080}]}})
+    bodies += [d for d in yaml.safe_load_all(ROUTING) if d]
+    t = translate([KubeObject(f"b#{i}", b) for i, b in enumerate(bodies)],
+                  trust_domain="cluster.local", root_namespace="istio-system")
+    if t.errors:
+        raise SystemExit("; ".join(map(str, t.errors)))
+
+    async def main() -> None:
+        proxy = WaypointProxy(
+            StateStore(t.snapshot), "bench", "waypoint",
+            Upstreams(TcpConnector(lambda ep: ("127.0.0.1", pods[ep.address]))),
+            rng=random.Random(1),  # noqa: S311 - load balancing
+        )
+        listener = PlainListener(proxy, "127.0.0.1", port)
+        await listener.start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# -- load -------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    rps: float = 0.0
+    sat_p50_ms: float = 0.0
+    sat_p99_ms: float = 0.0
+    fixed_rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+def run_wrk(port: int, duration: int, connections: int, out: Result) -> None:
+    proc = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Host: {HOST}",
+         f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True,
+        timeout=duration + 30)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            out.rps = float(parts[1])
+        elif parts[:1] == ["50%"]:
+            out.sat_p50_ms = _ms(parts[1])
+        elif parts[:1] == ["99%"]:
+            out.sat_p99_ms = _ms(parts[1])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            out.errors += sum(int(p.strip(",")) for p in parts if p.strip(",").isdigit())
+
+
+def run_fixed_rate(port: int, duration: int, rate: int, out: Result) -> None:
+    clients = 10
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "h2load.log"
+        subprocess.run(
+            ["h2load", "--h1", f"-c{clients}", f"--rps={max(1, rate // clients)}",
+             f"-D{duration}", "--warm-up-time=1", f"--log-file={log}",
+             f"--connect-to=127.0.0.1:{port}", f"http://{HOST}/"],
+            capture_output=True, text=True, check=True, timeout=duration + 30)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    times = sorted(int(r[2]) / 1000.0 for r in rows)
+    out.errors += sum(1 for r in rows if not r[1].startswith("2"))
+    if times:
+        q = statistics.quantiles(times, n=100, method="inclusive")
+        out.p50_ms, out.p99_ms = q[49], q[98]
+        out.fixed_rps = len(times) / duration
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    p.add_argument("--rate", type=int, default=1000, help="fixed request rate (requests/s)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections")
+    p.add_argument("--serve-waypoint", nargs=3, type=int, metavar=("PORT", "V1", "V2"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_waypoint:
+        serve_waypoint(*args.serve_waypoint)
+        return 0
+    for tool in ("wrk", "h2load", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (apt-get install wrk nghttp2-client haproxy)")
+            return 2
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        v1, v2, wp_port, ha_port = (_free_port() for _ in range(4))
+        for pod, version, port in (("reviews-v1", "v1", v1), ("reviews-v2", "v2", v2)):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod,
+                 "--version", version, "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bench.waypoint", "--serve-waypoint", str(wp_port), str(v1),
+             str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO))
+        cfg = Path(tmp.name) / "haproxy.cfg"
+        cfg.write_text(f"""global
+  maxconn 4096
+  nbthread 1
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:{ha_port}
+  default_backend be
+backend be
+  balance roundrobin
+  server v1 127.0.0.1:{v1} weight 90
+  server v2 127.0.0.1:{v2} weight 10
+""")
+        procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in (v1, v2, wp_port, ha_port):
+            _wait_port(port)
+        results: dict[str, Result] = {}
+        for name, port in (("haproxy", ha_port), ("waypoint", wp_port)):
+            r = Result()
+            run_wrk(port, args.duration, args.connections, r)
+            run_fixed_rate(port, args.duration, args.rate, r)
+            results[name] = r
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        tmp.cleanup()
+    ha, wp = results["haproxy"], results["waypoint"]
+    print(f"\nwaypoint vs haproxy, 90/10 split, HTTP/1.1 keep-alive on loopback, "
+          f"{args.duration}s per run, {os.cpu_count()} CPUs")
+    head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'@rate req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(head)
+    print("-" * len(head))
+    for name, r in results.items():
+        print(f"{name:10} {r.rps:12.0f} {r.sat_p50_ms:8.2f} {r.sat_p99_ms:8.2f} "
+              f"{r.fixed_rps:12.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d}")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "n/a"
+
+    print(f"{'ratio':10} {ratio(wp.rps, ha.rps):>12} {ratio(wp.sat_p50_ms, ha.sat_p50_ms):>8} "
+          f"{ratio(wp.sat_p99_ms, ha.sat_p99_ms):>8} {'':>12} "
+          f"{ratio(wp.p50_ms, ha.p50_ms):>8} {ratio(wp.p99_ms, ha.p99_ms):>8}")
+    print(f"\ngoals: req/s >= 0.70x haproxy (got {ratio(wp.rps, ha.rps)}); "
+          f"p99 at {args.rate} req/s <= 2x haproxy (got {ratio(wp.p99_ms, ha.p99_ms)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
