@@ -118,7 +118,7 @@ def serve_waypoint(port: int, v1: int, v2: int) -> None:
         proxy = WaypointProxy(
             StateStore(t.snapshot), "bench", "waypoint",
             Upstreams(TcpConnector(lambda ep: ("127.0.0.1", pods[ep.address]))),
-            rng=random.Random(1),  # noqa: S311 - load balancing
+            rng=random.Random(1),
         )
         listener = PlainListener(proxy, "127.0.0.1", port)
         await listener.start()
