@@ -45,6 +45,12 @@ class Handler(Protocol):
     async def upgrade(self, req: Request, server: H1Server) -> None: ...
 
 
+class Serving(Handler, Protocol):
+    """A handler that also runs the per-request tasks (``WaypointProxy``)."""
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]: ...
+
+
 def reason(status: int) -> bytes:
     from http import HTTPStatus
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from waypoint.http1 import ConnInfo, H1Server
+from waypoint.http1 import ConnInfo, H1Server, Serving
 from waypoint.http2 import PREFACE, H2Server
 from waypoint.pipe import Pipe, TcpPipe
 from waypoint.proxy import WaypointProxy
@@ -23,7 +23,7 @@ from waypoint.request import Peer
 
 
 class Sniff:
-    def __init__(self, pipe: Pipe, info: ConnInfo, proxy: WaypointProxy) -> None:
+    def __init__(self, pipe: Pipe, info: ConnInfo, proxy: Serving) -> None:
         self.pipe = pipe
         self.info = info
         self.proxy = proxy

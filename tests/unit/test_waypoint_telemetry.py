@@ -1,0 +1,98 @@
+"""Request telemetry: Istio labels, histograms in the exposition, W3C traceparent."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from waypoint.request import Peer
+from waypoint.telemetry import (
+    HTTP_LABELS,
+    RequestRecord,
+    WaypointMetrics,
+    labels_of,
+    next_traceparent,
+)
+from ztunnel_py.state.model import FrozenMap, Workload
+
+
+def _w(name: str, ns: str, sa: str, **labels: str) -> Workload:
+    return Workload(uid=f"{ns}/{name}", name=name, namespace=ns, service_account=sa, node="n",
+                    ips=("10.0.0.1",), labels=FrozenMap(labels))
+
+
+def _rec(**kw: object) -> RequestRecord:
+    base: dict[str, object] = dict(
+        source=Peer("10.0.0.1", "spiffe://cluster.local/ns/front/sa/pp",
+                    _w("productpage-v1", "front", "pp", app="productpage", version="v1")),
+        destination=_w("reviews-v2", "bookinfo", "reviews", app="reviews", version="v2"),
+        destination_service="reviews.bookinfo.svc.cluster.local",
+        status=200, flags="-", duration_ms=12.0, request_bytes=10, response_bytes=2000)
+    base.update(kw)
+    return RequestRecord(**base)  # type: ignore[arg-type]
+
+
+def test_labels_follow_istio() -> None:
+    got = dict(zip(HTTP_LABELS, labels_of(_rec()), strict=True))
+    assert got["reporter"] == "waypoint"
+    assert got["source_workload"] == "productpage-v1"
+    assert got["source_workload_namespace"] == "front"
+    assert got["source_principal"] == "spiffe://cluster.local/ns/front/sa/pp"
+    assert (got["source_app"], got["source_version"]) == ("productpage", "v1")
+    assert got["destination_workload"] == "reviews-v2"
+    assert got["destination_principal"] == "spiffe://cluster.local/ns/bookinfo/sa/reviews"
+    assert got["destination_service"] == "reviews.bookinfo.svc.cluster.local"
+    assert (got["destination_service_name"], got["destination_service_namespace"]) == \
+        ("reviews", "bookinfo")
+    assert (got["destination_canonical_service"], got["destination_canonical_revision"]) == \
+        ("reviews", "v2")
+    assert got["request_protocol"] == "http"
+    assert (got["response_code"], got["response_flags"], got["grpc_response_status"]) == \
+        ("200", "-", "-")
+
+
+def test_unknowns_are_reported_as_unknown() -> None:
+    got = dict(zip(HTTP_LABELS, labels_of(RequestRecord(status=503, flags="UH")), strict=True))
+    assert got["source_workload"] == "unknown"
+    assert got["destination_service"] == "unknown"
+    assert got["response_flags"] == "UH"
+
+
+def test_exposition_has_counter_and_histograms() -> None:
+    m = WaypointMetrics()
+    m.record(_rec())
+    m.record(_rec(duration_ms=700.0))
+    m.record(_rec(status=500, flags="FI"))
+    fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    assert set(fams) >= {"istio_requests", "istio_request_duration_milliseconds",
+                         "istio_request_bytes", "istio_response_bytes"}
+    total = {s.labels["response_code"]: s.value for s in fams["istio_requests"].samples
+             if s.name == "istio_requests_total"}
+    assert total == {"200": 2.0, "500": 1.0}
+    buckets = {s.labels["le"]: s.value
+               for s in fams["istio_request_duration_milliseconds"].samples
+               if s.name.endswith("_bucket") and s.labels["response_code"] == "200"}
+    assert buckets["25.0"] == 1 and buckets["1000.0"] == 2 and buckets["+Inf"] == 2
+    assert not any(s.name.endswith("_created") for f in fams.values() for s in f.samples)
+    assert m.count(response_flags="FI") == 1
+
+
+def test_traceparent_keeps_the_trace_and_makes_a_new_span() -> None:
+    rng = random.Random(1)
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    out = next_traceparent(incoming, rng)
+    version, trace, span, flags = out.split("-")
+    assert (version, trace, flags) == ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    assert span != "00f067aa0ba902b7" and len(span) == 16
+    assert next_traceparent(incoming, rng).split("-")[2] != span  # a new span every hop
+
+
+@pytest.mark.parametrize("bad", [None, "", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                                 "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
+def test_traceparent_starts_a_trace_when_the_caller_sent_none_or_a_bad_one(
+        bad: str | None) -> None:
+    out = next_traceparent(bad, random.Random(2))
+    version, trace, _span, flags = out.split("-")
+    assert version == "00" and len(trace) == 32 and trace != "0" * 32 and flags == "01"
