@@ -82,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"ztunnel-py waypoint: {exc}")
         return 2
-    log.configure(cfg.log)
     missing = [f for f, v in (("--node", cfg.node), ("--controller-ca", cfg.controller_ca),
                               ("--token-file", cfg.token_file)) if not v]
     if missing:
         print(f"ztunnel-py waypoint: missing {', '.join(missing)} (see --help)")
         return 2
+    log.configure(cfg.log)
     try:
         uvloop.run(serve(cfg, args.namespace, args.name, args.service_account or args.name,
                          listen))
