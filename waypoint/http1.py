@@ -146,9 +146,11 @@ class H1Server:
         kept = tuple((k, v) for k, v in headers if k not in HOP_BY_HOP)
         if upgrade:
             kept += tuple((k, v) for k, v in headers if k in ("upgrade", "connection"))
+        content_type = next((v for k, v in kept if k == "content-type"), "")
         return Request(
             method=ev.method.decode(), path=ev.target.decode("latin-1"), authority=authority,
             headers=kept, port=self.info.dst[1], source=self.info.source, dst=self.info.dst[0],
+            grpc=content_type.startswith("application/grpc"),
         )
 
     async def _serve(self, ev: h11.Request, body: bytes) -> None:

@@ -62,6 +62,17 @@ def _flags(*parts: str) -> str:
     return ",".join(dict.fromkeys(out)) or "-"
 
 
+def speaks_http2(svc: Service, port: int) -> bool:
+    """Istio's protocol selection: a port whose appProtocol or name says grpc / http2 / h2c
+    gets HTTP/2 upstream even from an HTTP/1.1 client (otherwise the client's protocol)."""
+    sp = svc.port(port)
+    if sp is None:
+        return False
+    proto = (sp.app_protocol or sp.name).lower()
+    return proto.split("-", 1)[0] in ("grpc", "http2", "h2c", "grpc-web") or \
+        proto in ("kubernetes.io/h2c",)
+
+
 def _error_response(status: int, body: str) -> Response:
     return Response(status, TEXT, body.encode())
 
@@ -237,18 +248,20 @@ class WaypointProxy:
     async def _tries(self, d: Forward, body: bytes) -> _Result:
         if d.delay_s:
             await asyncio.sleep(d.delay_s)
-        http2 = d.request.http2
         try:
             svc, eps = self._endpoints(d.target)
         except UnknownSubset as exc:
             return _Result(_error_response(503, str(exc)), ["NC"])
         if svc is None:
             return _Result(_error_response(503, f"no service {d.target.host}"), ["NC"])
+        req = d.request
+        http2 = req.http2 or speaks_http2(svc, d.target.port)
+        if http2 != req.http2:
+            req = replace(req, http2=True)
         cluster = self.cluster(d.target, http2)
         limits = cluster.limits(http2)
         retry = d.retry
         tries = 1 + (retry.attempts if retry is not None else 0)
-        req = d.request
         resp: Response | None = None
         error: UpstreamError | None = None
         timed_out = False

@@ -13,7 +13,7 @@ import grpc.aio
 import h11
 import pytest
 
-from tests.integration.test_waypoint_http import Mesh, service
+from tests.integration.test_waypoint_http import Client, Mesh, service
 
 SERVICE = "demo.Echo"
 
@@ -115,6 +115,30 @@ spec:
         assert await asyncio.wait_for(unary(b"ok"), 10) == b"echo:ok"
     assert [c[0] for c in echo.calls] == ["Unary"]
     assert mesh.metrics.count(grpc_response_status="14", response_flags="FI") == 1
+
+
+async def test_http1_client_to_a_grpc_port_is_sent_upstream_as_http2() -> None:
+    """Istio's protocol selection: the port name says grpc, so the upstream gets HTTP/2
+    even though the client spoke HTTP/1.1."""
+    m = Mesh()
+    echo = Echo()
+    server, port = await _grpc_backend(echo)
+    m.external("echo-v1", {"app": "echo", "version": "v1"}, port)
+    m.objects.append(service("echo", "10.96.0.20", port=50051, port_name="grpc"))
+    try:
+        await m.start()
+        c = Client(m.address)
+        try:
+            framed = b"\x00" + len(b"hi").to_bytes(4, "big") + b"hi"
+            r = await c.request("/demo.Echo/Unary", method="POST", host="echo:50051",
+                                headers={"content-type": "application/grpc"}, body=framed)
+        finally:
+            await c.close()
+    finally:
+        await m.stop()
+        await server.stop(None)
+    assert r.status == 200 and r.body.endswith(b"echo:hi")
+    assert [c[0] for c in echo.calls] == ["Unary"]
 
 
 # -- WebSocket ------------------------------------------------------------------------------

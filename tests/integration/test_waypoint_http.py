@@ -147,10 +147,11 @@ def pod(name: str, ip: str, labels: dict[str, str]) -> dict[str, Any]:
             "status": {"podIP": ip}}
 
 
-def service(name: str, vip: str, port: int = 9080, app: str | None = None) -> dict[str, Any]:
+def service(name: str, vip: str, port: int = 9080, app: str | None = None,
+            port_name: str = "http") -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
             "spec": {"selector": {"app": app or name}, "clusterIP": vip,
-                     "ports": [{"name": "http", "port": port, "targetPort": 8080}]}}
+                     "ports": [{"name": port_name, "port": port, "targetPort": 8080}]}}
 
 
 SUBSETS = """
