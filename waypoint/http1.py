@@ -160,8 +160,19 @@ class H1Server:
             return
         try:
             resp = await self.handler.handle(req, body)
+            if resp.stream is not None:  # HTTP/1.1 downstream: collect it
+                stream, resp.stream = resp.stream, None
+                try:
+                    resp.body = await stream.read_all()
+                    resp.trailers = stream.trailers
+                finally:
+                    if not stream.finished:
+                        stream.cancel()
         except asyncio.CancelledError:
             raise
+        except UpstreamError as exc:
+            resp = Response(503, (("content-type", "text/plain"),),
+                            f"upstream reset: {exc}".encode())
         except Exception:
             _log().exception("waypoint handler failed")
             resp = Response(500, (("content-type", "text/plain"),), b"internal error")

@@ -25,7 +25,14 @@ import h2.settings
 
 from waypoint.http1 import ConnInfo, Handler
 from waypoint.pipe import Pipe
-from waypoint.request import HOP_BY_HOP, Request, Response, UpstreamError, normalise
+from waypoint.request import (
+    HOP_BY_HOP,
+    BodyStream,
+    Request,
+    Response,
+    UpstreamError,
+    normalise,
+)
 from ztunnel_py import log
 
 
@@ -211,9 +218,14 @@ class H2Server:
 
     async def respond(self, stream_id: int, resp: Response) -> None:
         if self.closed:
+            if resp.stream is not None:
+                resp.stream.cancel()
             return
         headers = [(":status", str(resp.status))]
         headers += [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
+        if resp.stream is not None:
+            await self._relay(stream_id, headers, resp.stream)
+            return
         trailers = list(resp.trailers)
         only_headers = not resp.body and not trailers
         self.conn.send_headers(stream_id, headers, end_stream=only_headers)
@@ -226,13 +238,37 @@ class H2Server:
             self.conn.send_headers(stream_id, trailers, end_stream=True)
             self.flush()
 
+    async def _relay(self, stream_id: int, headers: list[tuple[str, str]],
+                     body: BodyStream) -> None:
+        """Headers now, then each chunk as the upstream sends it, then its trailers."""
+        try:
+            self.conn.send_headers(stream_id, headers)
+            self.flush()
+            try:
+                async for chunk in body:
+                    await self.sender.send(stream_id, chunk, end=False)
+            except UpstreamError:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                    self.flush()
+                return
+            if body.trailers:
+                self.conn.send_headers(stream_id, list(body.trailers), end_stream=True)
+            else:
+                self.conn.end_stream(stream_id)
+            self.flush()
+        finally:
+            if not body.finished:
+                body.cancel()  # the client went away: stop the upstream stream too
+
 
 # -- upstream ----------------------------------------------------------------------------
 
 
 @dataclass
 class _OutStream:
-    done: asyncio.Future[None]
+    done: asyncio.Future[None]  # the whole response, or only its headers when streaming
+    stream: BodyStream | None = None
     status: int = 0
     headers: tuple[tuple[str, str], ...] = ()
     body: bytearray = field(default_factory=bytearray)
@@ -289,10 +325,16 @@ class H2Client:
         self.closed = True
         self.sender.fail_all()
         for s in self.streams.values():
-            if not s.done.done():
-                s.error = err
-                s.done.set_result(None)
+            self._fail(s, err)
         self.streams.clear()
+
+    @staticmethod
+    def _fail(s: _OutStream, err: UpstreamError) -> None:
+        if not s.done.done():
+            s.error = err
+            s.done.set_result(None)
+        elif s.stream is not None:
+            s.stream.fail(err)
 
     def _event(self, ev: h2.events.Event) -> None:
         sid = getattr(ev, "stream_id", None)
@@ -301,15 +343,28 @@ class H2Client:
             hdrs = normalise(ev.headers or [])
             s.status = int(next((v for k, v in hdrs if k == ":status"), "0"))
             s.headers = tuple((k, v) for k, v in hdrs if not k.startswith(":"))
+            if s.stream is not None and not s.done.done() and ev.stream_ended is None:
+                s.done.set_result(None)  # streaming: the caller goes on with the headers
         elif isinstance(ev, h2.events.DataReceived):
             assert ev.stream_id is not None
-            self.conn.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
-            if s is not None and ev.data:
-                s.body += ev.data
+            flow = ev.flow_controlled_length or 0
+            data = ev.data or b""
+            if s is not None and s.stream is not None:
+                s.stream.feed(data)  # credited when the consumer takes it
+                if flow > len(data):
+                    self.conn.acknowledge_received_data(flow - len(data), ev.stream_id)
+            else:
+                self.conn.acknowledge_received_data(flow, ev.stream_id)
+                if s is not None and data:
+                    s.body += data
         elif isinstance(ev, h2.events.TrailersReceived) and s is not None:
             s.trailers = normalise(ev.headers or [])
         elif isinstance(ev, h2.events.StreamEnded) and s is not None:
             self.streams.pop(ev.stream_id or 0, None)
+            if s.stream is not None and not s.done.done():
+                s.stream = None  # headers only (gRPC trailers-only): answer it whole
+            if s.stream is not None:
+                s.stream.end(s.trailers)
             if not s.done.done():
                 s.done.set_result(None)
         elif isinstance(ev, h2.events.StreamReset):
@@ -318,9 +373,8 @@ class H2Client:
                 self.streams.pop(ev.stream_id or 0, None)
                 kind = ("refused-stream" if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
                         else "reset")
-                s.error = UpstreamError(kind, f"upstream reset the stream ({ev.error_code!r})")
-                if not s.done.done():
-                    s.done.set_result(None)
+                self._fail(s, UpstreamError(kind, f"upstream reset the stream "
+                                                  f"({ev.error_code!r})"))
         elif isinstance(ev, h2.events.WindowUpdated):
             self.sender.window_opened(ev.stream_id or 0)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
@@ -329,18 +383,36 @@ class H2Client:
             self.goaway = True
             last = ev.last_stream_id or 0
             for sid2, st in list(self.streams.items()):
-                if sid2 > last and not st.done.done():
-                    st.error = UpstreamError("refused-stream", "upstream sent GOAWAY")
-                    st.done.set_result(None)
+                if sid2 > last:
+                    self._fail(st, UpstreamError("refused-stream", "upstream sent GOAWAY"))
                     self.streams.pop(sid2, None)
 
-    async def request(self, req: Request, body: bytes) -> Response:
+    def _consumed(self, sid: int, n: int) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.acknowledge_received_data(n, sid)
+            self.flush()
+
+    def _cancel(self, sid: int) -> None:
+        if self.streams.pop(sid, None) is not None and not self.closed:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                self.flush()
+
+    async def request(self, req: Request, body: bytes, *, stream: bool = False) -> Response:
+        """One exchange. With ``stream``, return at the response headers; the body follows
+        in ``Response.stream``."""
         if not self.usable:
             raise UpstreamError("refused-stream", "upstream HTTP/2 connection cannot take "
                                 "another stream")
         self.requests += 1
         sid = self.conn.get_next_available_stream_id()
         st = _OutStream(asyncio.get_running_loop().create_future())
+        if stream:
+            st.stream = BodyStream()
+            st.stream.on_consumed = lambda n: self._consumed(sid, n)
+            st.stream.on_cancel = lambda: self._cancel(sid)
         self.streams[sid] = st
         headers = [(":method", req.method), (":scheme", req.scheme), (":path", req.path),
                    (":authority", req.authority)]
@@ -364,6 +436,8 @@ class H2Client:
             raise UpstreamError("reset", f"cannot send to upstream: {exc}") from exc
         if st.error is not None:
             raise st.error
+        if st.stream is not None:
+            return Response(st.status, st.headers, stream=st.stream)
         return Response(st.status, st.headers, bytes(st.body), st.trailers)
 
     def close(self) -> None:

@@ -31,7 +31,15 @@ from waypoint.cluster import (
 )
 from waypoint.engine import Forward, Outcome, Respond, Target
 from waypoint.http1 import H1Server
-from waypoint.request import Headers, Request, Response, UpstreamError, set_header
+from waypoint.request import (
+    BodyStream,
+    Headers,
+    Request,
+    Response,
+    UpstreamError,
+    header,
+    set_header,
+)
 from waypoint.routes import RouteTable, ServiceRoutes, qualify
 from waypoint.telemetry import RequestRecord, WaypointMetrics, next_traceparent
 from waypoint.upstream import Upstreams
@@ -184,8 +192,20 @@ class WaypointProxy:
         if result.endpoint is not None:
             rec.upstream = result.endpoint.key
             rec.destination = result.endpoint.workload
-        rec.duration_ms = (self.clock() - started) * 1000.0
-        self.metrics.record(rec)
+        if resp.stream is None:
+            rec.duration_ms = (self.clock() - started) * 1000.0
+            self.metrics.record(rec)
+            return resp
+
+        def streamed(body: BodyStream) -> None:  # one record when the stream is over
+            rec.response_bytes = body.size
+            rec.grpc_status = header(body.trailers, "grpc-status") or rec.grpc_status
+            if body.error is not None and "UC" not in rec.flags:
+                rec.flags = _flags(rec.flags, "UC")
+            rec.duration_ms = (self.clock() - started) * 1000.0
+            self.metrics.record(rec)
+
+        resp.stream.on_done.append(streamed)
         return resp
 
     def _prepare(self, req: Request, rec: RequestRecord) -> tuple[Request, _Result | Forward]:
@@ -294,7 +314,8 @@ class WaypointProxy:
                 try:
                     call = self.upstreams.exchange(
                         ep, req, body, connect_timeout_s=limits.connect_timeout_s,
-                        max_requests_per_connection=limits.max_requests_per_connection)
+                        max_requests_per_connection=limits.max_requests_per_connection,
+                        stream=http2)
                     per_try = retry.per_try_timeout_s if retry is not None else None
                     resp = await (asyncio.wait_for(call, per_try) if per_try else call)
                     outcome = Outcome(resp.status, resp.grpc_status)
@@ -315,6 +336,8 @@ class WaypointProxy:
                     cluster.gate.retries -= 1
             if retry is None or not engine.should_retry(retry, outcome):
                 break
+            if resp is not None and resp.stream is not None and attempt < tries:
+                resp.stream.cancel()  # retrying: this answer is dropped
         flags: list[str] = []
         retried_out = attempt > 1 and retry is not None and engine.should_retry(retry, outcome)
         if retried_out:

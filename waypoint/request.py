@@ -8,7 +8,8 @@ lower case; values are text (latin-1 round-trips any byte).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from ztunnel_py.state.model import FrozenMap, Workload
@@ -122,10 +123,80 @@ class Response:
     headers: Headers = ()
     body: bytes = b""
     trailers: Headers = ()
+    # Set when the body is relayed as it arrives (HTTP/2 upstreams: gRPC streams); the
+    # body and trailers above are then empty and come from the stream.
+    stream: BodyStream | None = None
 
     @property
     def grpc_status(self) -> str | None:
         return header(self.trailers, "grpc-status") or header(self.headers, "grpc-status")
+
+
+class BodyStream:
+    """A response body arriving in chunks, then trailers (or a failure).
+
+    The producer (an upstream HTTP/2 stream) calls ``feed`` / ``end`` / ``fail``; the
+    consumer iterates. Flow control follows consumption: ``on_consumed(n)`` is told
+    how many bytes the consumer took, so the producer credits its peer only then.
+    """
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.trailers: Headers = ()
+        self.error: BaseException | None = None
+        self.size = 0
+        self.finished = False
+        self.on_consumed: Callable[[int], None] | None = None
+        self.on_cancel: Callable[[], None] | None = None
+        self.on_done: list[Callable[[BodyStream], None]] = []
+
+    def feed(self, data: bytes) -> None:
+        if not self.finished:
+            self._q.put_nowait(data)
+
+    def end(self, trailers: Headers = ()) -> None:
+        if not self.finished:
+            self.trailers = trailers
+            self._q.put_nowait(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.error = error
+            self._q.put_nowait(None)
+
+    def cancel(self) -> None:
+        """The consumer gives up: the producer resets its stream."""
+        if not self.finished:
+            self.error = self.error or UpstreamError("reset", "response stream cancelled")
+            self._done()
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    def _done(self) -> None:
+        if not self.finished:
+            self.finished = True
+            callbacks, self.on_done = self.on_done, []
+            for cb in callbacks:
+                cb(self)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while not self.finished:
+            chunk = await self._q.get()
+            if chunk is None:
+                self._done()
+                if self.error is not None:
+                    raise self.error
+                return
+            self.size += len(chunk)
+            if self.on_consumed is not None:
+                self.on_consumed(len(chunk))
+            yield chunk
+
+    async def read_all(self) -> bytes:
+        return b"".join([c async for c in self])
 
 
 class UpstreamError(Exception):

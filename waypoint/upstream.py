@@ -57,9 +57,11 @@ class Upstreams:
 
     async def exchange(self, ep: EndpointRef, req: Request, body: bytes, *,
                        connect_timeout_s: float = 10.0,
-                       max_requests_per_connection: int = 0) -> Response:
+                       max_requests_per_connection: int = 0, stream: bool = False) -> Response:
+        """One exchange with ``ep``. ``stream`` (HTTP/2 only): return at the response
+        headers and relay the body as it comes (``Response.stream``)."""
         if req.http2:
-            return await self._h2_exchange(ep, req, body, connect_timeout_s)
+            return await self._h2_exchange(ep, req, body, connect_timeout_s, stream)
         client = self._idle_client(ep)
         if client is None:
             client = H1Client(await self.connector.connect(ep, connect_timeout_s))
@@ -90,7 +92,7 @@ class Upstreams:
         return None
 
     async def _h2_exchange(self, ep: EndpointRef, req: Request, body: bytes,
-                           connect_timeout_s: float) -> Response:
+                           connect_timeout_s: float, stream: bool) -> Response:
         client = self._h2.get(ep.key)
         if client is None or not client.usable:
             lock = self._h2_dialing.setdefault(ep.key, asyncio.Lock())
@@ -101,7 +103,7 @@ class Upstreams:
                         client.close()
                     client = H2Client(await self.connector.connect(ep, connect_timeout_s))
                     self._h2[ep.key] = client
-        return await client.request(req, body)
+        return await client.request(req, body, stream=stream)
 
     async def raw(self, ep: EndpointRef, connect_timeout_s: float = 10.0) -> H1Client:
         """A fresh HTTP/1.1 connection for an Upgrade (never pooled)."""

@@ -25,6 +25,7 @@ def _ident(b: bytes) -> bytes:
 class Echo:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []  # (method, :authority)
+        self.gate: asyncio.Event | None = None  # Stream waits on it after the first item
 
     async def unary(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         meta = dict(context.invocation_metadata() or ())
@@ -38,6 +39,8 @@ class Echo:
         self.calls.append(("Stream", ""))
         for i in range(int(request.decode() or "3")):
             yield f"item-{i}".encode()
+            if i == 0 and self.gate is not None:
+                await asyncio.wait_for(self.gate.wait(), 10)
 
 
 async def _grpc_backend(echo: Echo) -> tuple[grpc.aio.Server, int]:
@@ -89,6 +92,29 @@ async def test_grpc_unary_and_streaming_through_the_waypoint(
                    destination_service=svc) == 2
     assert m.count(request_protocol="grpc", grpc_response_status="3") == 1
     assert b'grpc_response_status="3"' in m.render()
+
+
+async def test_grpc_server_stream_is_relayed_as_it_comes(
+        grpc_mesh: tuple[Mesh, Echo]) -> None:
+    """The backend sends item-1 only after the client has seen item-0: a waypoint that
+    buffered the response would deadlock here."""
+    mesh, echo = grpc_mesh
+    echo.gate = asyncio.Event()
+    target = f"{mesh.address[0]}:{mesh.address[1]}"
+    got: list[bytes] = []
+    async with grpc.aio.insecure_channel(
+            target, options=[("grpc.default_authority", "echo:50051")]) as ch:
+        stream = ch.unary_stream(f"/{SERVICE}/Stream", _ident, _ident)
+
+        async def consume() -> None:
+            async for m in stream(b"3"):
+                got.append(m)
+                echo.gate.set()  # type: ignore[union-attr]
+
+        await asyncio.wait_for(consume(), 15)
+    assert got == [b"item-0", b"item-1", b"item-2"]
+    assert mesh.metrics.count(request_protocol="grpc", grpc_response_status="0") == 1
+    assert b"istio_response_bytes_sum" in mesh.metrics.render()
 
 
 async def test_grpc_fault_abort_and_retry_on_unavailable(grpc_mesh: tuple[Mesh, Echo]) -> None:
