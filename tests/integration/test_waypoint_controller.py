@@ -121,7 +121,7 @@ async def test_routing_follows_the_controller_stream(controller: Mesh, pki: Pki)
                    for w in store.current.workloads)
         (controller.config_dir / "vs.yaml").write_text(route_to("v2"))
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # noqa: ASYNC110 - waiting for the push
+        while time.monotonic() < deadline:
             served = (await http.request(host="web.demo:80")).headers.get("x-served-by")
             if served == "web-v2":
                 break
