@@ -23,6 +23,7 @@ import h11
 from waypoint import authz, engine
 from waypoint.cluster import (
     Cluster,
+    ClusterPolicy,
     EndpointRef,
     Overflow,
     UnknownSubset,
@@ -113,11 +114,17 @@ class WaypointProxy:
         self.table = RouteTable.build(store.current, namespace, name)
         self.clusters: dict[tuple[str, str | None, int, bool], Cluster] = {}
         self.mirror_tasks: set[asyncio.Task[None]] = set()
+        # Per routing table: a target's service and endpoints, and its cluster policy.
+        self._targets: dict[
+            Target, tuple[Service | None, tuple[EndpointRef, ...]] | UnknownSubset] = {}
+        self._policies: dict[Target, ClusterPolicy] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         store.subscribe(self._swapped)
 
     def _swapped(self, _old: Snapshot, new: Snapshot) -> None:
         self.table = RouteTable.build(new, self.namespace, self.name)
+        self._targets.clear()
+        self._policies.clear()
         for p in self.table.problems:
             _log().warning("routing problem", problem=p)
 
@@ -155,17 +162,30 @@ class WaypointProxy:
                 f"outbound|{target.port}|{target.subset or ''}|{target.host}",
                 rng=self.rng, clock=self.clock,
             )
-        c.policy = effective_policy(self.table.destination_rule(target.host), target.subset,
-                                    target.port)
+        policy = self._policies.get(target)
+        if policy is None:  # once per target and routing table
+            policy = self._policies[target] = effective_policy(
+                self.table.destination_rule(target.host), target.subset, target.port)
+        c.policy = policy
         return c
 
     def _endpoints(self, target: Target) -> tuple[Service | None, tuple[EndpointRef, ...]]:
-        svc = self.table.service(target.host)
-        if svc is None:
-            return None, ()
-        eps = endpoints_for(target, svc, self.table.destination_rule(target.host),
-                            self.table.snapshot, exclude=self.own_workloads)
-        return svc, eps
+        """The target's service and endpoints (memoised per routing table);
+        ``UnknownSubset`` if the subset is not declared."""
+        hit = self._targets.get(target)
+        if hit is None:
+            svc = self.table.service(target.host)
+            try:
+                eps = () if svc is None else endpoints_for(
+                    target, svc, self.table.destination_rule(target.host),
+                    self.table.snapshot, exclude=self.own_workloads)
+                hit = (svc, eps)
+            except UnknownSubset as exc:
+                hit = exc
+            self._targets[target] = hit
+        if isinstance(hit, UnknownSubset):
+            raise hit
+        return hit
 
     # -- the request path --
 
