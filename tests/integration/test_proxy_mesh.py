@@ -234,7 +234,7 @@ async def test_reset_propagates_both_ways(world: World) -> None:
             seen.set_result(type(exc))
 
     await world.servers.serve(world.b, APP_PORT + 2, wait_reset)
-    sock = world.mesh.client_socket(world.a, (world.b, APP_PORT + 2))
+    sock = await world.mesh.client_socket(world.a, (world.b, APP_PORT + 2))
     sock.setblocking(True)
     sock.sendall(b"hi")
     await asyncio.sleep(0.2)

@@ -169,15 +169,18 @@ class ConnectionPool:
                 self._dialing[key] = task
                 task.add_done_callback(functools.partial(self._dial_done, key))
             await asyncio.shield(task)
+            # done callbacks run later: register now, or a done task would spin this loop
+            self._dial_done(key, task)
 
     def _dial_done(self, key: PoolKey, task: asyncio.Task[HboneProtocol]) -> None:
+        """Record a finished dial (idempotent: runs as a callback and from waiters)."""
         if self._dialing.get(key) is task:
             del self._dialing[key]
         if task.cancelled():
             return
         if task.exception() is None:
             conn = task.result()
-            if not conn.lost:
+            if not conn.lost and conn not in self._keys:
                 self._conns.setdefault(key, []).append(conn)
                 self._keys[conn] = key
                 self._touch(conn)

@@ -131,20 +131,22 @@ class LoopbackMesh:
         self, src_ip: str, dst: Address, *, via: str | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A client in pod ``src_ip`` connecting to ``dst``, captured by its node's agent."""
-        sock = self.client_socket(src_ip, dst, via=via)
+        sock = await self.client_socket(src_ip, dst, via=via)
         return await asyncio.open_connection(sock=sock)
 
-    def client_socket(self, src_ip: str, dst: Address, *, via: str | None = None) -> socket.socket:
-        """A connected blocking-free socket, as above (caller owns it)."""
+    async def client_socket(
+        self, src_ip: str, dst: Address, *, via: str | None = None
+    ) -> socket.socket:
+        """A connected non-blocking socket, as above (the caller owns it)."""
         w = next(w for w in self.workloads if src_ip in w.ips)
         agent = self.agents[via or w.node]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind((src_ip, 0))
             self.dst.by_peer[(src_ip, sock.getsockname()[1])] = dst
-            sock.connect(agent.outbound)
             sock.setblocking(False)
-        except OSError:
+            await asyncio.get_running_loop().sock_connect(sock, agent.outbound)
+        except BaseException:
             sock.close()
             raise
         return sock

@@ -1,0 +1,153 @@
+"""The HBONE connection pool, exercised through two loopback agents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ztunnel_py.config import HboneConfig
+from ztunnel_py.proxy.pool import PoolKey
+
+from .test_proxy_mesh import APP_PORT, World, echo, make_world, wait_for
+
+
+async def close_world(world: World) -> None:
+    await world.mesh.stop()
+    await world.servers.close()
+
+
+async def roundtrip(world: World, payload: bytes) -> bytes:
+    r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
+    try:
+        w.write(payload)
+        w.write_eof()
+        return await asyncio.wait_for(r.read(), 30)
+    finally:
+        w.close()
+
+
+async def test_500_concurrent_streams_share_one_connection() -> None:
+    world = await make_world(HboneConfig(max_streams_per_connection=1000))
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        gate = asyncio.Event()
+        held: list[asyncio.StreamWriter] = []
+
+        async def one(i: int) -> bytes:
+            r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
+            held.append(w)
+            w.write(b"%d;" % i)
+            data = await asyncio.wait_for(r.readexactly(len(b"%d;" % i)), 30)
+            await gate.wait()  # keep every stream open until all 500 are up
+            w.write_eof()
+            await asyncio.wait_for(r.read(), 30)
+            return data
+
+        tasks = [asyncio.create_task(one(i)) for i in range(500)]
+        pool = world.mesh.agents["node-1"].proxy.pool
+        await wait_for(
+            lambda: sum(c.active_streams for c in pool.connections()) == 500, 60
+        )
+        assert pool.dials == 1
+        assert len(pool.connections()) == 1
+        assert pool.connections()[0].active_streams == 500
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert results == [b"%d;" % i for i in range(500)]
+        for w in held:
+            w.close()
+        await wait_for(lambda: pool.connections()[0].active_streams == 0)
+    finally:
+        await close_world(world)
+
+
+async def test_single_flight_dial_and_second_connection_past_the_stream_limit() -> None:
+    world = await make_world(HboneConfig(max_streams_per_connection=3))
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        pool = world.mesh.agents["node-1"].proxy.pool
+        key = PoolKey(
+            "spiffe://cluster.local/ns/default/sa/client",
+            "spiffe://cluster.local/ns/default/sa/server", (world.b, 15008),
+        )
+        legs = await asyncio.gather(
+            *(pool.open_stream(key, f"{world.b}:{APP_PORT}") for _ in range(3))
+        )
+        assert pool.dials == 1  # three concurrent opens, one dial
+        legs.append(await pool.open_stream(key, f"{world.b}:{APP_PORT}"))
+        assert pool.dials == 2  # the fourth does not fit on the first connection
+        assert sorted(c.active_streams for c in pool.connections(key)) == [1, 3]
+        for leg in legs:
+            leg.reset()
+    finally:
+        await close_world(world)
+
+
+async def test_idle_connections_are_released_and_redialled() -> None:
+    world = await make_world(HboneConfig(idle_timeout_s=0.2))
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        pool = world.mesh.agents["node-1"].proxy.pool
+        assert await roundtrip(world, b"one") == b"one"
+        assert len(pool.connections()) == 1
+        await wait_for(lambda: not pool.connections(), 5)  # closed after the idle timeout
+        assert await roundtrip(world, b"two") == b"two"
+        assert pool.dials == 2
+    finally:
+        await close_world(world)
+
+
+async def test_a_broken_connection_fails_its_streams_and_the_next_request_redials() -> None:
+    world = await make_world()
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        pool = world.mesh.agents["node-1"].proxy.pool
+        r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
+        w.write(b"x")
+        assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
+        # the far agent's end of the HBONE connection dies
+        server_side = world.mesh.agents["node-2"].proxy.inbound.connections
+        assert len(server_side) == 1
+        for conn in list(server_side):
+            conn.abort()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            data = await asyncio.wait_for(r.read(), 5)
+            assert data == b""  # either FIN or reset is acceptable, but promptly
+        except ConnectionResetError:
+            pass
+        assert loop.time() - started < 2
+        w.close()
+        await wait_for(lambda: not pool.connections())
+        assert await roundtrip(world, b"again") == b"again"
+        assert pool.dials == 2
+    finally:
+        await close_world(world)
+
+
+async def test_churn_of_short_connections_leaks_no_fds_or_transports() -> None:
+    world = await make_world()
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        await world.servers.serve(world.c, APP_PORT, echo)  # passthrough too
+        assert await roundtrip(world, b"warm") == b"warm"
+        fds_before = len(os.listdir("/proc/self/fd"))
+
+        async def one(i: int) -> None:
+            dst = world.b if i % 2 else world.c
+            r, w = await world.mesh.connect(world.a, (dst, APP_PORT))
+            w.write(b"hello")
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 30) == b"hello"
+            w.close()
+            await w.wait_closed()
+
+        for batch in range(20):
+            await asyncio.gather(*(one(batch * 100 + i) for i in range(100)))
+        proxies = [a.proxy for a in world.mesh.agents.values()]
+        await wait_for(lambda: all(p.active == 0 for p in proxies), 10)
+        await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before + 5, 10)
+        assert world.mesh.agents["node-1"].proxy.pool.dials == 1
+    finally:
+        await close_world(world)
