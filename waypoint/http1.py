@@ -19,7 +19,16 @@ from typing import Any, Protocol
 import h11
 
 from waypoint.pipe import Pipe
-from waypoint.request import HOP_BY_HOP, Headers, Peer, Request, Response, UpstreamError, normalise
+from waypoint.request import (
+    HOP_BY_HOP,
+    Body,
+    Headers,
+    Peer,
+    Request,
+    Response,
+    UpstreamError,
+    normalise,
+)
 from ztunnel_py import log
 
 
@@ -40,7 +49,7 @@ class ConnInfo:
 
 
 class Handler(Protocol):
-    async def handle(self, req: Request, body: bytes) -> Response: ...
+    async def handle(self, req: Request, body: Body) -> Response: ...
 
     async def upgrade(self, req: Request, server: H1Server) -> None: ...
 

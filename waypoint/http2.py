@@ -27,8 +27,10 @@ from waypoint.http1 import ConnInfo, Handler
 from waypoint.pipe import Pipe
 from waypoint.request import (
     HOP_BY_HOP,
+    Body,
     BodyStream,
     Request,
+    RequestBody,
     Response,
     UpstreamError,
     normalise,
@@ -90,6 +92,10 @@ class _Sender:
             self.fail(sid)
 
 
+def _is_grpc(headers: list[tuple[str, str]]) -> bool:
+    return any(k == "content-type" and v.startswith("application/grpc") for k, v in headers)
+
+
 def _config(client: bool) -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
                                      validate_inbound_headers=False)
@@ -106,6 +112,7 @@ class _InStream:
     headers: list[tuple[str, str]]
     body: bytearray = field(default_factory=bytearray)
     task: asyncio.Task[None] | None = None
+    streamed: RequestBody | None = None  # gRPC: handled from the headers on
 
 
 class H2Server:
@@ -161,25 +168,43 @@ class H2Server:
     def _event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.RequestReceived):
             assert ev.stream_id is not None and ev.headers is not None
-            self.streams[ev.stream_id] = _InStream(normalise(ev.headers))  # type: ignore[arg-type]
+            new = _InStream(normalise(ev.headers))  # type: ignore[arg-type]
+            self.streams[ev.stream_id] = new
+            if ev.stream_ended is None and _is_grpc(new.headers):
+                # gRPC may stream both ways: handle it now, relay the body as it comes.
+                sid = ev.stream_id
+                new.streamed = RequestBody()
+                new.streamed.on_consumed = lambda n: self._consumed(sid, n)
+                new.task = self.spawn(self._serve(sid, new))
         elif isinstance(ev, h2.events.DataReceived):
             assert ev.stream_id is not None
             s = self.streams.get(ev.stream_id)
-            self.conn.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
-            if s is not None and ev.data:
-                s.body += ev.data
+            flow = ev.flow_controlled_length or 0
+            data = ev.data or b""
+            if s is not None and s.streamed is not None:
+                s.streamed.feed(data)  # credited when the upstream takes it
+                if flow > len(data):
+                    self.conn.acknowledge_received_data(flow - len(data), ev.stream_id)
+                return
+            self.conn.acknowledge_received_data(flow, ev.stream_id)
+            if s is not None and data:
+                s.body += data
                 if len(s.body) > MAX_BODY:
                     self.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                     del self.streams[ev.stream_id]
         elif isinstance(ev, h2.events.StreamEnded):
             assert ev.stream_id is not None
             s = self.streams.get(ev.stream_id)
-            if s is not None and s.task is None:
+            if s is not None and s.streamed is not None:
+                s.streamed.end()
+            elif s is not None and s.task is None:
                 s.task = self.spawn(self._serve(ev.stream_id, s))
         elif isinstance(ev, h2.events.StreamReset):
             assert ev.stream_id is not None
             s = self.streams.pop(ev.stream_id, None)
             self.sender.fail(ev.stream_id)
+            if s is not None and s.streamed is not None:
+                s.streamed.fail(UpstreamError("reset", "the client reset the stream"))
             if s is not None and s.task is not None:
                 s.task.cancel()
         elif isinstance(ev, h2.events.WindowUpdated):
@@ -200,11 +225,19 @@ class H2Server:
             grpc=content_type.startswith("application/grpc"), dst=self.info.dst[0], http2=True,
         )
 
+    def _consumed(self, stream_id: int, n: int) -> None:
+        if self.closed or stream_id not in self.streams:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.acknowledge_received_data(n, stream_id)
+            self.flush()
+
     async def _serve(self, stream_id: int, s: _InStream) -> None:
         req = self.request_of(s.headers)
+        body: Body = s.streamed if s.streamed is not None else bytes(s.body)
         try:
             try:
-                resp = await self.handler.handle(req, bytes(s.body))
+                resp = await self.handler.handle(req, body)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -269,6 +302,7 @@ class H2Server:
 class _OutStream:
     done: asyncio.Future[None]  # the whole response, or only its headers when streaming
     stream: BodyStream | None = None
+    pump: asyncio.Task[None] | None = None  # sends a streamed request body
     status: int = 0
     headers: tuple[tuple[str, str], ...] = ()
     body: bytearray = field(default_factory=bytearray)
@@ -330,6 +364,8 @@ class H2Client:
 
     @staticmethod
     def _fail(s: _OutStream, err: UpstreamError) -> None:
+        if s.pump is not None:
+            s.pump.cancel()
         if not s.done.done():
             s.error = err
             s.done.set_result(None)
@@ -361,6 +397,8 @@ class H2Client:
             s.trailers = normalise(ev.headers or [])
         elif isinstance(ev, h2.events.StreamEnded) and s is not None:
             self.streams.pop(ev.stream_id or 0, None)
+            if s.pump is not None:
+                s.pump.cancel()  # the server has answered in full: nothing more to send
             if s.stream is not None and not s.done.done():
                 s.stream = None  # headers only (gRPC trailers-only): answer it whole
             if s.stream is not None:
@@ -387,6 +425,17 @@ class H2Client:
                     self._fail(st, UpstreamError("refused-stream", "upstream sent GOAWAY"))
                     self.streams.pop(sid2, None)
 
+    async def _pump(self, sid: int, body: RequestBody) -> None:
+        """Send a request body upstream as the client sends it, then END_STREAM."""
+        try:
+            async for chunk in body.replay():
+                await self.sender.send(sid, chunk, end=False)
+            if not self.closed and sid in self.streams:
+                self.conn.end_stream(sid)
+                self.flush()
+        except (UpstreamError, h2.exceptions.H2Error):
+            self._cancel(sid)
+
     def _consumed(self, sid: int, n: int) -> None:
         if self.closed:
             return
@@ -400,9 +449,9 @@ class H2Client:
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
                 self.flush()
 
-    async def request(self, req: Request, body: bytes, *, stream: bool = False) -> Response:
+    async def request(self, req: Request, body: Body, *, stream: bool = False) -> Response:
         """One exchange. With ``stream``, return at the response headers; the body follows
-        in ``Response.stream``."""
+        in ``Response.stream``. A ``RequestBody`` is sent as it arrives."""
         if not self.usable:
             raise UpstreamError("refused-stream", "upstream HTTP/2 connection cannot take "
                                 "another stream")
@@ -420,16 +469,23 @@ class H2Client:
         if req.grpc and not any(k == "te" for k, _ in headers):
             headers.append(("te", "trailers"))
         try:
-            self.conn.send_headers(sid, headers, end_stream=not body)
-            self.flush()
-            if body:
-                await self.sender.send(sid, body, end=True)
+            if isinstance(body, RequestBody):
+                self.conn.send_headers(sid, headers)
+                self.flush()
+                st.pump = asyncio.get_running_loop().create_task(self._pump(sid, body))
+            else:
+                self.conn.send_headers(sid, headers, end_stream=not body)
+                self.flush()
+                if body:
+                    await self.sender.send(sid, body, end=True)
             await st.done
         except asyncio.CancelledError:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
                 self.flush()
             self.streams.pop(sid, None)
+            if st.pump is not None:
+                st.pump.cancel()
             raise
         except h2.exceptions.H2Error as exc:
             self.streams.pop(sid, None)

@@ -33,9 +33,11 @@ from waypoint.cluster import (
 from waypoint.engine import Forward, Outcome, Respond, Target
 from waypoint.http1 import H1Server
 from waypoint.request import (
+    Body,
     BodyStream,
     Headers,
     Request,
+    RequestBody,
     Response,
     UpstreamError,
     header,
@@ -189,12 +191,12 @@ class WaypointProxy:
 
     # -- the request path --
 
-    async def handle(self, req: Request, body: bytes) -> Response:
+    async def handle(self, req: Request, body: Body) -> Response:
         started = self.clock()
         rec = RequestRecord(
             method=req.method, path=req.path, authority=req.authority,
             protocol="grpc" if req.grpc else "http", source=req.source,
-            request_bytes=len(body), security=self.security,
+            request_bytes=len(body) if isinstance(body, bytes) else 0, security=self.security,
         )
         try:
             result = await self._handle(req, body, rec)
@@ -213,14 +215,18 @@ class WaypointProxy:
             rec.upstream = result.endpoint.key
             rec.destination = result.endpoint.workload
         if resp.stream is None:
+            if isinstance(body, RequestBody):
+                rec.request_bytes = body.size
             rec.duration_ms = (self.clock() - started) * 1000.0
             self.metrics.record(rec)
             return resp
 
-        def streamed(body: BodyStream) -> None:  # one record when the stream is over
-            rec.response_bytes = body.size
-            rec.grpc_status = header(body.trailers, "grpc-status") or rec.grpc_status
-            if body.error is not None and "UC" not in rec.flags:
+        def streamed(out: BodyStream) -> None:  # one record when the stream is over
+            if isinstance(body, RequestBody):
+                rec.request_bytes = body.size
+            rec.response_bytes = out.size
+            rec.grpc_status = header(out.trailers, "grpc-status") or rec.grpc_status
+            if out.error is not None and "UC" not in rec.flags:
                 rec.flags = _flags(rec.flags, "UC")
             rec.duration_ms = (self.clock() - started) * 1000.0
             self.metrics.record(rec)
@@ -251,7 +257,7 @@ class WaypointProxy:
             return req, _Result(self._respond(decision, req), [decision.flags])
         return req, decision
 
-    async def _handle(self, req: Request, body: bytes, rec: RequestRecord) -> _Result:
+    async def _handle(self, req: Request, body: Body, rec: RequestRecord) -> _Result:
         req, planned = self._prepare(req, rec)
         if isinstance(planned, _Result):
             return planned
@@ -285,7 +291,7 @@ class WaypointProxy:
         resp.headers = headers
         return resp
 
-    async def _tries(self, d: Forward, body: bytes) -> _Result:
+    async def _tries(self, d: Forward, body: Body) -> _Result:
         if d.delay_s:
             await asyncio.sleep(d.delay_s)
         try:
@@ -314,6 +320,8 @@ class WaypointProxy:
                 assert retry is not None
                 if not cluster.gate.retry_allowed(limits):
                     break
+                if isinstance(body, RequestBody) and not body.replayable:
+                    break  # too large to send again (Envoy: no retry past its buffer)
                 cluster.gate.retries += 1
             try:
                 if attempt > 1 and retry is not None:
@@ -376,14 +384,19 @@ class WaypointProxy:
 
     # -- mirroring --
 
-    def _mirror(self, target: Target, req: Request, body: bytes) -> None:
+    def _mirror(self, target: Target, req: Request, body: Body) -> None:
         if len(self.mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
             return
         task = asyncio.get_running_loop().create_task(self._mirror_one(target, req, body))
         self.mirror_tasks.add(task)
         task.add_done_callback(self.mirror_tasks.discard)
 
-    async def _mirror_one(self, target: Target, req: Request, body: bytes) -> None:
+    async def _mirror_one(self, target: Target, req: Request, body: Body) -> None:
+        if isinstance(body, RequestBody):  # mirror the whole request once it is in
+            try:
+                body = await asyncio.wait_for(body.wait_complete(), MIRROR_TIMEOUT_S)
+            except (UpstreamError, TimeoutError):
+                return
         try:
             _, eps = self._endpoints(target)
         except UnknownSubset as exc:

@@ -199,6 +199,81 @@ class BodyStream:
         return b"".join([c async for c in self])
 
 
+class RequestBody:
+    """A request body that may still be arriving (gRPC streams over HTTP/2).
+
+    Chunks are kept so that a retry or a mirror can replay the body from the start, up
+    to ``limit`` bytes; past that the body can be read once only (``replayable`` turns
+    False, consumed chunks are dropped) and retries stop, as in Envoy. ``on_consumed``
+    is told about bytes read the first time, so the client is credited only then.
+    """
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.dropped = 0  # chunks released after being read once (not replayable)
+        self.size = 0
+        self.complete = False
+        self.error: BaseException | None = None
+        self.replayable = True
+        self.readers = 0
+        self._high = 0  # highest chunk index read so far
+        self._changed = asyncio.Event()
+        self.on_consumed: Callable[[int], None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.complete or self.error is not None or not data:
+            return
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > self.limit:
+            self.replayable = False
+        self._changed.set()
+
+    def end(self) -> None:
+        self.complete = True
+        self._changed.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._changed.set()
+
+    async def wait_complete(self) -> bytes:
+        """The whole body, once it has all arrived (replayable bodies only)."""
+        return b"".join([c async for c in self.replay()])
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        """The body from its first byte, as it arrives."""
+        if not self.replayable and self.readers:
+            raise UpstreamError("reset", "request body too large to send again")
+        self.readers += 1
+        i = 0
+        while True:
+            if self.error is not None:
+                raise self.error
+            if i < self.dropped:
+                raise UpstreamError("reset", "request body too large to send again")
+            if i - self.dropped < len(self.chunks):
+                chunk = self.chunks[i - self.dropped]
+                i += 1
+                if i > self._high:
+                    self._high = i
+                    if self.on_consumed is not None:
+                        self.on_consumed(len(chunk))
+                if not self.replayable:  # read-once: let go of what was read
+                    del self.chunks[: i - self.dropped]
+                    self.dropped = i
+                yield chunk
+                continue
+            if self.complete:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+
+Body = bytes | RequestBody
+
+
 class UpstreamError(Exception):
     """A try towards an endpoint failed before a complete response.
 

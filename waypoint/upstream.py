@@ -18,7 +18,7 @@ from waypoint.cluster import EndpointRef
 from waypoint.http1 import H1Client
 from waypoint.http2 import H2Client
 from waypoint.pipe import Pipe, TcpPipe
-from waypoint.request import Request, Response, UpstreamError
+from waypoint.request import Body, Request, RequestBody, Response, UpstreamError
 
 IDLE_PER_ENDPOINT = 64
 
@@ -55,13 +55,15 @@ class Upstreams:
         self._h2_dialing: dict[str, asyncio.Lock] = {}
         self._busy: set[H1Client] = set()
 
-    async def exchange(self, ep: EndpointRef, req: Request, body: bytes, *,
+    async def exchange(self, ep: EndpointRef, req: Request, body: Body, *,
                        connect_timeout_s: float = 10.0,
                        max_requests_per_connection: int = 0, stream: bool = False) -> Response:
         """One exchange with ``ep``. ``stream`` (HTTP/2 only): return at the response
         headers and relay the body as it comes (``Response.stream``)."""
         if req.http2:
             return await self._h2_exchange(ep, req, body, connect_timeout_s, stream)
+        if isinstance(body, RequestBody):  # HTTP/1.1 upstream: it needs the whole body
+            body = await body.wait_complete()
         client = self._idle_client(ep)
         if client is None:
             client = H1Client(await self.connector.connect(ep, connect_timeout_s))
@@ -91,7 +93,7 @@ class Upstreams:
                 return c
         return None
 
-    async def _h2_exchange(self, ep: EndpointRef, req: Request, body: bytes,
+    async def _h2_exchange(self, ep: EndpointRef, req: Request, body: Body,
                            connect_timeout_s: float, stream: bool) -> Response:
         client = self._h2.get(ep.key)
         if client is None or not client.usable:

@@ -43,11 +43,25 @@ class Echo:
                 await asyncio.wait_for(self.gate.wait(), 10)
 
 
+    async def collect(self, requests: AsyncIterator[bytes],
+                      context: grpc.aio.ServicerContext) -> bytes:
+        self.calls.append(("Collect", ""))
+        return b"+".join([m async for m in requests])
+
+    async def chat(self, requests: AsyncIterator[bytes],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.calls.append(("Chat", ""))
+        async for m in requests:
+            yield m.upper()
+
+
 async def _grpc_backend(echo: Echo) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(echo.unary, _ident, _ident),
         "Stream": grpc.unary_stream_rpc_method_handler(echo.stream, _ident, _ident),
+        "Collect": grpc.stream_unary_rpc_method_handler(echo.collect, _ident, _ident),
+        "Chat": grpc.stream_stream_rpc_method_handler(echo.chat, _ident, _ident),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -115,6 +129,31 @@ async def test_grpc_server_stream_is_relayed_as_it_comes(
     assert got == [b"item-0", b"item-1", b"item-2"]
     assert mesh.metrics.count(request_protocol="grpc", grpc_response_status="0") == 1
     assert b"istio_response_bytes_sum" in mesh.metrics.render()
+
+
+async def test_grpc_client_streaming_and_bidirectional_ping_pong(
+        grpc_mesh: tuple[Mesh, Echo]) -> None:
+    """Each chat reply is read before the next message is written: the request side is
+    relayed as it comes, not when the client has finished sending."""
+    mesh, echo = grpc_mesh
+    target = f"{mesh.address[0]}:{mesh.address[1]}"
+    async with grpc.aio.insecure_channel(
+            target, options=[("grpc.default_authority", "echo:50051")]) as ch:
+        collect = ch.stream_unary(f"/{SERVICE}/Collect", _ident, _ident)
+
+        async def three() -> AsyncIterator[bytes]:
+            for m in (b"a", b"b", b"c"):
+                yield m
+
+        assert await asyncio.wait_for(collect(three()), 10) == b"a+b+c"
+        call = ch.stream_stream(f"/{SERVICE}/Chat", _ident, _ident)()
+        for word in (b"ping", b"pong", b"again"):
+            await asyncio.wait_for(call.write(word), 5)
+            assert await asyncio.wait_for(call.read(), 5) == word.upper()
+        await call.done_writing()
+        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
+    assert [c[0] for c in echo.calls] == ["Collect", "Chat"]
+    assert mesh.metrics.count(request_protocol="grpc", grpc_response_status="0") == 2
 
 
 async def test_grpc_fault_abort_and_retry_on_unavailable(grpc_mesh: tuple[Mesh, Echo]) -> None:

@@ -12,7 +12,7 @@ import h2.events
 
 from waypoint.http1 import ConnInfo, H1Server
 from waypoint.http2 import PREFACE, H2Server
-from waypoint.request import Peer, Request, Response
+from waypoint.request import Body, Peer, Request, RequestBody, Response, UpstreamError
 from waypoint.server import Sniff
 
 
@@ -45,7 +45,9 @@ class Recorder:
     def __init__(self) -> None:
         self.requests: list[tuple[Request, bytes]] = []
 
-    async def handle(self, req: Request, body: bytes) -> Response:
+    async def handle(self, req: Request, body: Body) -> Response:
+        if isinstance(body, RequestBody):  # gRPC over HTTP/2 arrives as a stream
+            body = await body.wait_complete()
         self.requests.append((req, body))
         if req.grpc:
             return Response(200, (("content-type", "application/grpc"),),
@@ -141,3 +143,45 @@ async def test_sniff_picks_http1_otherwise() -> None:
     assert isinstance(sniff.chosen, H1Server)
     await _settle()
     assert pipe.out.startswith(b"HTTP/1.1 200")
+
+
+async def test_request_body_replays_while_small_and_reads_once_when_large() -> None:
+    small = RequestBody(limit=10)
+    small.feed(b"abc")
+    small.feed(b"def")
+    small.end()
+    assert await small.wait_complete() == b"abcdef"
+    assert await small.wait_complete() == b"abcdef"  # a retry or a mirror sends it again
+    large = RequestBody(limit=4)
+    consumed: list[int] = []
+    large.on_consumed = consumed.append
+    large.feed(b"abc")
+    large.feed(b"def")  # past the limit: read once
+    large.end()
+    assert not large.replayable
+    assert [c async for c in large.replay()] == [b"abc", b"def"]
+    assert consumed == [3, 3] and large.chunks == []
+    try:
+        [c async for c in large.replay()]
+    except UpstreamError as exc:
+        assert "too large" in str(exc)
+    else:
+        raise AssertionError("a read-once body replayed")
+
+
+async def test_request_body_streams_as_it_arrives() -> None:
+    body = RequestBody()
+    got: list[bytes] = []
+
+    async def read() -> None:
+        async for c in body.replay():
+            got.append(c)
+
+    task = asyncio.ensure_future(read())
+    body.feed(b"1")
+    await _settle()
+    assert got == [b"1"] and not task.done()
+    body.feed(b"2")
+    body.end()
+    await asyncio.wait_for(task, 1)
+    assert got == [b"1", b"2"]
