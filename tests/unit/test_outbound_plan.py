@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ztunnel_py.proxy.outbound import Local, Passthrough, Reject, Tunnel, plan
 from ztunnel_py.proxy.inbound import Accept, Refuse, decide
+from ztunnel_py.proxy.outbound import Local, Passthrough, Reject, Tunnel, plan
 from ztunnel_py.state.model import (
     Endpoint,
     FrozenMap,

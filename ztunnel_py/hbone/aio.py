@@ -229,7 +229,10 @@ class HboneProtocol(asyncio.Protocol):
         on_connect: ConnectHandler | None = None,
         on_closed: Callable[[HboneProtocol, BaseException | None], None] | None = None,
         on_stream_done: Callable[[HboneProtocol, StreamLeg], None] | None = None,
+        deferred: bool = False,
     ) -> None:
+        """``deferred``: do not speak HTTP/2 until ``start()`` (the server checks the
+        client's identity first; bytes that arrive meanwhile are kept)."""
         self.core = HboneConnection(role, config)
         self.role = role
         self.transport: asyncio.Transport | None = None
@@ -237,7 +240,8 @@ class HboneProtocol(asyncio.Protocol):
         self.writing_paused = False
         self.lost = False
         self._on_connect = on_connect
-        self._early: list[bytes] = []  # bytes TLS delivered before connection_made (start_tls)
+        self._early: list[bytes] = []  # bytes that arrived before start()
+        self._started = not deferred
         self._on_closed = on_closed
         self._on_stream_done = on_stream_done
 
@@ -246,6 +250,15 @@ class HboneProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(TLS_HIGH_WATER, TLS_LOW_WATER)
+        if self._started:
+            self.core.initiate()
+            self.flush()
+
+    def start(self) -> None:
+        """Begin HTTP/2 on a deferred connection (after the peer's identity was checked)."""
+        if self._started or self.lost:
+            return
+        self._started = True
         self.core.initiate()
         self.flush()
         early, self._early = self._early, []
@@ -253,7 +266,7 @@ class HboneProtocol(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None:
+        if not self._started:
             self._early.append(data)
             return
         try:

@@ -13,9 +13,9 @@ hook), then the upstream connection: 200 and relay, or 503.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
-import typing
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ from ztunnel_py.identity.tls import ALPN_H2, peer_identity
 from ztunnel_py.policy.types import Connection
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
 from ztunnel_py.proxy.pool import ContextCache
-from ztunnel_py.proxy.relay import Relay, TcpLeg, set_linger_zero
+from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, TcpLeg
 from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
@@ -87,23 +87,6 @@ def decide(
     return Accept(w, (ip, port))
 
 
-class _Handshake(asyncio.Protocol):
-    """The plain TCP phase of an inbound connection, until TLS takes over."""
-
-    def __init__(self, inbound: Inbound) -> None:
-        self.inbound = inbound
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inbound._accepted(typing.cast(asyncio.Transport, transport), self)
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-
 class Inbound:
     def __init__(
         self,
@@ -132,60 +115,82 @@ class Inbound:
         self.relays: set[Relay] = set()
         self.upstream_attempts = 0  # connections tried towards workloads (tests: never for 400s)
 
-    def protocol(self) -> asyncio.Protocol:
-        return _Handshake(self)
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _accepted(self, transport: asyncio.Transport, handshake: _Handshake) -> None:
-        transport.pause_reading()
-        sock: socket.socket = transport.get_extra_info("socket")
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept loop for one listening socket (runs until cancelled).
+
+        Accepting by hand (not ``create_server``) lets us read the dialled address
+        and pick the certificate *before* TLS starts, and hand the socket to
+        ``connect_accepted_socket`` with the right context: no bytes of the
+        ClientHello can be consumed by anyone else.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                _log.warning("hbone accept failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._handshake(sock))
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        owned = False
+        try:
+            owned = await self._tls(sock)
+        finally:
+            # a failed handshake closes the socket in the loop (fileno -1); anything else
+            # that did not end up owned by a transport is closed here
+            if not owned and sock.fileno() != -1:
+                sock.close()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        sock.close()
+
+    async def _tls(self, sock: socket.socket) -> bool:
+        """TLS and identity checks; True once a transport owns ``sock``."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
         try:
             dialled = self.dialled(sock)
+            peer = sock.getpeername()[:2]
         except OSError:
-            transport.abort()
-            return
+            sock.close()
+            return False
         w = local_workload(self.store.current, dialled[0], self.node)
         if w is None:
-            _log.info("hbone connection to an address that is not a local workload; closing",
+            _log.info("hbone connection to an address that is not a local workload; reset",
                       dialled=core.format_authority(*dialled))
-            set_linger_zero(transport)
-            transport.abort()
-            return
-        self._spawn(self._tls(transport, handshake, w))
-
-    async def _tls(self, transport: asyncio.Transport, handshake: _Handshake, w: Workload) -> None:
-        loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
+            self._refuse(sock)
+            return False
         try:
             cert = await self.certificates.fetch(w.identity)
             ctx = self.contexts.server(cert)
         except IdentityError as exc:
             _log.warning("no certificate to serve HBONE", identity=w.identity, error=str(exc))
-            transport.abort()
-            return
-        if handshake.lost:
-            transport.abort()
-            return
-        proto = HboneProtocol(Role.SERVER, self.config, on_closed=self._closed)
+            self._refuse(sock)
+            return False
+        proto_box: list[HboneProtocol] = []
+
+        def factory() -> HboneProtocol:
+            proto = HboneProtocol(Role.SERVER, self.config, on_closed=self._closed, deferred=True)
+            proto_box.append(proto)
+            return proto
+
         try:
-            tls = await loop.start_tls(
-                transport, proto, ctx, server_side=True,
-                ssl_handshake_timeout=self.config.connect_timeout_s,
+            tls, _ = await loop.connect_accepted_socket(
+                factory, sock, ssl=ctx, ssl_handshake_timeout=self.config.connect_timeout_s
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             _log.info("hbone TLS handshake failed", peer=str(peer), error=str(exc))
-            transport.abort()
-            return
-        except BaseException:
-            transport.abort()
-            raise
-        if tls is None:  # pragma: no cover - the transport closed during the handshake
-            transport.abort()
-            return
+            return False
+        proto = proto_box[0]
         ssl_object = tls.get_extra_info("ssl_object")
         try:
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
@@ -194,12 +199,15 @@ class Inbound:
         except IdentityError as exc:
             _log.info("hbone client refused", peer=str(peer), error=str(exc))
             tls.abort()
-            return
+            return True
+        if proto.lost:
+            return True
         proto.set_connect_handler(
             lambda leg: self._spawn(self._stream(proto, leg, client_id, w.identity, peer))
         )
         self.connections.add(proto)
-        proto.connection_made(tls)
+        proto.start()
+        return True
 
     def _closed(self, proto: HboneProtocol, exc: BaseException | None) -> None:
         self.connections.discard(proto)

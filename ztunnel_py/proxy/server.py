@@ -9,6 +9,7 @@ until the deadline and then closes what is left; ``stop()`` closes at once.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Sequence
 
@@ -86,6 +87,8 @@ class Proxy:
             original_dst=original_dst, upstream=upstream,
         )
         self._servers: list[asyncio.AbstractServer] = []
+        self._accept_socks: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
         self.addresses: dict[str, list[Address]] = {}
 
     @classmethod
@@ -114,7 +117,6 @@ class Proxy:
         loop = asyncio.get_running_loop()
         factories = {
             "outbound": self.outbound.protocol,
-            "inbound": self.inbound.protocol,
             "inbound_plaintext": self.plaintext.protocol,
         }
         try:
@@ -122,9 +124,14 @@ class Proxy:
                 bound: list[Address] = []
                 for host, port in binds:
                     sock = self._listener(host, port)
+                    bound.append(sock.getsockname()[:2])
+                    if name == "inbound":
+                        # accepted by hand: the certificate depends on the dialled address
+                        self._accept_socks.append(sock)
+                        self._accept_tasks.append(loop.create_task(self.inbound.serve(sock)))
+                        continue
                     server = await loop.create_server(factories[name], sock=sock)
                     self._servers.append(server)
-                    bound.append(sock.getsockname()[:2])
                 self.addresses[name] = bound
         except BaseException:
             await self.stop()
@@ -143,10 +150,21 @@ class Proxy:
             + len(self.plaintext.tasks)
         )
 
-    async def drain(self, deadline_s: float) -> None:
-        """Stop accepting; let connections finish for up to ``deadline_s``; then close."""
+    async def _stop_accepting(self) -> None:
         for server in self._servers:
             server.close()
+        self._servers.clear()
+        tasks, self._accept_tasks = self._accept_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        socks, self._accept_socks = self._accept_socks, []
+        for sock in socks:
+            sock.close()
+
+    async def drain(self, deadline_s: float) -> None:
+        """Stop accepting; let connections finish for up to ``deadline_s``; then close."""
+        await self._stop_accepting()
         end = time.monotonic() + deadline_s
         while self.active and time.monotonic() < end:  # noqa: ASYNC110 - polling several sets
             await asyncio.sleep(0.05)
@@ -155,9 +173,7 @@ class Proxy:
         await self.stop()
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
+        await self._stop_accepting()
         tasks = [*self.outbound.tasks, *self.inbound.tasks, *self.plaintext.tasks]
         for task in tasks:
             task.cancel()
