@@ -86,6 +86,7 @@ class InboundPlaintext:
         result = ConnectionResult("inbound", security="none")
         src_w = snapshot.by_ip.get(src[0])
         result.src = peer_of(src_w, format_authority(*src))
+        result.src.principal = ""  # nothing proves who a plaintext peer is
         w = local_workload(snapshot, dst[0], self.node)
         if w is None:
             result.dst = Peer(address=format_authority(*dst))
