@@ -34,6 +34,15 @@ from ztunnel_py.proxy.sockets import UpstreamError, UpstreamFactory, connect, pl
 _log = log.get("pool")
 
 
+DialMap = Callable[[tuple[str, int]], tuple[str, int]]
+
+
+def direct(address: tuple[str, int]) -> tuple[str, int]:
+    """The default dial seam: HBONE goes to the destination's own ip:15008 (the capture on
+    the destination node delivers it to that node's agent)."""
+    return address
+
+
 class PoolError(Exception):
     """An HBONE connection could not be established."""
 
@@ -85,12 +94,14 @@ class ConnectionPool:
         *,
         upstream: UpstreamFactory = plain_upstream,
         contexts: ContextCache | None = None,
+        dial: DialMap | None = None,
     ) -> None:
         self.config = config
         self._certs = certificates
         self._trust_domain = trust_domain
         self._upstream = upstream
         self._contexts = contexts or ContextCache()
+        self._dial_map = dial or direct
         self._conns: dict[PoolKey, list[HboneProtocol]] = {}
         self._dialing: dict[PoolKey, asyncio.Task[HboneProtocol]] = {}
         self._idle: dict[HboneProtocol, asyncio.TimerHandle] = {}
@@ -188,14 +199,14 @@ class ConnectionPool:
     async def _dial(self, key: PoolKey) -> HboneProtocol:
         loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout_s
-        host, port = key.address
+        host, port = address = self._dial_map(key.address)
         try:
             cert = await self._certs.fetch(key.src_identity)
             ctx = self._contexts.client(cert)
         except IdentityError as exc:
             raise PoolError(f"no certificate for {key.src_identity}: {exc}") from None
         try:
-            sock = await connect(self._upstream, key.address, timeout)
+            sock = await connect(self._upstream, address, timeout)
         except UpstreamError as exc:
             raise PoolError(
                 f"HBONE to {host}:{port}: {exc} (is the destination node's agent up, and port "

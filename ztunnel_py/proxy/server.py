@@ -25,7 +25,7 @@ from ztunnel_py.identity.manager import CertificateSource
 from ztunnel_py.proxy.inbound import Inbound
 from ztunnel_py.proxy.inbound_plaintext import InboundPlaintext, Strict, never_strict
 from ztunnel_py.proxy.outbound import Authorizer, Outbound, allow_all
-from ztunnel_py.proxy.pool import ConnectionPool, ContextCache
+from ztunnel_py.proxy.pool import ConnectionPool, ContextCache, DialMap
 from ztunnel_py.proxy.relay import Relay
 from ztunnel_py.proxy.sockets import (
     ListenerFactory,
@@ -61,6 +61,7 @@ class Proxy:
         inbound: Sequence[Address] = (("0.0.0.0", HBONE_PORT),),
         inbound_plaintext: Sequence[Address] = (("0.0.0.0", INBOUND_PLAINTEXT_PORT),),
         hbone_port: int = HBONE_PORT,
+        hbone_dial: DialMap | None = None,
     ) -> None:
         self.config = config
         self.node = node
@@ -72,7 +73,8 @@ class Proxy:
         }
         contexts = ContextCache()
         self.pool = ConnectionPool(
-            config, certificates, trust_domain, upstream=upstream, contexts=contexts
+            config, certificates, trust_domain, upstream=upstream, contexts=contexts,
+            dial=hbone_dial,
         )
         self.outbound = Outbound(
             config, store, node, self.pool, authorizer=authorizer,

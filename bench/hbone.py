@@ -1,0 +1,425 @@
+"""HBONE data-path benchmark: direct vs two agents vs two HAProxy mTLS (TCP mode).
+
+    sudo .venv/bin/python -m bench.hbone [--duration 10] [--rate 2000]
+
+One namespace topology (``ztunnel_py.topology``): node1 with a client pod,
+node2 with a server pod, joined by the underlay. The server pod runs iperf3
+and an HAProxy HTTP responder (a fixed 200, so that the app is never the
+bottleneck). The same client tools run in the client pod against three paths:
+
+* direct   - client pod -> server pod (routed through the nodes, no proxy);
+* agents   - client pod -> agent on node1 (outbound) == HBONE (mTLS, HTTP/2
+  CONNECT, pooled) ==> agent on node2 (inbound :15008) -> server pod;
+* haproxy  - client pod -> HAProxy on node1 == TLS 1.3 mTLS, TCP mode, one
+  backend connection per client connection ==> HAProxy on node2 -> server pod.
+
+Capture is not part of this benchmark (the eBPF issue owns it). Clients
+address the node1 proxies directly, and the original destination comes
+through the agent's seam: each outbound listener port has a *fixed
+destination* (``DstTable.by_listen_port``), and the HBONE dial seam sends
+``<server pod>:15008`` to node2's underlay address, where agent2's inbound
+listener maps it back to the pod for certificate selection. Everything else
+(pool, TLS, identity checks, relay) is the production code path.
+
+Measurements: iperf3 throughput with 1 and 4 streams; wrk requests/s at 16
+keep-alive connections; wrk with ``Connection: close`` (one request per
+connection: new connections/s); and p50/p99 latency at a fixed request rate
+from an open-loop client (latency counted from the scheduled send time, so
+queueing is not hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+IPERF_PORT = 5201
+HTTP_PORT = 8080
+AGENT_PORTS = {IPERF_PORT: 15101, HTTP_PORT: 15102}
+HAPROXY_FRONT = {IPERF_PORT: 16101, HTTP_PORT: 16102}
+HAPROXY_BACK = {IPERF_PORT: 16201, HTTP_PORT: 16202}
+CLIENT_SA, SERVER_SA = "bench-client", "bench-server"
+
+
+# -- the agent process (runs inside a node's netns) ----------------------------------
+
+
+def run_agent(config_path: str) -> int:
+    """``python -m bench.hbone agent <json>``: one agent with a static snapshot."""
+    import uvloop
+
+    from ztunnel_py import log
+    from ztunnel_py.config import HboneConfig, LogConfig
+    from ztunnel_py.identity.certs import WorkloadCertificate
+    from ztunnel_py.proxy.server import Proxy
+    from ztunnel_py.proxy.testing import DstTable
+    from ztunnel_py.state.model import Workload
+    from ztunnel_py.state.snapshot import Snapshot, StateStore
+
+    cfg = json.loads(Path(config_path).read_text())
+    log.configure(LogConfig(level="warning"))
+
+    class StaticCertificates:
+        def __init__(self, certs: dict[str, WorkloadCertificate]) -> None:
+            self.certs = certs
+
+        async def fetch(self, identity: str) -> WorkloadCertificate:
+            return self.certs[identity]
+
+    certs = {
+        c["identity"]: WorkloadCertificate.from_pem(
+            c["chain"].encode(), c["key"].encode(), c["roots"].encode()
+        )
+        for c in cfg["certs"]
+    }
+    workloads = tuple(
+        Workload(uid=f"default/{w['name']}", name=w["name"], namespace="default",
+                 service_account=w["sa"], node=w["node"], ips=(w["ip"],), enrolled=True)
+        for w in cfg["workloads"]
+    )
+    dst = DstTable()
+    dst.by_listen_port = {int(k): (v[0], int(v[1])) for k, v in cfg["fixed_dst"].items()}
+    dial = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): (v[0], int(v[1]))
+            for k, v in cfg["dial"].items()}
+
+    async def main() -> None:
+        proxy = Proxy(
+            HboneConfig(), StateStore(Snapshot(version="bench", workloads=workloads)),
+            cfg["node"], StaticCertificates(certs),
+            original_dst=dst,
+            outbound=[tuple(a) for a in cfg["outbound"]],  # type: ignore[misc]
+            inbound=[tuple(a) for a in cfg["inbound"]],  # type: ignore[misc]
+            inbound_plaintext=(),
+            hbone_dial=lambda a: dial.get(a, a),
+        )
+        await proxy.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        await proxy.drain(1.0)
+
+    uvloop.run(main())
+    return 0
+
+
+# -- the fixed-rate latency client (runs inside the client pod) ------------------------
+
+
+def run_latency(host: str, port: int, rate: float, duration: float, conns: int) -> int:
+    """Open-loop HTTP/1.1 GETs at ``rate``/s over ``conns`` keep-alive connections."""
+    import uvloop
+
+    async def main() -> dict[str, Any]:
+        now = time.perf_counter  # uvloop's loop.time() has millisecond granularity
+        total = int(rate * duration)
+        queues: list[asyncio.Queue[float | None]] = [asyncio.Queue() for _ in range(conns)]
+        latencies: list[float] = []
+        errors = 0
+        request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+        async def worker(q: asyncio.Queue[float | None]) -> None:
+            nonlocal errors
+            r, w = await asyncio.open_connection(host, port)
+            try:
+                while (scheduled := await q.get()) is not None:
+                    w.write(request)
+                    head = await r.readuntil(b"\r\n\r\n")
+                    m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                    if m:
+                        await r.readexactly(int(m.group(1)))
+                    latencies.append(now() - scheduled)
+            except (OSError, asyncio.IncompleteReadError):
+                errors += 1
+            finally:
+                w.close()
+
+        workers = [asyncio.create_task(worker(q)) for q in queues]
+        await asyncio.sleep(0.2)  # connections up
+        start = now() + 0.05
+        for i in range(total):
+            at = start + i / rate
+            delay = at - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queues[i % conns].put_nowait(at)
+        for q in queues:
+            q.put_nowait(None)
+        await asyncio.gather(*workers, return_exceptions=True)
+        latencies.sort()
+
+        def pct(p: float) -> float:
+            if not latencies:
+                return float("nan")
+            return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+        return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "count": len(latencies),
+                "errors": errors, "mean_ms": statistics.fmean(latencies) * 1000
+                if latencies else float("nan")}
+
+    print(json.dumps(uvloop.run(main())), flush=True)
+    return 0
+
+
+# -- orchestration ---------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    name: str
+    host: str
+    ports: dict[int, int]  # app port -> port to dial
+
+
+def _haproxy_client_cfg(gw: str, node2_ip: str, tls_dir: Path) -> str:
+    out = [
+        "global", "  maxconn 8000", "defaults", "  mode tcp", "  timeout connect 5s",
+        "  timeout client 120s", "  timeout server 120s",
+    ]
+    for app, front in HAPROXY_FRONT.items():
+        out += [
+            f"frontend f{app}", f"  bind {gw}:{front}", f"  default_backend b{app}",
+            f"backend b{app}",
+            f"  server s {node2_ip}:{HAPROXY_BACK[app]} ssl crt {tls_dir}/client.pem "
+            f"ca-file {tls_dir}/ca.pem verify required ssl-min-ver TLSv1.3",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _haproxy_server_cfg(node2_ip: str, server_ip: str, tls_dir: Path) -> str:
+    out = [
+        "global", "  maxconn 8000", "defaults", "  mode tcp", "  timeout connect 5s",
+        "  timeout client 120s", "  timeout server 120s",
+    ]
+    for app, back in HAPROXY_BACK.items():
+        out += [
+            f"frontend f{app}",
+            f"  bind {node2_ip}:{back} ssl crt {tls_dir}/server.pem ca-file {tls_dir}/ca.pem "
+            "verify required ssl-min-ver TLSv1.3",
+            f"  default_backend b{app}", f"backend b{app}", f"  server s {server_ip}:{app}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _http_app_cfg() -> str:
+    return (
+        "global\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n"
+        "  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n"
+        f"frontend app\n  bind :{HTTP_PORT}\n"
+        '  http-request return status 200 content-type text/plain string "ok"\n'
+    )
+
+
+def _iperf(topo: Any, pod: str, host: str, port: int, duration: float, streams: int) -> float:
+    res = topo.run(
+        pod, ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-P", str(streams),
+              "-J"],
+        timeout=duration + 30,
+    )
+    data = json.loads(res.stdout or "{}")
+    if "error" in data:
+        raise RuntimeError(f"iperf3 to {host}:{port}: {data['error']}")
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def _wrk(topo: Any, pod: str, host: str, port: int, duration: float, close: bool) -> float:
+    argv = ["wrk", "-t2", "-c16", f"-d{max(1, int(duration))}s", f"http://{host}:{port}/"]
+    if close:
+        argv[1:1] = ["-H", "Connection: close"]
+    res = topo.run(pod, argv, timeout=duration + 30)
+    m = re.search(r"Requests/sec:\s*([\d.]+)", res.stdout)
+    if not m:
+        raise RuntimeError(f"wrk to {host}:{port}: {res.stdout}{res.stderr}")
+    return float(m.group(1))
+
+
+def _latency(
+    topo: Any, pod: str, host: str, port: int, duration: float, rate: float
+) -> tuple[float, float]:
+    argv = [sys.executable, "-m", "bench.hbone", "latency", host, str(port),
+            "--rate", str(rate), "--duration", str(duration)]
+    res = topo.run(pod, argv, timeout=duration + 60,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = (res.stdout.strip().splitlines() or ["{}"])[-1]
+    data = json.loads(line)
+    if not data.get("count"):
+        raise RuntimeError(f"latency client to {host}:{port}: {res.stdout}{res.stderr}")
+    return float(data["p50_ms"]), float(data["p99_ms"])
+
+
+def orchestrate(duration: float, rate: float) -> int:
+    from ztunnel_py.identity.testing import InMemoryCA
+    from ztunnel_py.state.model import spiffe_id
+    from ztunnel_py.topology import NodeSpec, PodSpec, Topology, TopologySpec, new_prefix
+
+    if os.geteuid() != 0:
+        print("bench.hbone needs root (network namespaces)", file=sys.stderr)
+        return 2
+    spec = TopologySpec(
+        (
+            NodeSpec("node1", (PodSpec("client", service_account=CLIENT_SA),)),
+            NodeSpec("node2", (PodSpec("server", service_account=SERVER_SA),)),
+        ),
+        prefix=new_prefix("zb"),
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="bench-hbone-"))
+    os.chmod(workdir, 0o700)
+    topo = Topology.build(spec)
+    try:
+        node1, node2 = topo.node("node1"), topo.node("node2")
+        client, server = topo.pod("client"), topo.pod("server")
+        gw = node1.pod_gateway
+        ca = InMemoryCA()
+        ids = {
+            "client": spiffe_id("cluster.local", "default", CLIENT_SA),
+            "server": spiffe_id("cluster.local", "default", SERVER_SA),
+        }
+        issued = {name: ca.issue(identity, 24 * 3600) for name, identity in ids.items()}
+        (workdir / "ca.pem").write_bytes(ca.root_pem)
+        for name, cert in issued.items():
+            path = workdir / f"{name}.pem"
+            path.write_bytes(cert.chain_pem + cert.key_pem)
+            os.chmod(path, 0o600)
+        certs = [
+            {"identity": c.identity, "chain": c.chain_pem.decode(), "key": c.key_pem.decode(),
+             "roots": c.roots_pem.decode()}
+            for c in issued.values()
+        ]
+        workloads = [
+            {"name": "client", "sa": CLIENT_SA, "node": "node1", "ip": client.ip},
+            {"name": "server", "sa": SERVER_SA, "node": "node2", "ip": server.ip},
+        ]
+        agent_cfgs = {
+            "node1": {
+                "node": "node1", "certs": certs, "workloads": workloads,
+                "outbound": [[gw, p] for p in AGENT_PORTS.values()], "inbound": [],
+                "fixed_dst": {str(p): [server.ip, app] for app, p in AGENT_PORTS.items()},
+                "dial": {f"{server.ip}:15008": [node2.underlay_ip, 15008]},
+            },
+            "node2": {
+                "node": "node2", "certs": certs, "workloads": workloads,
+                "outbound": [], "inbound": [[node2.underlay_ip, 15008]],
+                "fixed_dst": {"15008": [server.ip, 15008]}, "dial": {},
+            },
+        }
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        for node, acfg in agent_cfgs.items():
+            path = workdir / f"agent-{node}.json"
+            path.write_text(json.dumps(acfg))
+            os.chmod(path, 0o600)
+            topo.popen(node, [sys.executable, "-m", "bench.hbone", "agent", str(path)],
+                       log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO))
+        (workdir / "app.cfg").write_text(_http_app_cfg())
+        (workdir / "hap-client.cfg").write_text(_haproxy_client_cfg(gw, node2.underlay_ip, workdir))
+        (workdir / "hap-server.cfg").write_text(
+            _haproxy_server_cfg(node2.underlay_ip, server.ip, workdir)
+        )
+        topo.popen("server", ["iperf3", "-s", "-p", str(IPERF_PORT)], log=workdir / "iperf.log")
+        topo.popen("server", ["haproxy", "-db", "-f", str(workdir / "app.cfg")],
+                   log=workdir / "app.log")
+        topo.popen("node1", ["haproxy", "-db", "-f", str(workdir / "hap-client.cfg")],
+                   log=workdir / "hap-client.log")
+        topo.popen("node2", ["haproxy", "-db", "-f", str(workdir / "hap-server.cfg")],
+                   log=workdir / "hap-server.log")
+        topo.wait_listening("server", IPERF_PORT)
+        topo.wait_listening("server", HTTP_PORT)
+        topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=30)
+        topo.wait_listening("node2", 15008, timeout=30)
+        topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT])
+        topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT])
+
+        scenarios = [
+            Scenario("direct", server.ip, {IPERF_PORT: IPERF_PORT, HTTP_PORT: HTTP_PORT}),
+            Scenario("agents", gw, dict(AGENT_PORTS)),
+            Scenario("haproxy", gw, dict(HAPROXY_FRONT)),
+        ]
+        rows: dict[str, dict[str, float]] = {}
+        for sc in scenarios:
+            print(f"# {sc.name} ...", file=sys.stderr, flush=True)
+            ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
+            r: dict[str, float] = {}
+            r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
+            time.sleep(0.5)
+            r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
+            r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
+            r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
+            r["p50_ms"], r["p99_ms"] = _latency(topo, "client", sc.host, hp, duration, rate)
+            rows[sc.name] = r
+        print_table(rows, duration, rate)
+        return 0
+    except BaseException:
+        for logf in sorted(workdir.glob("*.log")):
+            print(f"--- {logf.name} (last lines)", file=sys.stderr)
+            print("\n".join(logf.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
+        raise
+    finally:
+        try:
+            topo.teardown()
+        finally:
+            for p in workdir.iterdir():
+                p.unlink()
+            workdir.rmdir()
+
+
+def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float) -> None:
+    metrics = [
+        ("tput_1_gbps", "throughput, 1 stream (Gbit/s)", True),
+        ("tput_4_gbps", "throughput, 4 streams (Gbit/s)", True),
+        ("rps_16", "requests/s, 16 connections", True),
+        ("conn_per_s", "new connections/s (1 req/conn)", True),
+        ("p50_ms", f"p50 latency @ {rate:.0f} req/s (ms)", False),
+        ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)", False),
+    ]
+    print(f"\nHBONE benchmark ({duration:g} s per measurement; same topology, same run)\n")
+    head = f"{'metric':<38}{'direct':>10}{'agents':>10}{'haproxy':>10}"
+    head += f"{'agents/haproxy':>16}{'agents/direct':>15}"
+    print(head)
+    print("-" * len(head))
+    for key, label, _higher_better in metrics:
+        d, a, h = (rows[s][key] for s in ("direct", "agents", "haproxy"))
+        ratio_h = a / h if h else float("nan")
+        ratio_d = a / d if d else float("nan")
+        print(f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}{ratio_h:>15.2f}x{ratio_d:>14.2f}x")
+    print("\ngoals: throughput >= 1.0x haproxy; new connections/s >= 3x haproxy; "
+          "p50 latency <= 1.2x haproxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hbone", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd")
+    a = sub.add_parser("agent", help="(internal) run one agent from a JSON file")
+    a.add_argument("config")
+    lat = sub.add_parser("latency", help="(internal) fixed-rate latency client")
+    lat.add_argument("host")
+    lat.add_argument("port", type=int)
+    lat.add_argument("--rate", type=float, default=2000)
+    lat.add_argument("--duration", type=float, default=10)
+    lat.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
+    args = parser.parse_args(argv)
+    if args.cmd == "agent":
+        return run_agent(args.config)
+    if args.cmd == "latency":
+        return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
+    return orchestrate(args.duration, args.rate)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
