@@ -157,6 +157,8 @@ class Inbound:
         """TLS and identity checks; True once a transport owns ``sock``."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             dialled = self.dialled(sock)
             peer = sock.getpeername()[:2]
