@@ -250,6 +250,7 @@ class H1Client:
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.closed = False
         self.requests = 0
+        self.answered = False  # any byte of a response to the current request
         self._waiter: asyncio.Future[None] | None = None
         self._head: h11.Response | h11.InformationalResponse | None = None
         self._body = bytearray()
@@ -263,6 +264,7 @@ class H1Client:
         if self.raw is not None:
             self.raw(data)
             return
+        self.answered = True
         try:
             self.conn.receive_data(data)
         except h11.RemoteProtocolError as exc:
@@ -287,6 +289,7 @@ class H1Client:
     def _fail(self, err: UpstreamError) -> None:
         self._error = err
         self.closed = True
+        self.pipe.close()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -343,6 +346,7 @@ class H1Client:
         if self.closed:
             raise UpstreamError("reset", "upstream connection already closed")
         self.requests += 1
+        self.answered = False
         self._head, self._body, self._done, self._error = None, bytearray(), False, None
         self._waiter = asyncio.get_running_loop().create_future()
         try:
@@ -388,9 +392,10 @@ class H1Client:
         return False
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.pipe.close()
+        """Close the connection (also after a failure: a half-closed transport must still
+        be closed)."""
+        self.closed = True
+        self.pipe.close()
 
 
 def headers_of(resp: Response) -> Headers:

@@ -502,4 +502,4 @@ class H2Client:
                 self.conn.close_connection()
                 self.flush()
             self.closed = True
-            self.pipe.close()
+        self.pipe.close()  # also after a failure: never leave a transport half-closed

@@ -48,6 +48,7 @@ class _Buffering:
         self._early: list[bytes] = []
         self._early_eof = False
         self._early_lost: tuple[BaseException | None] | None = None
+        self._lost_once = False
         self.closed = False
 
     def set_sink(self, sink: Sink) -> None:
@@ -73,8 +74,9 @@ class _Buffering:
             self.sink.on_eof()
 
     def _lost(self, exc: BaseException | None) -> None:
-        if self.closed and self._early_lost is not None:
+        if self._lost_once:
             return
+        self._lost_once = True
         self.closed = True
         if self.sink is None:
             self._early_lost = (exc,)

@@ -65,8 +65,19 @@ class Upstreams:
         if isinstance(body, RequestBody):  # HTTP/1.1 upstream: it needs the whole body
             body = await body.wait_complete()
         client = self._idle_client(ep)
-        if client is None:
-            client = H1Client(await self.connector.connect(ep, connect_timeout_s))
+        if client is not None:
+            try:
+                return await self._h1(client, ep, req, body, max_requests_per_connection)
+            except UpstreamError:
+                if client.answered:
+                    raise
+                # A kept-alive connection the upstream closed as we reused it: the request
+                # never got an answer, so it goes once more on a fresh connection.
+        client = H1Client(await self.connector.connect(ep, connect_timeout_s))
+        return await self._h1(client, ep, req, body, max_requests_per_connection)
+
+    async def _h1(self, client: H1Client, ep: EndpointRef, req: Request, body: bytes,
+                  max_requests_per_connection: int) -> Response:
         self._busy.add(client)
         ok = False
         try:

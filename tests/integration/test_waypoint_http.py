@@ -63,6 +63,9 @@ class Backend:
     max_active: int = 0
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Answer this many requests per connection, then drop the connection when the next
+    # request arrives (a keep-alive timeout racing with reuse); 0: no limit.
+    per_connection: int = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = await asyncio.start_server(self._conn, host, port)
@@ -86,6 +89,7 @@ class Backend:
         assert me is not None
         self.tasks.add(me)
         conn = h11.Connection(h11.SERVER)
+        answered = 0
         try:
             while True:
                 ev = conn.next_event()
@@ -100,6 +104,9 @@ class Backend:
                 elif isinstance(ev, h11.Data):
                     body += ev.data
                 elif isinstance(ev, h11.EndOfMessage):
+                    if self.per_connection and answered >= self.per_connection:
+                        return  # dropped without an answer
+                    answered += 1
                     await self._answer(conn, writer, req, body)
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                         return
@@ -657,3 +664,22 @@ async def test_chunked_request_body_and_post(mesh: Mesh) -> None:
     seen = [s for b in mesh.backends.values() for s in b.seen]
     assert seen[0].body == b"hello world" and seen[0].method == "POST"
     assert seen[0].headers.get("content-length") == "11"
+
+
+async def test_a_stale_keep_alive_connection_is_retried_on_a_fresh_one(mesh: Mesh) -> None:
+    await mesh.start()
+    for b in mesh.backends.values():
+        b.per_connection = 1
+    mesh.apply(SUBSETS + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - retries: {attempts: 0}
+    route: [{destination: {host: reviews, subset: v1}}]
+""")
+    replies = await many(mesh, 5, clients=1)
+    assert [r.status for r in replies] == [200] * 5
+    assert mesh.backends["reviews-v1"].connections >= 5
