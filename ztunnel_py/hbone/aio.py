@@ -314,9 +314,12 @@ class HboneProtocol(asyncio.Protocol):
         self._on_connect = handler
 
     def flush(self) -> None:
-        data = self.core.data_to_send()
-        if data and self.transport is not None and not self.lost:
-            self.transport.write(data)
+        chunks = self.core.chunks_to_send()
+        if chunks and self.transport is not None and not self.lost:
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writelines(chunks)
 
     def open_stream(
         self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""

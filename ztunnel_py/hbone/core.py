@@ -34,6 +34,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 from ztunnel_py.config import HboneConfig
@@ -57,6 +58,8 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 
 # HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
 _DEFAULT_WINDOW = 65_535
+# Stream states in which we may send DATA (we never send it otherwise).
+_SENDABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 
 
 class Role(enum.Enum):
@@ -244,6 +247,7 @@ class HboneConnection:
         )
         # h2 reads this at construction only; keep it in step with our SETTINGS
         self._h2.max_inbound_frame_size = self.config.max_frame_size
+        self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams with pending data
         self.ended = False  # GOAWAY sent or received, or the peer broke the protocol
@@ -262,7 +266,15 @@ class HboneConnection:
             self._h2.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        return b"".join(self.chunks_to_send())
+
+    def chunks_to_send(self) -> list[bytes | memoryview]:
+        """What to write, in order, without joining (for ``transport.writelines``)."""
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+        out, self._out = self._out, []
+        return out
 
     def close(self, error_code: int = 0) -> None:
         """Send GOAWAY: no new streams; open ones are left to the caller."""
@@ -448,19 +460,32 @@ class HboneConnection:
     def _flush(self, stream_id: int, s: _Stream) -> None:
         h2c = self._h2
         max_frame = h2c.max_outbound_frame_size
+        stream = h2c.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _SENDABLE:
+            return
+        out = self._out
         while s.pending:
-            window = h2c.local_flow_control_window(stream_id)
+            window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
             if window <= 0:
                 break
             chunk = s.pending[0]
             n = min(len(chunk), window, max_frame)
             if n == len(chunk):
                 s.pending.popleft()
-                h2c.send_data(stream_id, chunk)
             else:
-                h2c.send_data(stream_id, chunk[:n])
                 s.pending[0] = chunk[n:]
+                chunk = chunk[:n]
             s.pending_bytes -= n
+            # A DATA frame written by hand: h2 would copy the payload three times
+            # (tobytes, frame serialisation, its output buffer). The flow-control
+            # bookkeeping is exactly h2's own (send_data in connection and stream).
+            pending = h2c.data_to_send()
+            if pending:
+                out.append(pending)
+            out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
+            out.append(chunk)
+            h2c.outbound_flow_control_window -= n
+            stream.outbound_flow_control_window -= n
         if s.pending:
             self._blocked.add(stream_id)
             return
