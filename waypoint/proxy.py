@@ -466,6 +466,32 @@ class WaypointProxy:
         rec.duration_ms = (self.clock() - started) * 1000.0
         self.metrics.record(rec)
 
+    def describe(self) -> dict[str, object]:
+        """The admin view (``/config_dump``): routes per service, clusters, problems."""
+        table = self.table
+        now = self.clock()
+        return {
+            "waypoint": f"{self.namespace}/{self.name}",
+            "version": table.snapshot.version,
+            "services": {
+                host: {"routes": sr.source or "default", "http_routes": len(sr.routes),
+                       "destination_rule": dr.key if dr is not None else ""}
+                for host, sr in sorted(table.by_host.items())
+                for dr in (table.destination_rule(host),)
+            },
+            "policies": sorted(p.key for p in table.policies),
+            "clusters": {
+                c.name: {
+                    "in_flight": sum(c.in_flight.values()),
+                    "overflows": c.gate.overflows,
+                    "ejected": sorted(k for k, h in c.health.items() if now < h.ejected_until),
+                }
+                for c in self.clusters.values()
+            },
+            "problems": list(table.problems),
+            "mirrors_in_flight": len(self.mirror_tasks),
+        }
+
     async def close(self) -> None:
         for t in list(self.mirror_tasks) + list(self.tasks):
             t.cancel()

@@ -27,6 +27,7 @@ from ztunnel_py.config import HBONE_PORT, AgentConfig
 from ztunnel_py.state.client import GRPC_OPTIONS, ConfigClient
 from ztunnel_py.state.model import spiffe_id
 from ztunnel_py.state.snapshot import StateStore
+from ztunnel_py.telemetry.admin import AdminError
 
 _FLAGS = {
     "node": "node",
@@ -36,6 +37,7 @@ _FLAGS = {
     "trust_domain": "trust_domain",
     "metrics_address": "metrics_address",
     "readiness_address": "readiness_address",
+    "admin_address": "admin_address",
     "log_level": "log.level",
     "log_format": "log.format",
 }
@@ -68,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--trust-domain")
     p.add_argument("--metrics-address", help="Prometheus metrics address (host:port)")
     p.add_argument("--readiness-address", help="readiness address (host:port)")
+    p.add_argument("--admin-address", help="admin HTTP address (loopback only)")
     p.add_argument("--config", type=Path, help="YAML settings file (the agent's settings)")
     p.add_argument("--log-level")
     p.add_argument("--log-format")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(cfg, args.namespace, args.name, args.service_account or args.name,
                          listen))
-    except OSError as exc:
+    except (OSError, AdminError) as exc:
         _log().error("waypoint cannot start", error=str(exc))
         return 1
     return 0
@@ -107,6 +110,7 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     from ztunnel_py.identity.errors import IdentityError
     from ztunnel_py.identity.manager import GrpcCaClient, SecretManager
     from ztunnel_py.proxy.pool import ConnectionPool
+    from ztunnel_py.telemetry.admin import AdminServer
     from ztunnel_py.telemetry.http import CERTIFICATES, CONFIG, Readiness, TelemetryServer
 
     assert cfg.token_file is not None and cfg.controller_ca is not None
@@ -125,6 +129,10 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
                           metrics=metrics)
     listener = HboneListener(proxy, secrets, identity, cfg.trust_domain, host=listen[0],
                              port=listen[1], config=cfg.hbone)
+    admin_host, admin_port = config.split_host_port(cfg.admin_address, "--admin-address")
+    admin = AdminServer(admin_host, admin_port)
+    admin.route("/config_dump", proxy.describe)
+    admin.route("/status", lambda: vars(client.status))
     readiness = Readiness(CONFIG, CERTIFICATES)
     telemetry = TelemetryServer(metrics.render, readiness, metrics_address=cfg.metrics_address,
                                 readiness_address=cfg.readiness_address)
@@ -148,6 +156,7 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     up: asyncio.Task[None] | None = None
     try:
         await telemetry.start()
+        await admin.start()
         await listener.start()
         up = asyncio.create_task(start_up(), name="waypoint-start")
         await stop.wait()
@@ -162,4 +171,5 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
         pool.close()
         await secrets.close()
         await telemetry.close()
+        await admin.close()
         await channel.close(None)

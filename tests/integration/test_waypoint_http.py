@@ -683,3 +683,23 @@ spec:
     replies = await many(mesh, 5, clients=1)
     assert [r.status for r in replies] == [200] * 5
     assert mesh.backends["reviews-v1"].connections >= 5
+
+
+async def test_describe_for_the_admin_port(mesh: Mesh) -> None:
+    await mesh.start()
+    mesh.apply(SUBSETS + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v1}}]
+""")
+    await many(mesh, 2, clients=1)
+    assert mesh.proxy is not None
+    d = mesh.proxy.describe()
+    reviews = d["services"]["reviews.bookinfo.svc.cluster.local"]  # type: ignore[index]
+    assert reviews == {"routes": "VirtualService bookinfo/reviews", "http_routes": 1,
+                       "destination_rule": "bookinfo/reviews"}
+    assert "outbound|9080|v1|reviews.bookinfo.svc.cluster.local" in d["clusters"]  # type: ignore[operator]
