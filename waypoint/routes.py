@@ -192,15 +192,17 @@ def from_http_route(route: r.KubernetesHTTPRoute) -> tuple[r.HTTPRoute, ...]:
                     )
                 )
             retries = None
-            if rule.retry is not None:
-                codes = ",".join(str(c) for c in rule.retry.codes)
+            per_try = rule.timeouts.backend_request if rule.timeouts is not None else None
+            if rule.retry is not None or per_try:
+                codes = ",".join(str(c) for c in (rule.retry.codes if rule.retry else ()))
+                attempts = rule.retry.attempts if rule.retry is not None else None
                 retries = r.HTTPRetry(
-                    attempts=rule.retry.attempts,
+                    # backendRequest alone keeps Istio's default number of retries
+                    attempts=2 if attempts is None else attempts,
+                    per_try_timeout=per_try,
                     retry_on=codes or "connect-failure,refused-stream,gateway-error",
                 )
-            timeout = None
-            if rule.timeouts is not None:
-                timeout = rule.timeouts.request or rule.timeouts.backend_request
+            timeout = rule.timeouts.request if rule.timeouts is not None else None
             direct = None
             if not rule.backend_refs and f.redirect is None:
                 direct = r.HTTPDirectResponse(status=500)

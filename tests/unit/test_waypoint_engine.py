@@ -549,3 +549,27 @@ def test_virtual_service_wins_over_http_route() -> None:
     t = table(REVIEWS_JASON + "---" + HTTPROUTE)
     assert fwd(decide(t, req("/api/x", headers={"x-canary": "yes"}))).target.host == REVIEWS
     assert any("HTTPRoute" in p for p in t.problems)
+
+
+def test_http_route_timeouts_and_retry() -> None:
+    t = table("""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: bookinfo}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 10s, backendRequest: 2s}
+    backendRefs: [{name: reviews, port: 9080}]
+  - retry: {attempts: 4, codes: [503, 504]}
+    backendRefs: [{name: reviews, port: 9080}]
+""")
+    d = fwd(decide(t, req("/slow/x")))
+    assert d.timeout_s == 10.0
+    assert d.retry is not None and (d.retry.attempts, d.retry.per_try_timeout_s) == (2, 2.0)
+    d = fwd(decide(t, req("/other")))
+    assert d.retry is not None and d.retry.attempts == 4
+    assert d.retry.status_codes == frozenset({503, 504})
+    assert engine.should_retry(d.retry, Outcome(504)) and not engine.should_retry(
+        d.retry, Outcome(500))
