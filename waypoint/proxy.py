@@ -47,7 +47,7 @@ from waypoint.routes import RouteTable, ServiceRoutes, qualify
 from waypoint.telemetry import RequestRecord, WaypointMetrics, next_traceparent
 from waypoint.upstream import Upstreams
 from ztunnel_py import log
-from ztunnel_py.state.model import Service
+from ztunnel_py.state.model import Service, Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
 
 
@@ -138,6 +138,13 @@ class WaypointProxy:
 
     # -- resolving the destination --
 
+    def _addressed_workload(self, req: Request) -> Workload | None:
+        """The pod the client dialled, when it dialled a pod rather than a service."""
+        if not req.dst or self.table.service_at(req.dst, req.port) is not None:
+            return None
+        w = self.table.snapshot.by_ip.get(req.dst)
+        return w if w is not None and not w.is_waypoint else None
+
     def resolve(self, req: Request) -> tuple[Service | None, Request]:
         """The service a request is for: by the address dialled (a VIP), else by Host."""
         table = self.table
@@ -175,6 +182,11 @@ class WaypointProxy:
         """The target's service and endpoints (memoised per routing table);
         ``UnknownSubset`` if the subset is not declared."""
         hit = self._targets.get(target)
+        if hit is None and target.host in self.table.snapshot.by_ip:  # a pod, by address
+            w = self.table.snapshot.by_ip[target.host]
+            hit = self._targets[target] = (None, () if w.is_waypoint or w.uid in
+                                           self.own_workloads else
+                                           (EndpointRef(target.host, target.port, w),))
         if hit is None:
             svc = self.table.service(target.host)
             try:
@@ -235,11 +247,14 @@ class WaypointProxy:
         return resp
 
     def _prepare(self, req: Request, rec: RequestRecord) -> tuple[Request, _Result | Forward]:
-        svc, req = self.resolve(req)
-        if svc is None:
-            return req, _Result(_error_response(404, f"no service for {req.authority!r}"),
-                                ["NR"])
-        rec.destination_service = svc.hostname
+        pod = self._addressed_workload(req)
+        svc: Service | None = None
+        if pod is None:
+            svc, req = self.resolve(req)
+            if svc is None:
+                return req, _Result(_error_response(404, f"no service for {req.authority!r}"),
+                                    ["NR"])
+            rec.destination_service = svc.hostname
         verdict = authz.evaluate(self.table.policies_for(svc), req)
         if not verdict.allowed:
             _log().debug("request denied", reason=verdict.reason, path=req.path)
@@ -250,6 +265,9 @@ class WaypointProxy:
         if req.header("x-request-id") is None:
             headers = (*headers, ("x-request-id", str(uuid.UUID(int=self.rng.getrandbits(128)))))
         req = req.with_headers(headers)
+        if svc is None:  # a pod addressed directly: no service routes apply
+            rec.route = "workload"
+            return req, Forward(Target(req.dst, req.port), req, route="workload")
         routes: ServiceRoutes = self.table.routes_for(svc, req.port)
         decision = engine.decide(req, routes, self.rng)
         rec.route = decision.route
@@ -298,10 +316,10 @@ class WaypointProxy:
             svc, eps = self._endpoints(d.target)
         except UnknownSubset as exc:
             return _Result(_error_response(503, str(exc)), ["NC"])
-        if svc is None:
+        if svc is None and not eps and d.target.host not in self.table.snapshot.by_ip:
             return _Result(_error_response(503, f"no service {d.target.host}"), ["NC"])
         req = d.request
-        http2 = req.http2 or speaks_http2(svc, d.target.port)
+        http2 = req.http2 or (svc is not None and speaks_http2(svc, d.target.port))
         if http2 != req.http2:
             req = replace(req, http2=True)
         cluster = self.cluster(d.target, http2)
@@ -430,7 +448,7 @@ class WaypointProxy:
         except UnknownSubset:
             svc, eps = None, ()
         cluster = self.cluster(d.target, False)
-        ep = cluster.pick(eps, req) if svc is not None else None
+        ep = cluster.pick(eps, req) if eps else None
         if ep is None:
             server.respond(_error_response(503, "no healthy upstream"))
             return

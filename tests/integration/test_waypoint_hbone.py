@@ -85,8 +85,9 @@ class World:
         return StreamPipe(leg)
 
     async def get(self, path: str = "/", headers: tuple[tuple[str, str], ...] = (),
-                  method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        client = H1Client(await self.stream())
+                  method: str = "GET", authority: str = f"{VIP}:9080",
+                  ) -> tuple[int, dict[str, str], bytes]:
+        client = H1Client(await self.stream(authority))
         try:
             resp = await asyncio.wait_for(
                 client.request(Request(method, path, "reviews:9080", headers), b""), 5)
@@ -215,3 +216,22 @@ async def test_waypoint_never_routes_to_itself(world: World) -> None:
     world.mesh.store.swap(replace(world.base, services=(looped,)))
     status, _, body = await world.get()
     assert status == 503 and body == b"no healthy upstream"
+
+
+async def test_a_pod_addressed_directly_gets_the_request_whatever_the_routes(
+        world: World) -> None:
+    vs = r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+        r.HTTPRoute(route=(r.HTTPRouteDestination(r.Destination("reviews", "v2")),)),))
+    subsets = r.DestinationRule("reviews", NS, host="reviews", subsets=(
+        r.Subset("v2", FrozenMap({"version": "v2"})),))
+    world.apply(vs, subsets)
+    v1 = world.backends["reviews-v1"]
+    port = world.base.services[0].endpoints[0].ports[9080]
+    for _ in range(3):
+        _, h, _ = await world.get(authority=f"{world.prefix}11:{port}")
+        assert h["x-served-by"] == "reviews-v1"
+    _, h, _ = await world.get()
+    assert h["x-served-by"] == "reviews-v2"  # by the service: the route applies
+    assert len(v1.seen) == 3
+    assert world.metrics.count(destination_workload="reviews-v1",
+                               destination_service="unknown") == 3
