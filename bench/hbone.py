@@ -114,7 +114,15 @@ def run_agent(config_path: str) -> int:
         await stop.wait()
         await proxy.drain(1.0)
 
-    uvloop.run(main())
+    profile_dir = os.environ.get("BENCH_HBONE_PROFILE")
+    if profile_dir:  # cProfile the agent; stats land in <dir>/agent-<node>.prof
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            uvloop.run(main())
+        prof.dump_stats(str(Path(profile_dir) / f"agent-{cfg['node']}.prof"))
+    else:
+        uvloop.run(main())
     return 0
 
 
@@ -262,7 +270,12 @@ def _latency(
     return float(data["p50_ms"]), float(data["p99_ms"])
 
 
-def orchestrate(duration: float, rate: float) -> int:
+MEASUREMENTS = ("throughput", "rps", "connections", "latency")
+
+
+def orchestrate(
+    duration: float, rate: float, only: frozenset[str] = frozenset(MEASUREMENTS)
+) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
     from ztunnel_py.topology import NodeSpec, PodSpec, Topology, TopologySpec, new_prefix
@@ -352,13 +365,22 @@ def orchestrate(duration: float, rate: float) -> int:
         for sc in scenarios:
             print(f"# {sc.name} ...", file=sys.stderr, flush=True)
             ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
-            r: dict[str, float] = {}
-            r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
-            time.sleep(0.5)
-            r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
-            r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
-            r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
-            r["p50_ms"], r["p99_ms"] = _latency(topo, "client", sc.host, hp, duration, rate)
+            nan = float("nan")
+            r: dict[str, float] = dict.fromkeys(
+                ("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s", "p50_ms", "p99_ms"), nan
+            )
+            if "throughput" in only:
+                r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
+                time.sleep(0.5)
+                r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
+            if "rps" in only:
+                r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
+            if "connections" in only:
+                r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
+            if "latency" in only:
+                r["p50_ms"], r["p99_ms"] = _latency(
+                    topo, "client", sc.host, hp, duration, rate
+                )
             rows[sc.name] = r
         print_table(rows, duration, rate)
         return 0
@@ -413,12 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
+    parser.add_argument("--only", action="append", choices=MEASUREMENTS,
+                        help="run only these measurements (repeatable; default: all)")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
     if args.cmd == "latency":
         return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
-    return orchestrate(args.duration, args.rate)
+    return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS))
 
 
 if __name__ == "__main__":

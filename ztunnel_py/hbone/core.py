@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import ipaddress
 import secrets
 from collections import deque
@@ -35,6 +36,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack
 import hyperframe.frame
 
 from ztunnel_py.config import HboneConfig
@@ -245,6 +247,10 @@ class HboneConnection:
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
+        # Header blocks are a few short fields per tunnel: Huffman coding them costs more
+        # CPU (pure Python, both ends) than the bytes it saves on a LAN.
+        encoder = self._h2.encoder
+        setattr(encoder, "encode", functools.partial(type(encoder).encode, encoder, huffman=False))  # noqa: B010
         # h2 reads this at construction only; keep it in step with our SETTINGS
         self._h2.max_inbound_frame_size = self.config.max_frame_size
         self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
@@ -324,7 +330,9 @@ class HboneConnection:
             headers.append(("forwarded", forwarded))
         if baggage:
             headers.append(("baggage", baggage))
-        headers.append(("traceparent", traceparent or new_traceparent()))
+        # unique per request: never worth a slot in the peer's HPACK table
+        trace = traceparent or new_traceparent()
+        headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
         headers.extend(extra)
         self._h2.send_headers(stream_id, headers)
         self._streams[stream_id] = _Stream()
