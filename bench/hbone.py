@@ -192,6 +192,19 @@ class Scenario:
     name: str
     host: str
     ports: dict[int, int]  # app port -> port to dial
+    proxy_pids: list[int]  # whose CPU time is charged to the path
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of ``pids`` (all threads) so far, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _haproxy_client_cfg(gw: str, node2_ip: str, tls_dir: Path) -> str:
@@ -331,12 +344,15 @@ def orchestrate(
             },
         }
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        agent_pids: list[int] = []
         for node, acfg in agent_cfgs.items():
             path = workdir / f"agent-{node}.json"
             path.write_text(json.dumps(acfg))
             os.chmod(path, 0o600)
-            topo.popen(node, [sys.executable, "-m", "bench.hbone", "agent", str(path)],
-                       log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO))
+            agent_pids.append(topo.popen(
+                node, [sys.executable, "-m", "bench.hbone", "agent", str(path)],
+                log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO),
+            ).pid)
         (workdir / "app.cfg").write_text(_http_app_cfg())
         (workdir / "hap-client.cfg").write_text(_haproxy_client_cfg(gw, node2.underlay_ip, workdir))
         (workdir / "hap-server.cfg").write_text(
@@ -345,10 +361,12 @@ def orchestrate(
         topo.popen("server", ["iperf3", "-s", "-p", str(IPERF_PORT)], log=workdir / "iperf.log")
         topo.popen("server", ["haproxy", "-db", "-f", str(workdir / "app.cfg")],
                    log=workdir / "app.log")
-        topo.popen("node1", ["haproxy", "-db", "-f", str(workdir / "hap-client.cfg")],
-                   log=workdir / "hap-client.log")
-        topo.popen("node2", ["haproxy", "-db", "-f", str(workdir / "hap-server.cfg")],
-                   log=workdir / "hap-server.log")
+        haproxy_pids = [
+            topo.popen("node1", ["haproxy", "-db", "-f", str(workdir / "hap-client.cfg")],
+                       log=workdir / "hap-client.log").pid,
+            topo.popen("node2", ["haproxy", "-db", "-f", str(workdir / "hap-server.cfg")],
+                       log=workdir / "hap-server.log").pid,
+        ]
         topo.wait_listening("server", IPERF_PORT)
         topo.wait_listening("server", HTTP_PORT)
         topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=30)
@@ -357,10 +375,11 @@ def orchestrate(
         topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT])
 
         scenarios = [
-            Scenario("direct", server.ip, {IPERF_PORT: IPERF_PORT, HTTP_PORT: HTTP_PORT}),
-            Scenario("agents", gw, dict(AGENT_PORTS)),
-            Scenario("haproxy", gw, dict(HAPROXY_FRONT)),
+            Scenario("direct", server.ip, {IPERF_PORT: IPERF_PORT, HTTP_PORT: HTTP_PORT}, []),
+            Scenario("agents", gw, dict(AGENT_PORTS), agent_pids),
+            Scenario("haproxy", gw, dict(HAPROXY_FRONT), haproxy_pids),
         ]
+        cpu: dict[str, dict[str, float]] = {}
         rows: dict[str, dict[str, float]] = {}
         for sc in scenarios:
             print(f"# {sc.name} ...", file=sys.stderr, flush=True)
@@ -369,20 +388,36 @@ def orchestrate(
             r: dict[str, float] = dict.fromkeys(
                 ("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s", "p50_ms", "p99_ms"), nan
             )
+            c: dict[str, float] = {}
             if "throughput" in only:
+                t0 = cpu_seconds(sc.proxy_pids)
                 r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
+                # proxy CPU seconds per GB carried
+                c["tput_1_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (
+                    r["tput_1_gbps"] * duration / 8)
                 time.sleep(0.5)
+                t0 = cpu_seconds(sc.proxy_pids)
                 r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
+                c["tput_4_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (
+                    r["tput_4_gbps"] * duration / 8)
             if "rps" in only:
+                t0 = cpu_seconds(sc.proxy_pids)
                 r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
+                c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
+                    r["rps_16"] * duration)  # proxy CPU microseconds per request
             if "connections" in only:
+                t0 = cpu_seconds(sc.proxy_pids)
                 r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
+                c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
+                    r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
             if "latency" in only:
                 r["p50_ms"], r["p99_ms"] = _latency(
                     topo, "client", sc.host, hp, duration, rate
                 )
+            cpu[sc.name] = c
             rows[sc.name] = r
         print_table(rows, duration, rate)
+        print_cpu(cpu)
         return 0
     except BaseException:
         for logf in sorted(workdir.glob("*.log")):
@@ -419,6 +454,27 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float)
         print(f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}{ratio_h:>15.2f}x{ratio_d:>14.2f}x")
     print("\ngoals: throughput >= 1.0x haproxy; new connections/s >= 3x haproxy; "
           "p50 latency <= 1.2x haproxy")
+
+
+def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
+    """CPU the proxies (both of a pair, all threads) spent per unit of work: on a busy
+    shared machine this is steadier than the rates above."""
+    units = [
+        ("tput_1_gbps", "CPU s per GB, 1 stream"),
+        ("tput_4_gbps", "CPU s per GB, 4 streams"),
+        ("rps_16", "CPU us per request (keep-alive)"),
+        ("conn_per_s", "CPU us per new connection"),
+    ]
+    print("\nproxy CPU per unit of work (both proxies of the pair, all threads)\n")
+    head = f"{'metric':<38}{'agents':>10}{'haproxy':>10}{'agents/haproxy':>16}"
+    print(head)
+    print("-" * len(head))
+    nan = float("nan")
+    for key, label in units:
+        a = cpu.get("agents", {}).get(key, nan)
+        h = cpu.get("haproxy", {}).get(key, nan)
+        ratio = a / h if h else nan
+        print(f"{label:<38}{a:>10.2f}{h:>10.2f}{ratio:>15.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
