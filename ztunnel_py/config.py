@@ -100,6 +100,10 @@ class AgentConfig:
         f"0.0.0.0:{READINESS_PORT}", "ZTUNNEL_READINESS_ADDR", "readiness HTTP"
     )
     capture: str = setting("ebpf", "ZTUNNEL_CAPTURE", "ebpf, or none (listeners only)")
+    socket_mark: int = setting(
+        0, "ZTUNNEL_SOCKET_MARK",
+        "SO_MARK on the agent's own upstream sockets so capture skips them (0: none)",
+    )
     drain_timeout_s: float = setting(
         10.0, "ZTUNNEL_DRAIN_TIMEOUT", "seconds streams may finish after SIGTERM"
     )

@@ -100,10 +100,15 @@ class Proxy:
         store: StateStore,
         certificates: CertificateSource,
         *,
-        socket_mark: int = 0,
+        socket_mark: int | None = None,
         **seams: object,
     ) -> Proxy:
-        """Wiring for ``app.py``: listeners on ``cfg.bind_ip``, marked upstreams if asked."""
+        """Wiring for ``app.py``: listeners on ``cfg.bind_ip``; upstream sockets carry
+        ``SO_MARK`` = ``socket_mark`` (default ``cfg.socket_mark``; 0 = unmarked).
+        ``seams`` override any constructor argument (listener, upstream, original_dst,
+        authorizer, strict, ...)."""
+        if socket_mark is None:
+            socket_mark = cfg.socket_mark
         kwargs: dict[str, object] = {
             "trust_domain": cfg.trust_domain,
             "outbound": ((cfg.bind_ip, OUTBOUND_PORT),),
