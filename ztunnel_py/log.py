@@ -68,5 +68,9 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
 
 
 def get(name: str) -> Any:
-    """A bound structlog logger carrying ``component=name``."""
-    return structlog.get_logger().bind(component=name)
+    """A lazy structlog logger carrying ``component=name``.
+
+    Lazy: it binds at each use, so a logger taken at import time follows a
+    later :func:`configure` (format, level, stream).
+    """
+    return structlog.get_logger(component=name)
