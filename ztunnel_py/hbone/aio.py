@@ -171,6 +171,9 @@ class StreamLeg(Leg):
             peer.send_eof()
         if self._sink_blocked or self.conn.writing_paused:
             peer.pause_source()
+        if not self._source_paused and self._held_ack:
+            # the early bytes are written out: give their window back
+            self.resume_source()
 
     # events from the connection
     def _on_data(self, data: bytes, flow_length: int) -> None:
