@@ -63,21 +63,43 @@ def serves(snapshot: Snapshot, authority: str, namespace: str, name: str) -> str
     return f"{authority} is neither a service nor a workload the waypoint {namespace}/{name} serves"
 
 
-class _Handshake(asyncio.Protocol):
+class _ServerConnection(HboneProtocol):
+    """An accepted HBONE connection, handed over once TLS is up: checks ALPN and the
+    client's SPIFFE id, then serves CONNECT streams."""
+
     def __init__(self, listener: HboneListener) -> None:
+        super().__init__(Role.SERVER, listener.config, on_closed=listener._closed)
         self.listener = listener
-        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = typing.cast(asyncio.Transport, transport)
-        t.pause_reading()
-        self.listener.spawn(self.listener.tls(t, self))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+        listener = self.listener
+        peer = t.get_extra_info("peername")
+        ssl_object = t.get_extra_info("ssl_object")
+        try:
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
+                raise IdentityError("the client did not negotiate ALPN h2")
+            client_id = peer_identity(ssl_object, listener.trust_domain)
+        except IdentityError as exc:
+            _log().info("HBONE client refused", peer=str(peer), error=str(exc))
+            listener.refused += 1
+            t.abort()
+            return
+        peer_ip = str(peer[0]) if peer else ""
+        self.set_connect_handler(lambda leg: listener._stream(self, leg, client_id, peer_ip))
+        listener.connections.add(self)
+        listener.refresh_soon()
+        super().connection_made(t)
 
 
 class HboneListener:
+    """HBONE on ``host:port`` with the waypoint's certificate.
+
+    TLS is set up by the listening server itself (``create_server(ssl=...)``), so that
+    no client byte can arrive before TLS is in place; a rotated certificate is swapped
+    in for new handshakes through the context's SNI callback (OpenSSL calls it for
+    every ClientHello)."""
+
     def __init__(
         self,
         proxy: WaypointProxy,
@@ -89,6 +111,7 @@ class HboneListener:
         port: int = HBONE_PORT,
         config: HboneConfig | None = None,
         contexts: ContextCache | None = None,
+        refresh_s: float = 30.0,
     ) -> None:
         self.proxy = proxy
         self.certificates = certificates
@@ -98,65 +121,63 @@ class HboneListener:
         self.port = port
         self.config = config or HboneConfig()
         self.contexts = contexts or ContextCache()
+        self.refresh_s = refresh_s
         self.server: asyncio.Server | None = None
         self.connections: set[HboneProtocol] = set()
         self.pipes: set[StreamPipe] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused = 0
+        self._ctx: ssl.SSLContext | None = None
+        self._refreshing = False
+        self._last_refresh = 0.0
 
     def spawn(self, coro: typing.Coroutine[typing.Any, typing.Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def _context(self) -> ssl.SSLContext:
+        ctx = self.contexts.server(await self.certificates.fetch(self.identity))
+        if ctx is not self._ctx:
+            ctx.sni_callback = self._sni
+            self._ctx = ctx
+        return ctx
+
+    def _sni(self, ssl_object: ssl.SSLObject, _name: str | None,
+             _ctx: ssl.SSLContext) -> None:
+        if self._ctx is not None and ssl_object.context is not self._ctx:
+            ssl_object.context = self._ctx  # the latest certificate
+        return None
+
+    def refresh_soon(self) -> None:
+        """Pick up a rotated certificate (at most every ``refresh_s``)."""
+        now = asyncio.get_running_loop().time()
+        if self._refreshing or now - self._last_refresh < self.refresh_s:
+            return
+        self._refreshing = True
+        self._last_refresh = now
+
+        async def refresh() -> None:
+            try:
+                await self._context()
+            except IdentityError as exc:
+                _log().warning("cannot refresh the waypoint certificate", error=str(exc))
+            finally:
+                self._refreshing = False
+
+        self.spawn(refresh())
+
     async def start(self) -> tuple[str, int]:
+        """Listen; raises ``IdentityError`` if the waypoint has no certificate."""
+        ctx = await self._context()
+        self._last_refresh = asyncio.get_running_loop().time()
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Handshake(self), self.host, self.port,
-                                               backlog=4096)
+        self.server = await loop.create_server(
+            lambda: _ServerConnection(self), self.host, self.port, backlog=4096, ssl=ctx,
+            ssl_handshake_timeout=self.config.connect_timeout_s)
         sock = self.server.sockets[0].getsockname()
         self.port = int(sock[1])
         return str(sock[0]), self.port
-
-    async def tls(self, transport: asyncio.Transport, handshake: _Handshake) -> None:
-        loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        try:
-            ctx = self.contexts.server(await self.certificates.fetch(self.identity))
-        except IdentityError as exc:
-            _log().warning("no certificate to serve HBONE", identity=self.identity, error=str(exc))
-            transport.abort()
-            return
-        if handshake.lost:
-            transport.abort()
-            return
-        proto = HboneProtocol(Role.SERVER, self.config, on_closed=self._closed)
-        try:
-            tls = await loop.start_tls(transport, proto, ctx, server_side=True,
-                                       ssl_handshake_timeout=self.config.connect_timeout_s)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            _log().info("HBONE TLS handshake failed", peer=str(peer), error=str(exc))
-            transport.abort()
-            return
-        except BaseException:
-            transport.abort()
-            raise
-        if tls is None:  # pragma: no cover - closed during the handshake
-            transport.abort()
-            return
-        ssl_object = tls.get_extra_info("ssl_object")
-        try:
-            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
-                raise IdentityError("the client did not negotiate ALPN h2")
-            client_id = peer_identity(ssl_object, self.trust_domain)
-        except IdentityError as exc:
-            _log().info("HBONE client refused", peer=str(peer), error=str(exc))
-            self.refused += 1
-            tls.abort()
-            return
-        peer_ip = str(peer[0]) if peer else ""
-        proto.set_connect_handler(lambda leg: self._stream(proto, leg, client_id, peer_ip))
-        self.connections.add(proto)
-        proto.connection_made(tls)
 
     def _closed(self, proto: HboneProtocol, exc: BaseException | None) -> None:
         self.connections.discard(proto)

@@ -141,14 +141,25 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
     async def start_up() -> None:
         await client.wait_synced()
         readiness.set(CONFIG)
-        try:
-            await secrets.fetch(identity)
-        except IdentityError as exc:
-            _log().error("waypoint has no certificate", identity=identity, error=str(exc))
-            return
+        delay = 0.5
+        while True:
+            try:
+                await listener.start()  # with our certificate (the CA knows us once synced)
+                break
+            except IdentityError as exc:
+                _log().error("waypoint has no certificate yet; retrying", identity=identity,
+                             error=str(exc), retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except OSError as exc:
+                _log().error("waypoint cannot listen for HBONE",
+                             address=f"{listen[0]}:{listen[1]}", error=str(exc))
+                stop.set()
+                return
         readiness.set(CERTIFICATES)
         _log().info("waypoint ready", waypoint=f"{namespace}/{name}", identity=identity,
                     hbone=f"{listen[0]}:{listener.port}")
@@ -157,7 +168,6 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     try:
         await telemetry.start()
         await admin.start()
-        await listener.start()
         up = asyncio.create_task(start_up(), name="waypoint-start")
         await stop.wait()
     finally:

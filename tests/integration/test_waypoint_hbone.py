@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from cryptography import x509
 
 from tests.integration.test_waypoint_http import Backend
 from waypoint.http1 import H1Client
@@ -25,7 +26,9 @@ from waypoint.upstream import Upstreams
 from ztunnel_py.config import HBONE_PORT, HboneConfig
 from ztunnel_py.hbone.aio import TunnelRefused
 from ztunnel_py.hbone.core import forwarded_for
+from ztunnel_py.identity.certs import WorkloadCertificate
 from ztunnel_py.identity.testing import InMemoryCA
+from ztunnel_py.identity.tls import client_context
 from ztunnel_py.proxy.pool import ConnectionPool, PoolError, PoolKey
 from ztunnel_py.proxy.testing import CaCertificates, LoopbackMesh, loopback_prefix
 from ztunnel_py.state import routing as r
@@ -235,3 +238,51 @@ async def test_a_pod_addressed_directly_gets_the_request_whatever_the_routes(
     assert len(v1.seen) == 3
     assert world.metrics.count(destination_workload="reviews-v1",
                                destination_service="unknown") == 3
+
+
+class Rotating:
+    """A certificate source that issues a new certificate when told to."""
+
+    def __init__(self, ca: InMemoryCA) -> None:
+        self.ca = ca
+        self.certs: dict[str, WorkloadCertificate] = {}
+
+    def rotate(self, identity: str) -> None:
+        self.certs.pop(identity, None)
+
+    async def fetch(self, identity: str) -> WorkloadCertificate:
+        if identity not in self.certs:
+            self.certs[identity] = self.ca.issue(identity)
+        return self.certs[identity]
+
+
+async def _server_serial(address: tuple[str, int], client_cert: WorkloadCertificate) -> int:
+    ctx = client_context(client_cert)
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(*address, ssl=ctx, server_hostname=""), 5)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).serial_number
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_rotated_waypoint_certificate_is_served_to_new_connections(
+        world: World) -> None:
+    ca = world.mesh.ca
+    certs = Rotating(ca)
+    wp = world.waypoint
+    listener = HboneListener(world.proxy, certs, wp.identity, TD, host=wp.ips[0], port=0,
+                             refresh_s=0.0)
+    address = await listener.start()
+    client_cert = ca.issue(world.client.identity)
+    try:
+        first = await _server_serial(address, client_cert)
+        assert await _server_serial(address, client_cert) == first
+        certs.rotate(wp.identity)
+        listener.refresh_soon()
+        await asyncio.sleep(0.05)
+        second = await _server_serial(address, client_cert)
+        assert second != first
+    finally:
+        await listener.stop()

@@ -148,6 +148,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
          "--grpc-address", f"127.0.0.1:{grpc_port}", "--admin-address", "127.0.0.1:0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     waypoint: subprocess.Popen[bytes] | None = None
+    log = (tmp_path / "waypoint.log").open("wb")
     try:
         deadline = time.monotonic() + 30
         while not (state / "roots.pem").exists() and time.monotonic() < deadline:
@@ -159,12 +160,13 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
              "--listen", f"127.0.0.1:{hbone}", "--metrics-address", f"127.0.0.1:{metrics}",
              "--readiness-address", f"127.0.0.1:{ready}",
              "--admin-address", f"127.0.0.1:{admin}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env, stdout=log, stderr=subprocess.STDOUT)
         yield Procs(state, grpc_port, hbone, metrics, ready, admin, controller, waypoint)
     finally:
         if waypoint is not None:
             _stop(waypoint)
         _stop(controller)
+        log.close()
 
 
 def _wait_ready(p: Procs) -> None:
