@@ -19,7 +19,9 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -212,10 +214,26 @@ class WaypointMetrics:
                    if all(key[idx[k]] == v for k, v in labels.items()))
 
 
+# (structlog set-up it was made for, logger, whether INFO is on)
+_access: tuple[tuple[object, object], Any, bool] | None = None
+
+
+def _access_logger() -> tuple[Any, bool]:
+    """The access logger, re-resolved whenever ``log.configure`` changed the set-up
+    (a new logger factory or level), not on every request."""
+    global _access
+    cfg = structlog.get_config()
+    key = (cfg["wrapper_class"], cfg["logger_factory"])
+    if _access is None or _access[0][0] is not key[0] or _access[0][1] is not key[1]:
+        logger = log.get("waypoint.access")
+        enabled = getattr(logger, "is_enabled_for", None)
+        _access = (key, logger, enabled is None or bool(enabled(logging.INFO)))
+    return _access[1], _access[2]
+
+
 def access_log(rec: RequestRecord) -> None:
-    logger = log.get("waypoint.access")  # at each use: log.configure applies
-    enabled = getattr(logger, "is_enabled_for", None)
-    if enabled is not None and not enabled(logging.INFO):
+    logger, enabled = _access_logger()
+    if not enabled:
         return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,
