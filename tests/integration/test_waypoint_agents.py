@@ -1,0 +1,177 @@
+"""Acceptance through real agents, on loopback (the network-namespace tier with eBPF
+capture comes later): a client pod's connection to a service VIP is captured by its
+node agent (``LoopbackMesh``: outbound :15001 with an original-destination table),
+which sees ``istio.io/use-waypoint`` and tunnels it over HBONE to the waypoint; the
+waypoint routes and tunnels to the chosen endpoint's node agent (inbound :15008),
+which delivers to the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import h11
+import pytest
+
+from tests.integration.test_waypoint_http import Backend
+from waypoint.mesh import HboneConnector, HboneListener
+from waypoint.proxy import WaypointProxy
+from waypoint.telemetry import WaypointMetrics
+from waypoint.upstream import Upstreams
+from ztunnel_py.config import HBONE_PORT, HboneConfig
+from ztunnel_py.proxy.pool import ConnectionPool
+from ztunnel_py.proxy.testing import CaCertificates, LoopbackMesh, loopback_prefix
+from ztunnel_py.state import routing as r
+from ztunnel_py.state.model import (
+    Action,
+    AuthorizationPolicy,
+    Endpoint,
+    FrozenMap,
+    Operation,
+    PolicyTargetRef,
+    Rule,
+    Service,
+    ServicePort,
+    WaypointRef,
+    Workload,
+)
+from ztunnel_py.state.snapshot import Snapshot
+
+NS = "bookinfo"
+VIP = "10.96.0.10"
+TD = "cluster.local"
+
+
+def _w(name: str, ip: str, node: str, labels: dict[str, str], *, enrolled: bool = True,
+       waypoint: bool = False) -> Workload:
+    return Workload(uid=f"{NS}/{name}", name=name, namespace=NS, service_account=name,
+                    node=node, ips=(ip,), labels=FrozenMap(labels), enrolled=enrolled,
+                    is_waypoint=waypoint)
+
+
+@dataclass
+class World:
+    mesh: LoopbackMesh
+    client: Workload
+    backends: dict[str, Backend]
+    metrics: WaypointMetrics
+    base: Snapshot
+
+    def apply(self, *routing: object, policies: tuple[AuthorizationPolicy, ...] = ()) -> None:
+        self.mesh.store.swap(replace(self.base, version=str(random.random()),
+                                     routing=tuple(routing), authorization_policies=policies))
+
+    async def requests(self, n: int, path: str = "/", method: str = "GET",
+                       headers: tuple[tuple[str, str], ...] = ()) -> list[tuple[int, str]]:
+        """``n`` keep-alive requests on one connection from the client pod to the VIP."""
+        reader, writer = await self.mesh.connect(self.client.ips[0], (VIP, 9080))
+        conn = h11.Connection(h11.CLIENT)
+        out: list[tuple[int, str]] = []
+        try:
+            for _ in range(n):
+                writer.write(conn.send(h11.Request(method=method, target=path, headers=[
+                    ("host", "reviews:9080"), ("content-length", "0"), *headers]))
+                    + conn.send(h11.EndOfMessage()))
+                status, served = 0, ""
+                while True:
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        data = await asyncio.wait_for(reader.read(65536), 10)
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(ev, h11.Response):
+                        status = ev.status_code
+                        served = dict(ev.headers).get(b"x-served-by", b"").decode()
+                    elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                        break
+                out.append((status, served))
+                conn.start_next_cycle()
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return out
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    prefix = loopback_prefix()
+    client = _w("productpage-v1", f"{prefix}10", "node-1", {"app": "productpage"})
+    v1 = _w("reviews-v1", f"{prefix}11", "node-2", {"app": "reviews", "version": "v1"})
+    v2 = _w("reviews-v2", f"{prefix}12", "node-2", {"app": "reviews", "version": "v2"})
+    # The waypoint's pod: the agents do not listen for it, the waypoint does.
+    wp = _w("waypoint", f"{prefix}20", "node-1",
+            {"gateway.networking.k8s.io/gateway-name": "waypoint"}, enrolled=False,
+            waypoint=True)
+    mesh = LoopbackMesh([client, v1, v2, wp], ["node-1", "node-2"], prefix)
+    await mesh.start()
+    backends: dict[str, Backend] = {}
+    port = 0
+    for w in (v1, v2):
+        b = Backend(w.name)
+        await b.start(w.ips[0], port)
+        port = b.port
+        backends[w.name] = b
+    svc = Service("reviews", NS, f"reviews.{NS}.svc.cluster.local", (VIP,),
+                  (ServicePort(9080, port, "http"),),
+                  tuple(Endpoint(w.uid, w.ips[0], FrozenMap({9080: port})) for w in (v1, v2)),
+                  waypoint=WaypointRef("waypoint", NS))
+    base = Snapshot(version="2", workloads=(client, v1, v2, wp), services=(svc,))
+    mesh.store.swap(base)
+    certs = CaCertificates(mesh.ca)
+    pool = ConnectionPool(HboneConfig(), certs, TD)
+    metrics = WaypointMetrics()
+    proxy = WaypointProxy(mesh.store, NS, "waypoint", Upstreams(HboneConnector(pool, wp.identity)),
+                          metrics=metrics, rng=random.Random(5))
+    listener = HboneListener(proxy, certs, wp.identity, TD, host=wp.ips[0], port=HBONE_PORT)
+    await listener.start()
+    try:
+        yield World(mesh, client, backends, metrics, base)
+    finally:
+        await listener.stop()
+        await proxy.close()
+        pool.close()
+        await mesh.stop()
+        for b in backends.values():
+            await b.stop()
+
+
+SUBSETS = r.DestinationRule("reviews", NS, host="reviews", subsets=(
+    r.Subset("v1", FrozenMap({"version": "v1"})), r.Subset("v2", FrozenMap({"version": "v2"}))))
+
+
+def _to(subset: str, weight: int | None = None) -> r.HTTPRouteDestination:
+    return r.HTTPRouteDestination(r.Destination("reviews", subset), weight)
+
+
+async def test_weighted_split_through_agents_and_waypoint(world: World) -> None:
+    world.apply(r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+        r.HTTPRoute(route=(_to("v1", 90), _to("v2", 10))),)), SUBSETS)
+    replies = await asyncio.wait_for(world.requests(2000), 120)
+    served = Counter(s for _, s in replies)
+    assert {st for st, _ in replies} == {200}
+    assert abs(served["reviews-v1"] / 2000 - 0.90) <= 0.03, served
+    # The waypoint saw the client pod's own identity (the agent tunnels as the pod).
+    assert world.metrics.count(source_principal=world.client.identity,
+                               source_workload="productpage-v1") == 2000
+
+
+async def test_header_match_and_l7_deny_through_agents(world: World) -> None:
+    jason = r.HTTPMatchRequest(headers=FrozenMap({"end-user": r.StringMatch(exact="jason")}))
+    deny = AuthorizationPolicy(
+        "no-admin-delete", NS, Action.DENY,
+        target_refs=(PolicyTargetRef("Gateway", "waypoint", "gateway.networking.k8s.io"),),
+        rules=(Rule(operations=(Operation(methods=("DELETE",), paths=("/admin*",)),)),))
+    world.apply(r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+        r.HTTPRoute(match=(jason,), route=(_to("v2"),)), r.HTTPRoute(route=(_to("v1"),)))),
+        SUBSETS, policies=(deny,))
+    assert {s for _, s in await world.requests(5, headers=(("end-user", "jason"),))} == \
+        {"reviews-v2"}
+    assert {s for _, s in await world.requests(5)} == {"reviews-v1"}
+    assert await world.requests(1, "/admin/x", "DELETE") == [(403, "")]
+    assert await world.requests(1, "/admin/x", "GET") == [(200, "reviews-v1")]
