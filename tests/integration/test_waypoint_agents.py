@@ -175,3 +175,26 @@ async def test_header_match_and_l7_deny_through_agents(world: World) -> None:
     assert {s for _, s in await world.requests(5)} == {"reviews-v1"}
     assert await world.requests(1, "/admin/x", "DELETE") == [(403, "")]
     assert await world.requests(1, "/admin/x", "GET") == [(200, "reviews-v1")]
+
+
+async def test_retries_and_mirroring_through_agents(world: World) -> None:
+    v1, v2 = world.backends["reviews-v1"], world.backends["reviews-v2"]
+    v1.behaviour = lambda n, m, p: ((503 if n % 2 else 200), 0.0)  # fails every other
+    v2.behaviour = lambda n, m, p: (200, 0.5)  # a slow mirror
+    world.apply(r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+        r.HTTPRoute(route=(_to("v1", 100),), retries=r.HTTPRetry(attempts=3),
+                    mirror=r.Destination("reviews", "v2"),
+                    mirror_percentage=r.Percent(100.0)),)), SUBSETS)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    replies = await world.requests(10)
+    elapsed = loop.time() - started
+    assert replies == [(200, "reviews-v1")] * 10  # every request succeeds, from v1 only
+    assert len(v1.seen) == 20  # each one took a retry
+    assert elapsed < 5.0  # ten 0.5 s mirrors did not hold the client up (a bound, not a benchmark)
+    for _ in range(100):
+        if len(v2.seen) == 10:
+            break
+        await asyncio.sleep(0.05)
+    assert len(v2.seen) == 10
+    assert {s.headers["host"] for s in v2.seen} == {"reviews-shadow:9080"}
