@@ -62,6 +62,16 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 _DEFAULT_WINDOW = 65_535
 # Stream states in which we may send DATA (we never send it otherwise).
 _SENDABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+# ...and in which the peer may send it to us (the receive fast path's precondition).
+_RECEIVABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_CONNECTION_OPEN = frozenset(
+    {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
+)
+# Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at.
+_FRAME_HEADER = 9
+_PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
+_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
+_END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
 
 
 class Role(enum.Enum):
@@ -224,7 +234,11 @@ class _Stream:
 class HboneConnection:
     """One HTTP/2 connection carrying HBONE tunnels (sans-IO)."""
 
-    def __init__(self, role: Role, config: HboneConfig | None = None) -> None:
+    def __init__(
+        self, role: Role, config: HboneConfig | None = None, *, fast_receive: bool = True
+    ) -> None:
+        """``fast_receive=False`` hands every received byte to h2 (the reference the
+        fast path is tested against)."""
         self.role = role
         self.config = config or HboneConfig()
         self._h2 = h2.connection.H2Connection(
@@ -258,6 +272,15 @@ class HboneConnection:
         self._blocked: set[int] = set()  # streams with pending data
         self.ended = False  # GOAWAY sent or received, or the peer broke the protocol
         self._started = False
+        # receive fast path state (see ``receive``)
+        self._fast_receive = fast_receive
+        self._preface_left = _PREFACE if role is Role.SERVER else 0
+        self._head = b""  # a frame header split across reads (< 9 bytes)
+        self._h2_left = 0  # bytes of the current frame still owed to h2
+        self._fast_left = 0  # payload bytes of the current fast-path DATA frame
+        self._fast_sid = 0
+        self._in_header_block = False  # HEADERS without END_HEADERS: h2 gets all until done
+        self.fast_data_frames = 0  # DATA frames taken by the fast path (tests, profiling)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -385,12 +408,114 @@ class HboneConnection:
             self._h2.acknowledge_received_data(flow_length, stream_id)
 
     def receive(self, data: bytes) -> list[Event]:
+        """Feed received bytes; returns the tunnel events they complete.
+
+        DATA frames on established streams take a fast path: the 9-byte frame header is
+        parsed here, flow control is charged exactly as h2 would (both windows, before
+        any payload is handed out) and the payload goes straight out as ``Data`` events,
+        piece by piece as it arrives, without h2's frame buffer, frame objects and
+        events. Every other frame, and any DATA frame that is unusual (padding,
+        END_STREAM, unknown or closing stream, oversized, over the window, inside a
+        header block) is handed to h2 whole, in order, so h2 stays the judge of the
+        protocol: h2's own buffer is always at a frame boundary when the fast path runs.
+        """
+        if not self._fast_receive:
+            return self._receive_h2(data, [])
+        out: list[Event] = []
+        batch: list[bytes] = []  # bytes for h2, in order, flushed before each fast frame
+        n = len(data)
+        pos = 0
+        if self._preface_left:
+            k = min(self._preface_left, n)
+            batch.append(data[:k])
+            self._preface_left -= k
+            pos = k
+        while pos < n:
+            if self._fast_left:
+                k = min(self._fast_left, n - pos)
+                self._fast_left -= k
+                chunk = data[pos : pos + k]
+                pos += k
+                sid = self._fast_sid
+                if sid in self._streams:
+                    out.append(Data(sid, chunk, k))
+                else:  # dropped by us mid-frame: credit it back at once
+                    self.ack(sid, k)
+                continue
+            if self._h2_left:
+                k = min(self._h2_left, n - pos)
+                batch.append(data[pos : pos + k])
+                self._h2_left -= k
+                pos += k
+                continue
+            # at a frame boundary
+            if self._head:
+                need = _FRAME_HEADER - len(self._head)
+                head = self._head + data[pos : pos + need]
+            else:
+                head = data[pos : pos + _FRAME_HEADER]
+            if len(head) < _FRAME_HEADER:
+                self._head = head
+                break
+            pos += _FRAME_HEADER - len(self._head)
+            self._head = b""
+            length = (head[0] << 16) | (head[1] << 8) | head[2]
+            ftype = head[3]
+            flags = head[4]
+            if (
+                ftype == _DATA
+                and length
+                and not flags & (_PADDED | _END_STREAM)
+                and not self._in_header_block
+            ):
+                if batch:  # h2 must be up to date before the fast path looks at its state
+                    self._receive_h2(b"".join(batch), out)
+                    batch = []
+                sid = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
+                if self._charge(sid, length):
+                    self.fast_data_frames += 1
+                    self._fast_left = length
+                    self._fast_sid = sid
+                    continue
+            elif ftype in (_HEADERS, _PUSH_PROMISE):
+                self._in_header_block = not flags & _END_HEADERS
+            elif ftype == _CONTINUATION and flags & _END_HEADERS:
+                self._in_header_block = False
+            batch.append(head)
+            self._h2_left = length
+        if batch:
+            self._receive_h2(b"".join(batch) if len(batch) > 1 else batch[0], out)
+        return out
+
+    def _charge(self, sid: int, length: int) -> bool:
+        """Take a DATA frame on the fast path if h2 would accept it as plain stream data;
+        charge both receive windows exactly as h2's ``_receive_data_frame`` does."""
+        if sid not in self._streams:
+            return False
+        h2c = self._h2
+        if h2c.state_machine.state not in _CONNECTION_OPEN or length > h2c.max_inbound_frame_size:
+            return False
+        stream = h2c.streams.get(sid)
+        if (
+            stream is None
+            or stream.state_machine.state not in _RECEIVABLE
+            or stream._expected_content_length is not None
+        ):
+            return False
+        conn_window = h2c._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if length > conn_window.current_window_size or length > stream_window.current_window_size:
+            return False  # h2 raises the flow-control error
+        conn_window.current_window_size -= length
+        stream_window.current_window_size -= length
+        return True
+
+    def _receive_h2(self, data: bytes, out: list[Event]) -> list[Event]:
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.ended = True
             raise ProtocolError(f"HTTP/2 protocol error from peer: {exc}") from None
-        out: list[Event] = []
         flush = False
         for ev in h2_events:
             if isinstance(ev, h2.events.DataReceived):

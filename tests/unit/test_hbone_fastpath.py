@@ -1,0 +1,240 @@
+"""The receive fast path for DATA frames, byte by byte against h2's own handling.
+
+Every scenario runs twice from the same start: a receiver with the fast path and a
+reference receiver (``fast_receive=False``) that hands every byte to h2. Both must
+report the same tunnel payload and events, keep the same flow-control windows, and
+put the same bytes on the wire (WINDOW_UPDATEs, RST_STREAM, GOAWAY) - however the
+input is split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import h2.connection
+import pytest
+
+from ztunnel_py.config import HboneConfig
+from ztunnel_py.hbone import core
+from ztunnel_py.hbone.core import HboneConnection, Role
+
+CFG = HboneConfig(
+    stream_window=65_535, connection_window=65_535, max_frame_size=16_384,
+    max_streams_per_connection=10,
+)
+TRACE = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
+
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    head = len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big")
+    return head + payload
+
+
+def _raw_h2(conn: HboneConnection) -> h2.connection.H2Connection:
+    return conn._h2
+
+
+class Side:
+    """A client and a server (fast or reference) after one tunnel was set up."""
+
+    def __init__(self, fast: bool) -> None:
+        self.client = HboneConnection(Role.CLIENT, CFG)
+        self.server = HboneConnection(Role.SERVER, CFG, fast_receive=fast)
+        self.client.initiate()
+        self.server.initiate()
+        self.events: list[core.Event] = []
+        self.pump()
+        self.sid = self.client.open("10.0.0.2:80", traceparent=TRACE)
+        self.pump()
+        self.server.respond(self.sid, core.OK)
+        self.pump()
+        self.events.clear()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            c2s, s2c = self.client.data_to_send(), self.server.data_to_send()
+            if not c2s and not s2c:
+                return
+            if c2s:
+                self.events += self.server.receive(c2s)
+            if s2c:
+                self.client.receive(s2c)
+        raise AssertionError("peers never went quiet")
+
+    def feed(self, wire: bytes, cuts: Iterable[int]) -> None:
+        start = 0
+        for cut in [*cuts, len(wire)]:
+            if cut > start:
+                self.events += self.server.receive(wire[start:cut])
+                start = cut
+
+    def windows(self) -> tuple[int, int, int, int]:
+        h = _raw_h2(self.server)
+        conn = h._inbound_flow_control_window_manager
+        stream = h.streams[self.sid]._inbound_window_manager
+        return (conn.current_window_size, conn._bytes_processed,
+                stream.current_window_size, stream._bytes_processed)
+
+
+def merged(events: list[core.Event]) -> list[object]:
+    """Events with consecutive Data of one stream joined (the split decides the pieces)."""
+    out: list[object] = []
+    for ev in events:
+        if isinstance(ev, core.Data):
+            last = out[-1] if out else None
+            if isinstance(last, tuple) and last[0] == "data" and last[1] == ev.stream_id:
+                out[-1] = ("data", ev.stream_id, last[2] + ev.data, last[3] + ev.flow_length)
+                continue
+            out.append(("data", ev.stream_id, ev.data, ev.flow_length))
+        else:
+            out.append(ev)
+    return out
+
+
+def mixed_traffic(side: Side) -> bytes:
+    """Plain, padded and END_STREAM DATA, a PING and a second stream's HEADERS."""
+    c = side.client
+    raw = _raw_h2(c)
+    c.send(side.sid, b"a" * 100)
+    raw.send_data(side.sid, b"b" * 50, pad_length=10)
+    raw.ping(b"12345678")
+    c.send(side.sid, b"c" * 70)
+    sid2 = c.open("10.0.0.3:81", traceparent=TRACE)
+    c.send(sid2, b"d" * 30)
+    c.send(side.sid, b"e" * 20)
+    c.end(side.sid)
+    return c.data_to_send()
+
+
+def run(make_wire: Callable[[Side], bytes], cuts: Iterable[int]) -> tuple[Side, Side]:
+    fast, ref = Side(True), Side(False)
+    wire = make_wire(fast)
+    assert make_wire(ref) == wire  # same start, same bytes
+    cuts = list(cuts)
+    fast.feed(wire, cuts)
+    ref.feed(wire, [])
+    return fast, ref
+
+
+def ack_all(side: Side) -> bytes:
+    for ev in side.events:
+        if isinstance(ev, core.Data):
+            side.server.ack(ev.stream_id, ev.flow_length)
+    return side.server.data_to_send()
+
+
+def test_every_two_way_split_matches_h2() -> None:
+    wire = mixed_traffic(Side(True))
+    for cut in range(len(wire) + 1):
+        fast, ref = run(mixed_traffic, [cut])
+        assert merged(fast.events) == merged(ref.events), f"split at {cut}"
+        assert fast.windows() == ref.windows(), f"split at {cut}"
+        assert ack_all(fast) == ack_all(ref), f"split at {cut}"
+        assert fast.windows() == ref.windows(), f"split at {cut}"
+
+
+def test_one_byte_at_a_time_matches_h2() -> None:
+    wire = mixed_traffic(Side(True))
+    fast, ref = run(mixed_traffic, range(1, len(wire)))
+    assert merged(fast.events) == merged(ref.events)
+    assert fast.windows() == ref.windows()
+    assert ack_all(fast) == ack_all(ref)
+
+
+def test_plain_data_takes_the_fast_path_and_padding_does_not() -> None:
+    fast, _ = run(mixed_traffic, [])
+    # three plain DATA frames on stream 1, one on stream 3; the padded one and the
+    # empty END_STREAM frame go through h2
+    assert fast.server.fast_data_frames == 4
+    plain = Side(True)
+    raw = _raw_h2(plain.client)
+    raw.send_data(plain.sid, b"x" * 40, pad_length=5)
+    plain.feed(plain.client.data_to_send(), [])
+    assert plain.server.fast_data_frames == 0
+    [ev] = plain.events
+    assert isinstance(ev, core.Data) and ev.data == b"x" * 40 and ev.flow_length == 46
+
+
+def test_windows_stay_exact_over_many_windows() -> None:
+    """Four windows' worth, acked as it arrives: the WINDOW_UPDATEs are h2's, batched."""
+    payload = bytes(range(256)) * 200
+    fast, ref = Side(True), Side(False)
+    got: dict[bool, bytes] = {True: b"", False: b""}
+    for side in (fast, ref):
+        side.client.send(side.sid, payload)
+        for _ in range(50):
+            wire = side.client.data_to_send()
+            if not wire:
+                break
+            side.feed(wire, range(0, len(wire), 7777))
+            updates = ack_all(side)
+            got[side is fast] += b"".join(
+                e.data for e in side.events if isinstance(e, core.Data))
+            side.events.clear()
+            side.client.receive(updates)
+    assert got[True] == got[False] == payload
+    assert fast.windows() == ref.windows()
+    assert fast.server.fast_data_frames > 0
+
+
+def _both(wire_of: Callable[[Side], bytes]) -> tuple[Side, Side, bytes]:
+    fast, ref = Side(True), Side(False)
+    wire = wire_of(fast)
+    assert wire_of(ref) == wire
+    return fast, ref, wire
+
+
+def test_over_the_window_is_h2s_flow_control_error() -> None:
+    """Raw frames past the 65,535-byte stream window: both refuse at the same frame."""
+    def flood(side: Side) -> bytes:
+        return b"".join(_frame(0, 0, side.sid, b"z" * 16_384) for _ in range(5))
+
+    fast, ref, wire = _both(flood)
+    for side in (fast, ref):
+        with pytest.raises(core.ProtocolError):
+            side.feed(wire, range(0, len(wire), 1000))
+    assert fast.server.data_to_send() == ref.server.data_to_send()  # the same GOAWAY
+    assert merged(fast.events) == merged(ref.events)
+    assert sum(len(e.data) for e in fast.events if isinstance(e, core.Data)) == 3 * 16_384
+
+
+@pytest.mark.parametrize(
+    "wire_of",
+    [
+        pytest.param(lambda s: _frame(0, 0, s.sid, b"y" * 16_385), id="oversized"),
+        pytest.param(lambda s: _frame(0, 0, 99, b"y" * 10), id="idle-stream"),
+        pytest.param(lambda s: _frame(0, 0, 0, b"y" * 10), id="stream-0"),
+        pytest.param(
+            lambda s: _frame(1, 0, 5, b"\x82") + _frame(0, 0, s.sid, b"y" * 10),
+            id="data-inside-header-block",
+        ),
+    ],
+)
+def test_protocol_errors_are_h2s(wire_of: Callable[[Side], bytes]) -> None:
+    fast, ref, wire = _both(wire_of)
+    for side in (fast, ref):
+        with pytest.raises(core.ProtocolError):
+            side.feed(wire, [4, 9, 12])
+    assert fast.server.fast_data_frames == 0
+    assert fast.server.data_to_send() == ref.server.data_to_send()
+
+
+def test_reset_mid_frame_credits_the_rest_back() -> None:
+    side = Side(True)
+    side.client.send(side.sid, b"q" * 10_000)
+    wire = side.client.data_to_send()
+    side.feed(wire, [])
+    del side.events[:]
+    side.client.send(side.sid, b"r" * 10_000)
+    wire = side.client.data_to_send()
+    side.feed(wire[:4000], [])
+    first = [e for e in side.events if isinstance(e, core.Data)]
+    assert sum(e.flow_length for e in first) == 4000 - 9
+    side.server.reset(side.sid)
+    side.events.clear()
+    side.feed(wire[4000:], [])
+    assert not [e for e in side.events if isinstance(e, core.Data)]
+    h = _raw_h2(side.server)._inbound_flow_control_window_manager
+    # received = 20,000; the caller acks what it was handed, the rest was credited already
+    side.server.ack(side.sid, 10_000 + 4000 - 9)
+    assert h.current_window_size + h._bytes_processed == h.max_window_size
