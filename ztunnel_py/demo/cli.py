@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from ztunnel_py.demo import scenario
 from ztunnel_py.demo.configdir import ManifestError, apply_paths, delete_paths
+from ztunnel_py.demo.mesh import ztunnel
 from ztunnel_py.demo.run import AlreadyUp, DemoError, DemoRun, state_dir_from_env
 from ztunnel_py.topology import TopologyError
 
@@ -23,17 +25,35 @@ def _run(args: argparse.Namespace) -> DemoRun:
 def _up(args: argparse.Namespace) -> int:
     run = _run(args)
     try:
-        topo = run.up()
+        topo = run.up(mesh=not args.no_mesh)
     except AlreadyUp as exc:
         print(exc)
         topo = run.topology()
     except (DemoError, TopologyError) as exc:
         return _err(f"{exc}\n(clean up with `ztunnel-py demo down`)")
-    ok = run.show_request(topo)
-    if not ok:
-        return _err("the demo is up but the cross-node request failed; see `demo status`")
-    print("\nnext: `ztunnel-py demo status --json`, then `ztunnel-py demo down`")
+    if args.no_mesh:
+        if not run.show_request(topo):
+            return _err("the demo is up but the cross-node request failed; see `demo status`")
+    else:
+        outcome = scenario.tell(topo, run.mesh(topo), run.world, run.config_dir, print)
+        if not outcome.ok:
+            return _err(f"the mesh did not behave as the story says; logs in {run.logs_dir}")
+    print("\nnext: `ztunnel-py demo status --json`, `ztunnel-py demo ctl node1 workloads`, "
+          "then `ztunnel-py demo down`")
     return 0
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    run = _run(args)
+    try:
+        topo = run.topology()
+        topo.node(args.node)
+    except (DemoError, KeyError, TopologyError) as exc:
+        return _err(f"{exc}")
+    done = topo.run(args.node, ztunnel("ctl", *args.ctl_args), timeout=30)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -102,9 +122,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(default $ZTUNNEL_DEMO_DIR or /run/ztunnel-py/demo)",
     )
     sub = demo.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
-    sub.add_parser("up", help="bring the demo up and show a cross-node request").set_defaults(
-        func=_up
-    )
+    up = sub.add_parser("up", help="bring the demo up and show the mesh at work")
+    up.add_argument("--no-mesh", action="store_true",
+                    help="only the nodes, pods and services: no controller, no agents")
+    up.set_defaults(func=_up)
+    ctl = sub.add_parser("ctl", help="run `ztunnel-py ctl ARGS` inside a node (its admin port)")
+    ctl.add_argument("node", help="node1, node2, ...")
+    ctl.add_argument("ctl_args", nargs=argparse.REMAINDER, help="ctl's arguments")
+    ctl.set_defaults(func=_ctl)
     sub.add_parser("down", help="tear everything of the demo down").set_defaults(func=_down)
     st = sub.add_parser("status", help="what is running where")
     st.add_argument("--json", action="store_true", help="machine-readable")

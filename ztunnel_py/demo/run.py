@@ -24,6 +24,7 @@ from typing import Any
 
 from ztunnel_py.demo import httpservice
 from ztunnel_py.demo.configdir import ObjectRef, ref_of, write_objects
+from ztunnel_py.demo.mesh import DemoMesh
 from ztunnel_py.demo.world import DEFAULT_WORLD, DEMO_CLIENT, DEMO_SERVER, World, manifests
 from ztunnel_py.demo.world import topology_spec as world_topology_spec
 from ztunnel_py.topology import (
@@ -105,7 +106,10 @@ class DemoRun:
 
     # -- up -----------------------------------------------------------------------
 
-    def up(self, say: Say = print) -> Topology:
+    def mesh(self, topo: Topology) -> DemoMesh:
+        return DemoMesh(topo, self.state_dir, self.config_dir, self.logs_dir)
+
+    def up(self, say: Say = print, *, mesh: bool = True) -> Topology:
         """Build the world, start its services, write its config; returns the topology."""
         data = self.load()
         if data is not None:
@@ -124,8 +128,10 @@ class DemoRun:
         self._save_topology(topo, "building")
         try:
             self._start_services(topo)
-            # (the mesh -- controller and one agent per node -- starts here once it exists)
             self._write_config(topo)
+            if mesh:
+                say("starting the controller on node1 and an agent (eBPF capture) per node")
+                self.mesh(topo).start(self.start)
             self._save_topology(topo, "up")
         except BaseException:
             self._save_topology(topo, "failed")

@@ -65,7 +65,8 @@ class World:
 
 
 DEFAULT_WORLD = World(
-    namespaces=MappingProxyType({"demo": AMBIENT, "other": AMBIENT}),
+    # `demo` starts outside the mesh; `demo up` labels it ambient as part of the story.
+    namespaces=MappingProxyType({"demo": MappingProxyType({}), "other": AMBIENT}),
     nodes=("node1", "node2"),
     pods=(
         DemoPod("client", "demo", "node1", "client", "v1", "client"),

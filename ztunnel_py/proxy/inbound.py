@@ -29,6 +29,7 @@ from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.manager import CertificateSource
 from ztunnel_py.identity.tls import ALPN_H2, peer_identity
 from ztunnel_py.policy.types import Connection
+from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
 from ztunnel_py.proxy.pool import ContextCache
 from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, TcpLeg
@@ -112,7 +113,7 @@ class Inbound:
         self.contexts = contexts or ContextCache()
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections: set[HboneProtocol] = set()
-        self.relays: set[Relay] = set()
+        self.relays = RelaySet()
         self.upstream_attempts = 0  # connections tried towards workloads (tests: never for 400s)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -239,11 +240,9 @@ class Inbound:
             result.close(decision.reason, "NR")
             return
         result.dst = peer_of(decision.destination, leg.authority)
-        verdict = self.authorizer(
-            Connection(src_ip, decision.address[0], decision.address[1], decision.destination,
-                       client_id, 0),
-            snapshot,
-        )
+        authorized = Connection(src_ip, decision.address[0], decision.address[1],
+                                decision.destination, client_id, 0)
+        verdict = self.authorizer(authorized, snapshot)
         if not verdict.allowed:
             conn.respond(leg, core.UNAUTHORIZED)
             result.close(f"denied: {verdict.reason}", "DENY")
@@ -272,4 +271,4 @@ class Inbound:
         leg.attach(upstream)
         relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
         if not relay.finished:
-            self.relays.add(relay)
+            self.relays.add(relay, authorized)

@@ -17,6 +17,7 @@ from ztunnel_py import log
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone.core import format_authority
 from ztunnel_py.policy.types import Connection
+from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.inbound import local_workload
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
 from ztunnel_py.proxy.relay import Relay, TcpLeg
@@ -61,7 +62,7 @@ class InboundPlaintext:
         self.original_dst = original_dst
         self.upstream = upstream
         self.tasks: set[asyncio.Task[None]] = set()
-        self.relays: set[Relay] = set()
+        self.relays = RelaySet()
 
     def protocol(self) -> TcpLeg:
         return TcpLeg(start_paused=True, on_made=self._accepted)
@@ -100,7 +101,8 @@ class InboundPlaintext:
             leg.reset()
             result.close("mTLS required (PeerAuthentication STRICT)", "DENY")
             return
-        verdict = self.authorizer(Connection(src[0], dst[0], dst[1], w, None, src[1]), snapshot)
+        authorized = Connection(src[0], dst[0], dst[1], w, None, src[1])
+        verdict = self.authorizer(authorized, snapshot)
         if not verdict.allowed:
             leg.reset()
             result.close(f"denied: {verdict.reason}", "DENY")
@@ -123,4 +125,4 @@ class InboundPlaintext:
             return
         relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
         if not relay.finished:
-            self.relays.add(relay)
+            self.relays.add(relay, authorized)

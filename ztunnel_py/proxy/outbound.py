@@ -27,6 +27,7 @@ from ztunnel_py.config import HBONE_PORT, HboneConfig
 from ztunnel_py.hbone.aio import Leg, StreamLeg, TunnelBroken, TunnelRefused
 from ztunnel_py.hbone.core import format_authority, forwarded_for
 from ztunnel_py.policy.types import Connection, Verdict
+from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.pool import ConnectionPool, PoolError, PoolKey
 from ztunnel_py.proxy.relay import Relay, TcpLeg
 from ztunnel_py.proxy.sockets import (
@@ -253,7 +254,7 @@ class Outbound:
         self.hbone_port = hbone_port
         self._rr = itertools.count()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.relays: set[Relay] = set()
+        self.relays = RelaySet()
 
     def protocol(self) -> TcpLeg:
         return TcpLeg(start_paused=True, on_made=self._accepted)
@@ -293,6 +294,7 @@ class Outbound:
             result.close(route.reason, "NR")
             return
         upstream: Leg
+        authorized: Connection | None = None  # same-node delivery: the inbound policy applied
         try:
             if isinstance(route, Tunnel):
                 result.dst = peer_of(route.destination, route.authority, route.service)
@@ -312,11 +314,9 @@ class Outbound:
                 )
                 if isinstance(route, Local):
                     assert source is not None
-                    verdict = self.authorizer(
-                        Connection(src[0], route.address[0], route.address[1],
-                                   route.destination, source.identity, src[1]),
-                        snapshot,
-                    )
+                    authorized = Connection(src[0], route.address[0], route.address[1],
+                                            route.destination, source.identity, src[1])
+                    verdict = self.authorizer(authorized, snapshot)
                     if not verdict.allowed:
                         leg.reset()
                         result.close(f"denied: {verdict.reason}", "DENY")
@@ -339,7 +339,7 @@ class Outbound:
             upstream.attach(leg)
         relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
         if not relay.finished:
-            self.relays.add(relay)
+            self.relays.add(relay, authorized)
 
     async def _plain(self, address: tuple[str, int]) -> TcpLeg:
         sock = await connect(self.upstream, address, self.config.connect_timeout_s)

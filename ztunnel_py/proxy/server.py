@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ztunnel_py import log
 from ztunnel_py.config import (
@@ -22,6 +22,7 @@ from ztunnel_py.config import (
     HboneConfig,
 )
 from ztunnel_py.identity.manager import CertificateSource
+from ztunnel_py.policy.types import Connection, Verdict
 from ztunnel_py.proxy.inbound import Inbound
 from ztunnel_py.proxy.inbound_plaintext import InboundPlaintext, Strict, never_strict
 from ztunnel_py.proxy.outbound import Authorizer, Outbound, allow_all
@@ -41,6 +42,7 @@ from ztunnel_py.state.snapshot import StateStore
 _log = log.get("proxy")
 
 Address = tuple[str, int]
+Recheck = Callable[[list[Connection]], list[tuple[Connection, Verdict]]]
 
 
 class Proxy:
@@ -145,6 +147,32 @@ class Proxy:
             raise
         _log.info("proxy listening", node=self.node,
                   **{k: [f"{h}:{p}" for h, p in v] for k, v in self.addresses.items()})
+
+    def revoke(self, recheck: Recheck) -> int:
+        """Abort the open connections that ``recheck`` denies (a policy change); their count.
+
+        ``recheck`` is ``lambda conns: policy.recheck(conns, new_snapshot)``: it
+        returns the (connection, verdict) pairs the new policy denies.
+        """
+        guarded = [
+            *self.outbound.relays.authorized(), *self.inbound.relays.authorized(),
+            *self.plaintext.relays.authorized(),
+        ]
+        if not guarded:
+            return 0
+        relay_of = {id(conn): relay for relay, conn in guarded}
+        denied = recheck([conn for _relay, conn in guarded])
+        for conn, verdict in denied:
+            relay = relay_of.get(id(conn))
+            if relay is None or relay.finished:
+                continue
+            _log.info("open connection denied by a policy change; closing",
+                      src=conn.src_ip, dst=f"{conn.dst_ip}:{conn.dst_port}",
+                      reason=verdict.reason)
+            if relay.result is not None:
+                relay.result.revoke(verdict.reason)
+            relay.abort()
+        return len(denied)
 
     def _relays(self) -> list[Relay]:
         return [*self.outbound.relays, *self.inbound.relays, *self.plaintext.relays]

@@ -63,6 +63,8 @@ class ConnectionResult:
     response_flags: str = "-"  # Envoy-style flags: "-", "UF" (upstream failure), "DENY"...
     opened: bool = False
     closed: bool = False
+    # Set when a policy change revokes an open connection: wins over the relay's "reset".
+    revoked: tuple[str, str] | None = None
     duration_final_s: float = 0.0
 
     @property
@@ -77,11 +79,17 @@ class ConnectionResult:
         for sink in list(_open_sinks):
             sink(self)
 
+    def revoke(self, reason: str) -> None:
+        """A policy change denies this open connection; the close records why."""
+        self.revoked = (f"denied: {reason}", "DENY")
+
     def close(self, result: str = "ok", response_flags: str | None = None) -> None:
         """Finish the record once; later calls are ignored."""
         if self.closed:
             return
         self.closed = True
+        if self.revoked is not None:
+            result, response_flags = self.revoked
         self.result = result
         if response_flags is not None:
             self.response_flags = response_flags

@@ -1,0 +1,98 @@
+"""The mesh inside the demo: a controller on node1 and one agent per node.
+
+The controller runs in node1's network namespace (a "control-plane node"),
+serving gRPC on node1's underlay address; each agent runs in its node's
+namespace (its "host network") with eBPF capture, exactly as the DaemonSet
+runs on a real node. Everything is started through ``DemoRun.start`` so that
+``demo down`` kills it by PID.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ztunnel_py.config import CONTROLLER_GRPC_PORT, READINESS_PORT
+from ztunnel_py.topology import Topology
+
+CONTROLLER_NODE = "node1"
+
+Start = Callable[[Topology, str, str, Sequence[str]], None]
+
+
+class MeshError(Exception):
+    """The demo's controller or agents did not come up; the message says where to look."""
+
+
+def ztunnel(*args: str) -> list[str]:
+    """argv running this installation's ``ztunnel-py``."""
+    return [sys.executable, "-m", "ztunnel_py", *args]
+
+
+class DemoMesh:
+    def __init__(self, topo: Topology, state_dir: Path, config_dir: Path, logs_dir: Path) -> None:
+        self.topo = topo
+        self.controller_state = state_dir / "controller"
+        self.config_dir = config_dir
+        self.logs_dir = logs_dir
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.topo.node(CONTROLLER_NODE).underlay_ip}:{CONTROLLER_GRPC_PORT}"
+
+    def token_file(self, node: str) -> Path:
+        return self.controller_state / "tokens" / node
+
+    def start(self, start: Start, timeout: float = 60.0) -> None:
+        """Start the controller and the agents; return once every agent is ready."""
+        nodes = [n.name for n in self.topo.nodes]
+        issued = self.topo.run(
+            CONTROLLER_NODE,
+            ztunnel("controller", "--state-dir", str(self.controller_state),
+                    *[a for n in nodes for a in ("--issue-token", n)]),
+            timeout=30,
+        )
+        if issued.returncode != 0:
+            raise MeshError(f"issuing bootstrap tokens failed: {issued.stdout}{issued.stderr}")
+        token_files = dict(zip(nodes, issued.stdout.split(), strict=True))
+        host = self.topo.node(CONTROLLER_NODE).underlay_ip
+        start(self.topo, CONTROLLER_NODE, "controller", ztunnel(
+            "controller", "--config-dir", str(self.config_dir),
+            "--state-dir", str(self.controller_state),
+            "--grpc-address", self.controller_address, "--tls-san", host,
+        ))
+        self.topo.wait_listening(CONTROLLER_NODE, CONTROLLER_GRPC_PORT, timeout=30)
+        for node in nodes:
+            start(self.topo, node, f"agent-{node}", ztunnel(
+                "agent", "--node", node, "--controller", self.controller_address,
+                "--controller-ca", str(self.controller_state / "roots.pem"),
+                "--token-file", token_files[node], "--capture", "ebpf",
+            ))
+        self.wait_ready(nodes, timeout)
+
+    def ready(self, node: str) -> bool:
+        done = self.topo.run(node, [
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+            f"http://127.0.0.1:{READINESS_PORT}/healthz/ready",
+        ], timeout=10)
+        return done.stdout.strip() == "200"
+
+    def wait_ready(self, nodes: Sequence[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(nodes)
+        while pending:
+            pending = [n for n in pending if not self.ready(n)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                logs = ", ".join(str(self.logs_dir / f"agent-{n}.log") for n in pending)
+                raise MeshError(f"agent(s) on {', '.join(pending)} not ready after "
+                                f"{timeout:.0f}s; see {logs}")
+            time.sleep(0.3)
+
+    def metrics(self, node: str) -> str:
+        done = self.topo.run(node, ["curl", "-s", "--max-time", "3",
+                                    "http://127.0.0.1:15020/metrics"], timeout=10)
+        return done.stdout

@@ -1,0 +1,96 @@
+"""What crossed the underlay: a tcpdump on the underlay bridge during a request.
+
+Used by the demo (and its end-to-end test) to show that a request between
+enrolled pods travels as TLS on port 15008 and that none of its plaintext
+bytes appear between the nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ztunnel_py.topology import Topology, host
+
+_PORTS = re.compile(r"\b\d+\.\d+\.\d+\.\d+\.(\d+) > \d+\.\d+\.\d+\.\d+\.(\d+):")
+
+
+@dataclass
+class WireCapture:
+    pcap: Path
+    packets_by_port: Counter[int] = field(default_factory=Counter)
+    raw: bytes = b""
+
+    def saw(self, marker: str) -> bool:
+        return marker.encode() in self.raw
+
+    @property
+    def ports(self) -> set[int]:
+        return set(self.packets_by_port)
+
+    def only_port(self, port: int) -> bool:
+        return bool(self.packets_by_port) and self.ports == {port}
+
+
+@contextlib.contextmanager
+def capture(topo: Topology) -> Iterator[WireCapture]:
+    """tcpdump (TCP only) on the underlay bridge while the block runs."""
+    ul = topo.underlay
+    with tempfile.TemporaryDirectory(prefix="ztunnel-demo-wire-") as tmp:
+        pcap = Path(tmp) / "underlay.pcap"
+        proc = subprocess.Popen(
+            # --immediate-mode: packets reach the file as they come, not per ring block
+            host.in_netns(ul.netns, ["tcpdump", "-i", ul.bridge, "--immediate-mode", "-U",
+                                     "-s", "0", "-n", "-w", str(pcap), "tcp"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            _wait_started(proc, pcap)
+            result = WireCapture(pcap)
+            yield result
+        finally:
+            time.sleep(0.3)  # the last packets of the request's teardown
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        if pcap.exists():
+            result.raw = pcap.read_bytes()
+            text = subprocess.run(["tcpdump", "-r", str(pcap), "-nn", "tcp"],
+                                  capture_output=True, text=True, timeout=30).stdout
+            for line in text.splitlines():
+                m = _PORTS.search(line)
+                if m:
+                    src, dst = int(m.group(1)), int(m.group(2))
+                    result.packets_by_port[min(src, dst)] += 1
+
+
+def _wait_started(proc: subprocess.Popen[bytes], pcap: Path, timeout: float = 5.0) -> None:
+    """Until tcpdump says it is listening (the capture is live only from then on)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while b"listening on" not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"tcpdump did not start: {seen.decode(errors='replace')}")
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"tcpdump exited: {seen.decode(errors='replace')}")
+            seen += chunk
+    time.sleep(0.2)
