@@ -12,6 +12,10 @@ bottleneck). The same client tools run in the client pod against three paths:
   CONNECT, pooled) ==> agent on node2 (inbound :15008) -> server pod;
 * haproxy  - client pod -> HAProxy on node1 == TLS 1.3 mTLS, TCP mode, one
   backend connection per client connection ==> HAProxy on node2 -> server pod.
+  Each HAProxy runs ``nbthread 1``: the same CPU budget as an agent (one
+  single-threaded Python process). The ratios are against this pair.
+* haproxy-mt - the same with HAProxy's default threads (one per CPU), for
+  reference (``--no-haproxy-mt`` skips it).
 
 Capture is not part of this benchmark (the eBPF issue owns it). Clients
 address the node1 proxies directly, and the original destination comes
@@ -51,6 +55,7 @@ HTTP_PORT = 8080
 AGENT_PORTS = {IPERF_PORT: 15101, HTTP_PORT: 15102}
 HAPROXY_FRONT = {IPERF_PORT: 16101, HTTP_PORT: 16102}
 HAPROXY_BACK = {IPERF_PORT: 16201, HTTP_PORT: 16202}
+HAPROXY_MT_OFFSET = 1000  # the default-threads pair listens 1000 ports higher
 CLIENT_SA, SERVER_SA = "bench-client", "bench-server"
 
 
@@ -207,30 +212,37 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _haproxy_client_cfg(gw: str, node2_ip: str, tls_dir: Path) -> str:
-    out = [
-        "global", "  maxconn 8000", "defaults", "  mode tcp", "  timeout connect 5s",
-        "  timeout client 120s", "  timeout server 120s",
-    ]
+def _haproxy_global(nbthread: int | None) -> list[str]:
+    out = ["global", "  maxconn 8000"]
+    if nbthread is not None:
+        out.append(f"  nbthread {nbthread}")
+    out += ["defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 120s"]
+    return [*out, "  timeout server 120s"]
+
+
+def _haproxy_client_cfg(
+    gw: str, node2_ip: str, tls_dir: Path, nbthread: int | None, offset: int = 0
+) -> str:
+    out = _haproxy_global(nbthread)
     for app, front in HAPROXY_FRONT.items():
         out += [
-            f"frontend f{app}", f"  bind {gw}:{front}", f"  default_backend b{app}",
+            f"frontend f{app}", f"  bind {gw}:{front + offset}", f"  default_backend b{app}",
             f"backend b{app}",
-            f"  server s {node2_ip}:{HAPROXY_BACK[app]} ssl crt {tls_dir}/client.pem "
+            f"  server s {node2_ip}:{HAPROXY_BACK[app] + offset} ssl crt {tls_dir}/client.pem "
             f"ca-file {tls_dir}/ca.pem verify required ssl-min-ver TLSv1.3",
         ]
     return "\n".join(out) + "\n"
 
 
-def _haproxy_server_cfg(node2_ip: str, server_ip: str, tls_dir: Path) -> str:
-    out = [
-        "global", "  maxconn 8000", "defaults", "  mode tcp", "  timeout connect 5s",
-        "  timeout client 120s", "  timeout server 120s",
-    ]
+def _haproxy_server_cfg(
+    node2_ip: str, server_ip: str, tls_dir: Path, nbthread: int | None, offset: int = 0
+) -> str:
+    out = _haproxy_global(nbthread)
     for app, back in HAPROXY_BACK.items():
         out += [
             f"frontend f{app}",
-            f"  bind {node2_ip}:{back} ssl crt {tls_dir}/server.pem ca-file {tls_dir}/ca.pem "
+            f"  bind {node2_ip}:{back + offset} ssl crt {tls_dir}/server.pem "
+            f"ca-file {tls_dir}/ca.pem "
             "verify required ssl-min-ver TLSv1.3",
             f"  default_backend b{app}", f"backend b{app}", f"  server s {server_ip}:{app}",
         ]
@@ -287,7 +299,10 @@ MEASUREMENTS = ("throughput", "rps", "connections", "latency")
 
 
 def orchestrate(
-    duration: float, rate: float, only: frozenset[str] = frozenset(MEASUREMENTS)
+    duration: float,
+    rate: float,
+    only: frozenset[str] = frozenset(MEASUREMENTS),
+    haproxy_mt: bool = True,
 ) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
@@ -354,30 +369,40 @@ def orchestrate(
                 log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO),
             ).pid)
         (workdir / "app.cfg").write_text(_http_app_cfg())
-        (workdir / "hap-client.cfg").write_text(_haproxy_client_cfg(gw, node2.underlay_ip, workdir))
-        (workdir / "hap-server.cfg").write_text(
-            _haproxy_server_cfg(node2.underlay_ip, server.ip, workdir)
-        )
         topo.popen("server", ["iperf3", "-s", "-p", str(IPERF_PORT)], log=workdir / "iperf.log")
         topo.popen("server", ["haproxy", "-db", "-f", str(workdir / "app.cfg")],
                    log=workdir / "app.log")
-        haproxy_pids = [
-            topo.popen("node1", ["haproxy", "-db", "-f", str(workdir / "hap-client.cfg")],
-                       log=workdir / "hap-client.log").pid,
-            topo.popen("node2", ["haproxy", "-db", "-f", str(workdir / "hap-server.cfg")],
-                       log=workdir / "hap-server.log").pid,
-        ]
+        variants: list[tuple[str, int | None, int]] = [("haproxy", 1, 0)]
+        if haproxy_mt:
+            variants.append(("haproxy-mt", None, HAPROXY_MT_OFFSET))
+        haproxy_pids: dict[str, list[int]] = {}
+        for name, nbthread, offset in variants:
+            (workdir / f"{name}-client.cfg").write_text(
+                _haproxy_client_cfg(gw, node2.underlay_ip, workdir, nbthread, offset)
+            )
+            (workdir / f"{name}-server.cfg").write_text(
+                _haproxy_server_cfg(node2.underlay_ip, server.ip, workdir, nbthread, offset)
+            )
+            haproxy_pids[name] = [
+                topo.popen(node, ["haproxy", "-db", "-f", str(workdir / f"{name}-{side}.cfg")],
+                           log=workdir / f"{name}-{side}.log").pid
+                for node, side in (("node1", "client"), ("node2", "server"))
+            ]
         topo.wait_listening("server", IPERF_PORT)
         topo.wait_listening("server", HTTP_PORT)
         topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=30)
         topo.wait_listening("node2", 15008, timeout=30)
-        topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT])
-        topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT])
+        for _name, _nbthread, offset in variants:
+            topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT] + offset)
+            topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT] + offset)
 
         scenarios = [
             Scenario("direct", server.ip, {IPERF_PORT: IPERF_PORT, HTTP_PORT: HTTP_PORT}, []),
             Scenario("agents", gw, dict(AGENT_PORTS), agent_pids),
-            Scenario("haproxy", gw, dict(HAPROXY_FRONT), haproxy_pids),
+        ] + [
+            Scenario(name, gw, {app: p + offset for app, p in HAPROXY_FRONT.items()},
+                     haproxy_pids[name])
+            for name, _nbthread, offset in variants
         ]
         cpu: dict[str, dict[str, float]] = {}
         rows: dict[str, dict[str, float]] = {}
@@ -435,25 +460,39 @@ def orchestrate(
 
 def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float) -> None:
     metrics = [
-        ("tput_1_gbps", "throughput, 1 stream (Gbit/s)", True),
-        ("tput_4_gbps", "throughput, 4 streams (Gbit/s)", True),
-        ("rps_16", "requests/s, 16 connections", True),
-        ("conn_per_s", "new connections/s (1 req/conn)", True),
-        ("p50_ms", f"p50 latency @ {rate:.0f} req/s (ms)", False),
-        ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)", False),
+        ("tput_1_gbps", "throughput, 1 stream (Gbit/s)"),
+        ("tput_4_gbps", "throughput, 4 streams (Gbit/s)"),
+        ("rps_16", "requests/s, 16 connections"),
+        ("conn_per_s", "new connections/s (1 req/conn)"),
+        ("p50_ms", f"p50 latency @ {rate:.0f} req/s (ms)"),
+        ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)"),
     ]
-    print(f"\nHBONE benchmark ({duration:g} s per measurement; same topology, same run)\n")
+    mt = "haproxy-mt" in rows
+    print(f"\nHBONE benchmark ({duration:g} s per measurement; same topology, same run)")
+    print("agents: one single-threaded Python process per node; haproxy: nbthread 1 per node "
+          "(the same CPU budget)" + ("; haproxy-mt: HAProxy's default threads" if mt else ""))
+    print()
     head = f"{'metric':<38}{'direct':>10}{'agents':>10}{'haproxy':>10}"
+    if mt:
+        head += f"{'haproxy-mt':>12}"
     head += f"{'agents/haproxy':>16}{'agents/direct':>15}"
+    if mt:
+        head += f"{'agents/hap-mt':>15}"
     print(head)
     print("-" * len(head))
-    for key, label, _higher_better in metrics:
+    nan = float("nan")
+    for key, label in metrics:
         d, a, h = (rows[s][key] for s in ("direct", "agents", "haproxy"))
-        ratio_h = a / h if h else float("nan")
-        ratio_d = a / d if d else float("nan")
-        print(f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}{ratio_h:>15.2f}x{ratio_d:>14.2f}x")
-    print("\ngoals: throughput >= 1.0x haproxy; new connections/s >= 3x haproxy; "
-          "p50 latency <= 1.2x haproxy")
+        line = f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}"
+        if mt:
+            line += f"{rows['haproxy-mt'][key]:>12.2f}"
+        line += f"{(a / h if h else nan):>15.2f}x{(a / d if d else nan):>14.2f}x"
+        if mt:
+            m = rows["haproxy-mt"][key]
+            line += f"{(a / m if m else nan):>14.2f}x"
+        print(line)
+    print("\ngoals (vs haproxy, nbthread 1): throughput >= 1.0x; new connections/s >= 3x; "
+          "p50 latency <= 1.2x")
 
 
 def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
@@ -465,16 +504,22 @@ def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
         ("rps_16", "CPU us per request (keep-alive)"),
         ("conn_per_s", "CPU us per new connection"),
     ]
+    mt = "haproxy-mt" in cpu
     print("\nproxy CPU per unit of work (both proxies of the pair, all threads)\n")
-    head = f"{'metric':<38}{'agents':>10}{'haproxy':>10}{'agents/haproxy':>16}"
+    head = f"{'metric':<38}{'agents':>10}{'haproxy':>10}"
+    if mt:
+        head += f"{'haproxy-mt':>12}"
+    head += f"{'agents/haproxy':>16}"
     print(head)
     print("-" * len(head))
     nan = float("nan")
     for key, label in units:
         a = cpu.get("agents", {}).get(key, nan)
         h = cpu.get("haproxy", {}).get(key, nan)
-        ratio = a / h if h else nan
-        print(f"{label:<38}{a:>10.2f}{h:>10.2f}{ratio:>15.2f}x")
+        line = f"{label:<38}{a:>10.2f}{h:>10.2f}"
+        if mt:
+            line += f"{cpu['haproxy-mt'].get(key, nan):>12.2f}"
+        print(line + f"{(a / h if h else nan):>15.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,12 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only these measurements (repeatable; default: all)")
+    parser.add_argument("--no-haproxy-mt", action="store_true",
+                        help="skip the HAProxy pair with default threads")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
     if args.cmd == "latency":
         return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
-    return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS))
+    return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
+                       haproxy_mt=not args.no_haproxy_mt)
 
 
 if __name__ == "__main__":

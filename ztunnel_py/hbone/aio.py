@@ -319,10 +319,10 @@ class HboneProtocol(asyncio.Protocol):
     def flush(self) -> None:
         chunks = self.core.chunks_to_send()
         if chunks and self.transport is not None and not self.lost:
-            if len(chunks) == 1:
-                self.transport.write(chunks[0])
-            else:
-                self.transport.writelines(chunks)
+            # one write: TLS encrypts each write separately, so writelines would turn
+            # every 9-byte frame header into a TLS record of its own (and a read on the
+            # far side); joining costs one copy of bytes that encryption copies anyway
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def open_stream(
         self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""

@@ -418,11 +418,16 @@ class HboneConnection:
         END_STREAM, unknown or closing stream, oversized, over the window, inside a
         header block) is handed to h2 whole, in order, so h2 stays the judge of the
         protocol: h2's own buffer is always at a frame boundary when the fast path runs.
+        Consecutive payload of one stream within one call becomes one ``Data`` event (one
+        write and one ack downstream instead of one per frame).
         """
         if not self._fast_receive:
             return self._receive_h2(data, [])
         out: list[Event] = []
         batch: list[bytes] = []  # bytes for h2, in order, flushed before each fast frame
+        view = memoryview(data)
+        run: list[memoryview] = []  # payload of ``run_sid`` not yet turned into an event
+        run_sid = 0
         n = len(data)
         pos = 0
         if self._preface_left:
@@ -434,13 +439,13 @@ class HboneConnection:
             if self._fast_left:
                 k = min(self._fast_left, n - pos)
                 self._fast_left -= k
-                chunk = data[pos : pos + k]
-                pos += k
                 sid = self._fast_sid
-                if sid in self._streams:
-                    out.append(Data(sid, chunk, k))
-                else:  # dropped by us mid-frame: credit it back at once
-                    self.ack(sid, k)
+                if sid != run_sid and run:
+                    self._emit(out, run_sid, run)
+                    run = []
+                run_sid = sid
+                run.append(view[pos : pos + k])
+                pos += k
                 continue
             if self._h2_left:
                 k = min(self._h2_left, n - pos)
@@ -469,6 +474,9 @@ class HboneConnection:
                 and not self._in_header_block
             ):
                 if batch:  # h2 must be up to date before the fast path looks at its state
+                    if run:
+                        self._emit(out, run_sid, run)
+                        run = []
                     self._receive_h2(b"".join(batch), out)
                     batch = []
                 sid = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
@@ -483,9 +491,20 @@ class HboneConnection:
                 self._in_header_block = False
             batch.append(head)
             self._h2_left = length
+        if run:
+            self._emit(out, run_sid, run)
         if batch:
             self._receive_h2(b"".join(batch) if len(batch) > 1 else batch[0], out)
         return out
+
+    def _emit(self, out: list[Event], stream_id: int, run: list[memoryview]) -> None:
+        """One ``Data`` event for consecutive fast-path payload of one stream (one copy)."""
+        n = sum(map(len, run)) if len(run) > 1 else len(run[0])
+        if stream_id not in self._streams:  # dropped by us mid-frame: credit it back now
+            self.ack(stream_id, n)
+            return
+        data = run[0].tobytes() if len(run) == 1 else b"".join(run)
+        out.append(Data(stream_id, data, n))
 
     def _charge(self, sid: int, length: int) -> bool:
         """Take a DATA frame on the fast path if h2 would accept it as plain stream data;
