@@ -42,8 +42,20 @@ def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: Path) -> None:
     up = _cli(demo_env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
-    assert "x-served-by: helloworld-v1/v1" in up.stdout
-    assert "cross-node request OK: node1 -> node2" in up.stdout
+    story = up.stdout
+    # [1/4] before ambient: plaintext across the underlay, the marker visible on the wire
+    assert "served by helloworld-v1/v1" in story
+    assert "TCP ports [8080]; request marker visible on the wire: YES (plaintext)" in story
+    # [2/4] labelled ambient: the VIP works through the agents, only HBONE on the wire
+    assert "TCP ports [15008] (HBONE" in story and "visible on the wire: no" in story
+    assert "served by: helloworld-v1/v1, helloworld-v2/v2" in story or (
+        "served by: helloworld-v2/v2, helloworld-v1/v1" in story)
+    # [3/4] the AuthorizationPolicy: demo/client allowed, other/visitor refused
+    assert "demo/client  -> helloworld: allowed" in story
+    assert "other/visitor -> helloworld: refused" in story
+    # [4/4] the metrics those connections produced
+    assert 'connection_security_policy="mutual_tls"' in story
+    assert 'response_flags="DENY"' in story and 'source_workload="visitor"' in story
 
     st = _cli(demo_env, "status", "--json")
     assert st.returncode == 0, st.stderr
@@ -71,13 +83,25 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
 
     # The pods' servers outlived the CLI that started them; an unmodified curl works.
     procs = [ProcessRecord(p["pid"], p["start"], p["target"], ()) for p in status["processes"]]
-    assert len(procs) == 4 and all(p.alive() for p in procs)
+    # 4 pod services, the controller, one agent per node
+    assert len(procs) == 7 and all(p.alive() for p in procs)
+    targets = sorted(p["target"] for p in status["processes"])
+    assert targets.count("node1") == 2 and targets.count("node2") == 1
     curl = subprocess.run(
         ["nsenter", f"--net=/run/netns/{pods['client']['netns']}", "--",
          "curl", "-sS", "-i", "--max-time", "5", f"http://{pods['helloworld-v1']['ip']}:8080/"],
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert "x-served-by: helloworld-v1/v1" in curl.stdout, curl.stderr
+
+    # The operator's view, from inside node2 (its agent's loopback admin port).
+    ctl = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "demo", "ctl", "node2", "workloads", "-o", "json"],
+        capture_output=True, text=True, timeout=60, env=demo_env,
+    )  # fmt: skip
+    assert ctl.returncode == 0, ctl.stderr
+    workloads = {w["name"]: w for w in json.loads(ctl.stdout)}
+    assert set(workloads) == {"client", "helloworld-v1", "helloworld-v2", "visitor"}
 
     again = _cli(demo_env, "up")
     assert again.returncode == 0 and "already up" in again.stdout

@@ -8,7 +8,7 @@ import sys
 
 from ztunnel_py.demo import scenario
 from ztunnel_py.demo.configdir import ManifestError, apply_paths, delete_paths
-from ztunnel_py.demo.mesh import ztunnel
+from ztunnel_py.demo.mesh import MeshError, ztunnel
 from ztunnel_py.demo.run import AlreadyUp, DemoError, DemoRun, state_dir_from_env
 from ztunnel_py.topology import TopologyError
 
@@ -28,8 +28,8 @@ def _up(args: argparse.Namespace) -> int:
         topo = run.up(mesh=not args.no_mesh)
     except AlreadyUp as exc:
         print(exc)
-        topo = run.topology()
-    except (DemoError, TopologyError) as exc:
+        return 0 if run.show_request(run.topology()) else 1
+    except (DemoError, TopologyError, MeshError) as exc:
         return _err(f"{exc}\n(clean up with `ztunnel-py demo down`)")
     if args.no_mesh:
         if not run.show_request(topo):
