@@ -55,6 +55,7 @@ _FLAGS = {
     "admin_address": "admin_address",
     "trust_domain": "trust_domain",
     "capture": "capture",
+    "bpf_pin_root": "bpf_pin_root",
     "log_level": "log.level",
     "log_format": "log.format",
 }
@@ -85,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--admin-address", help="admin HTTP address (loopback)")
     p.add_argument("--trust-domain")
     p.add_argument("--capture", help="ebpf, or none")
+    p.add_argument("--bpf-pin-root", type=Path, help="bpffs directory for pins")
     p.add_argument("--config", type=Path, help="YAML settings file")
     p.add_argument("--uninstall", action="store_true",
                    help="remove this node's eBPF programs, pins and policy route, and exit")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from ztunnel_py.redirect import uninstall
 
-        uninstall(cfg.node)
+        uninstall(cfg.node, pin_root=cfg.bpf_pin_root)
         print(f"capture for node {cfg.node} removed")
         return 0
     missing = [f for f, v in (("--node", cfg.node), ("--controller-ca", cfg.controller_ca),
@@ -148,7 +150,7 @@ async def serve(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     if cfg.capture == "ebpf":
         capture = await loop.run_in_executor(
-            netlink, lambda: Capture(cfg.node, listen_ip=cfg.bind_ip))
+            netlink, lambda: Capture(cfg.node, listen_ip=cfg.bind_ip, pin_root=cfg.bpf_pin_root))
         await loop.run_in_executor(netlink, capture.install)
     elif cfg.capture != "none":
         raise config.ConfigError(f"ZTUNNEL_CAPTURE={cfg.capture!r}: expected ebpf or none")

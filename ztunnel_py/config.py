@@ -100,6 +100,10 @@ class AgentConfig:
         f"0.0.0.0:{READINESS_PORT}", "ZTUNNEL_READINESS_ADDR", "readiness HTTP"
     )
     capture: str = setting("ebpf", "ZTUNNEL_CAPTURE", "ebpf, or none (listeners only)")
+    bpf_pin_root: Path = setting(
+        Path("/sys/fs/bpf/ztunnel-py"), "ZTUNNEL_BPF_PIN_ROOT",
+        "bpffs directory for pinned programs and maps (a subdirectory per node)",
+    )
     socket_mark: int = setting(
         0, "ZTUNNEL_SOCKET_MARK",
         "SO_MARK on the agent's own upstream sockets so capture skips them (0: none)",

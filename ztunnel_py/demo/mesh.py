@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ztunnel_py.config import CONTROLLER_GRPC_PORT, READINESS_PORT
 from ztunnel_py.topology import Topology
+from ztunnel_py.topology.sweep import bpf_pin_dir
 
 CONTROLLER_NODE = "node1"
 
@@ -69,6 +70,7 @@ class DemoMesh:
                 "agent", "--node", node, "--controller", self.controller_address,
                 "--controller-ca", str(self.controller_state / "roots.pem"),
                 "--token-file", token_files[node], "--capture", "ebpf",
+                "--bpf-pin-root", str(bpf_pin_dir(self.topo.prefix)),
             ))
         self.wait_ready(nodes, timeout)
 

@@ -152,19 +152,18 @@ def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say
     say(f"  other/visitor -> helloworld: "
         f"{'refused (' + resp.strip().splitlines()[-1] + ')' if rc != 0 else 'NOT refused'}")
 
-    say("\n[4/4] metrics (istio_tcp_connections_opened_total, reporter=destination):")
+    say("\n[4/4] metrics: istio_tcp_connections_opened_total on each node's agent")
     for node in (n.name for n in topo.nodes):
         for line in mesh.metrics(node).splitlines():
-            if line.startswith("istio_tcp_connections_opened_total{") and \
-                    'reporter="destination"' in line:
+            if line.startswith("istio_tcp_connections_opened_total{"):
                 out.metrics.append(f"{node}: {line}")
                 say(f"  {node}: {_short_metric(line)}")
     return out
 
 
 def _short_metric(line: str) -> str:
-    keep = ("source_workload=", "destination_workload=", "connection_security_policy=",
-            "response_flags=")
+    keep = ("reporter=", "source_workload=", "destination_workload=",
+            "connection_security_policy=", "response_flags=")
     head, _, rest = line.partition("{")
     labels, _, value = rest.rpartition("}")
     parts = [p for p in labels.split(",") if p.startswith(keep)]

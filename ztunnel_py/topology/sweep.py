@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ztunnel_py.topology import host
@@ -32,6 +33,15 @@ def _cgroup(prefix: str) -> Path | None:
         return None
 
 
+BPFFS = Path("/sys/fs/bpf")
+
+
+def bpf_pin_dir(prefix: str) -> Path:
+    """Where a run's agents pin their eBPF programs and maps (``--bpf-pin-root``)."""
+    check_prefix(prefix)
+    return BPFFS / prefix
+
+
 def leftovers(prefix: str) -> list[str]:
     """Everything on this host that carries ``prefix``: empty after a clean teardown."""
     check_prefix(prefix)
@@ -40,6 +50,8 @@ def leftovers(prefix: str) -> list[str]:
     cg = _cgroup(prefix)
     if cg is not None and cg.exists():
         found.append(f"cgroup {cg}")
+    if bpf_pin_dir(prefix).exists():
+        found.append(f"bpf pins {bpf_pin_dir(prefix)}")
     return found
 
 
@@ -75,4 +87,10 @@ def sweep(prefix: str) -> list[str]:
             host.remove_cgroup_tree(cg)
         except host.TopologyError as exc:
             errors.append(str(exc))
+    pins = bpf_pin_dir(prefix)
+    if pins.exists():  # programs whose interfaces went with the namespaces; unlinking frees them
+        try:
+            shutil.rmtree(pins)
+        except OSError as exc:
+            errors.append(f"removing {pins}: {exc}")
     return errors
