@@ -123,8 +123,10 @@ def test_world_manifests_carry_ips_nodes_and_vips() -> None:
         {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}
     ]
     assert svc["spec"]["selector"] == {"app": "helloworld"}
-    ns = by[("Namespace", None, "demo")]
-    assert ns["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
+    # `demo` starts outside the mesh (the story labels it); `other` is ambient from the start
+    assert "istio.io/dataplane-mode" not in by[("Namespace", None, "demo")]["metadata"]["labels"]
+    other = by[("Namespace", None, "other")]
+    assert other["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
     assert ("ServiceAccount", "other", "visitor") in by
     node_of = {p.name: p.node for p in layout.pods}
     assert node_of["client"] != node_of["helloworld-v1"]  # the demo's request crosses nodes
