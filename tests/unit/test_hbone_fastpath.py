@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import h2.connection
+import h2.settings
+import hpack
 import pytest
 
 from ztunnel_py.config import HboneConfig
@@ -255,3 +257,62 @@ def test_consecutive_frames_of_a_stream_become_one_event() -> None:
     side.feed(wire, [])
     assert side.server.fast_data_frames == 3
     assert side.events == [core.Data(side.sid, b"s" * 40_000, 40_000)]
+
+
+# -- header blocks written by hand ----------------------------------------------------
+
+
+def _header_blocks(wire: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, flags, payload) of every frame in ``wire``."""
+    out = []
+    while wire:
+        n = int.from_bytes(wire[:3], "big")
+        out.append((wire[3], wire[4], wire[9 : 9 + n]))
+        wire = wire[9 + n :]
+    return out
+
+
+def test_connect_block_decodes_like_h2s_and_leaves_the_dynamic_table_alone() -> None:
+    side = Side(True)
+    side.client.data_to_send()
+    sid = side.client.open("[fd00::1]:8080", forwarded='for="[fd00::2]"',
+                           baggage="k8s.namespace.name=" + "n" * 300, traceparent=TRACE)
+    [(ftype, flags, block)] = _header_blocks(side.client.data_to_send())
+    assert (ftype, flags) == (0x1, 0x4)  # HEADERS, END_HEADERS
+    decoder = hpack.Decoder()
+    fields = decoder.decode(block, raw=False)
+    assert fields == [
+        (":method", "CONNECT"), (":authority", "[fd00::1]:8080"),
+        ("forwarded", 'for="[fd00::2]"'), ("baggage", "k8s.namespace.name=" + "n" * 300),
+        ("traceparent", TRACE),
+    ]
+    assert isinstance(fields[-1], hpack.NeverIndexedHeaderTuple)
+    assert len(decoder.header_table.dynamic_entries) == 0
+    # h2's own state followed: the stream exists, is open, and takes data
+    assert _raw_h2(side.client).streams[sid].open
+    assert side.client.send(sid, b"hello")
+
+
+@pytest.mark.parametrize("status", [200, 400, 401, 503])
+def test_status_blocks_decode(status: int) -> None:
+    fast = Side(True)
+    sid = fast.client.open("10.0.0.9:80", traceparent=TRACE)
+    fast.pump()
+    fast.server.respond(sid, status)
+    [(ftype, flags, block)] = _header_blocks(fast.server.data_to_send())
+    assert ftype == 0x1 and flags & 0x4
+    assert bool(flags & 0x1) is (status != 200)  # a refusal ends the stream
+    assert hpack.Decoder().decode(block, raw=False) == [(":status", str(status))]
+
+
+def test_a_pending_table_size_update_goes_through_h2() -> None:
+    """After the peer shrinks its HPACK table, h2 must send the size update first."""
+    side = Side(True)
+    raw_server = _raw_h2(side.server)
+    raw_server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    side.pump()
+    sid = side.client.open("10.0.0.9:80", traceparent=TRACE)
+    [(_, _, block)] = _header_blocks(side.client.data_to_send())
+    assert block[0] & 0xE0 == 0x20  # starts with a dynamic table size update
+    [ev] = side.server.receive(_frame(0x1, 0x4, sid, block))
+    assert isinstance(ev, core.ConnectRequested) and ev.authority == "10.0.0.9:80"

@@ -28,6 +28,7 @@ import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import h2.config
 import h2.connection
@@ -119,9 +120,12 @@ class ConnectResponse:
     status: int
 
 
-@dataclass(frozen=True)
-class Data:
-    """Tunnel payload; ``ack()`` ``flow_length`` once it has been written out locally."""
+class Data(NamedTuple):
+    """Tunnel payload; ``ack()`` ``flow_length`` once it has been written out locally.
+
+    A named tuple, not a frozen dataclass like the other events: one is built per read
+    on the data path, and a frozen dataclass's ``__init__`` costs several times more.
+    """
 
     stream_id: int
     data: bytes
@@ -218,6 +222,60 @@ def parse_forwarded_for(value: str) -> str | None:
     return None
 
 
+# -- header blocks, by hand (RFC 7541) ------------------------------------------------
+
+# HPACK static table indexes (RFC 7541 Appendix A) of the names and fields we send.
+_STATIC_AUTHORITY, _STATIC_METHOD, _STATIC_STATUS = 1, 2, 8
+_STATIC_STATUS_FIELD = {200: 8, 400: 12}  # ":status 200" and ":status 400" are entries
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer with ``first``'s high bits in the first octet (RFC 7541 §5.1)."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_str(text: str) -> bytes:
+    raw = text.encode()
+    return _hpack_int(len(raw), 7, 0) + raw  # no Huffman: cheaper than the bytes it saves
+
+
+def _literal(name: str | int, value: str, *, never_indexed: bool = False) -> bytes:
+    """A literal field that leaves the dynamic table alone: without indexing (0000) or
+    never indexed (0001), with a static name index or a literal name."""
+    first = 0x10 if never_indexed else 0x00
+    if isinstance(name, int):
+        return _hpack_int(name, 4, first) + _hpack_str(value)
+    return bytes((first,)) + _hpack_str(name) + _hpack_str(value)
+
+
+_NAME_INDEX = {":authority": _STATIC_AUTHORITY, ":method": _STATIC_METHOD}
+
+
+def _request_block(headers: Iterable[tuple[str, str]]) -> bytes:
+    out = []
+    for field_ in headers:
+        name, value = field_
+        never = isinstance(field_, hpack.NeverIndexedHeaderTuple)
+        out.append(_literal(_NAME_INDEX.get(name, name), value, never_indexed=never))
+    return b"".join(out)
+
+
+def _status_block(status: int) -> bytes:
+    index = _STATIC_STATUS_FIELD.get(status)
+    if index is not None:
+        return bytes((0x80 | index,))  # indexed field
+    return _literal(_STATIC_STATUS, str(status))
+
+
 # -- the connection -----------------------------------------------------------------
 
 
@@ -299,9 +357,8 @@ class HboneConnection:
 
     def chunks_to_send(self) -> list[bytes | memoryview]:
         """What to write, in order, without joining (for ``transport.writelines``)."""
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
+        if self._h2._data_to_send:  # (h2's data_to_send() allocates even when empty)
+            self._out.append(self._h2.data_to_send())
         out, self._out = self._out, []
         return out
 
@@ -322,6 +379,11 @@ class HboneConnection:
         if self.ended:
             return False
         limit = self._h2.remote_settings.max_concurrent_streams
+        # Every stream a client has open is one of ours, and we forget a stream no later
+        # than h2 closes it: far below the limit our count decides; near it, h2 counts
+        # (its count walks every stream, a cost per new tunnel worth avoiding).
+        if self.role is Role.CLIENT and len(self._streams) < limit - 1:
+            return True
         return self._h2.open_outbound_streams < limit
 
     def pending(self, stream_id: int) -> int:
@@ -357,7 +419,9 @@ class HboneConnection:
         trace = traceparent or new_traceparent()
         headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
         headers.extend(extra)
-        self._h2.send_headers(stream_id, headers)
+        if not self._send_header_block(stream_id, _request_block(headers), end_stream=False,
+                                       authority=authority):
+            self._h2.send_headers(stream_id, headers)
         self._streams[stream_id] = _Stream()
         return stream_id
 
@@ -368,7 +432,8 @@ class HboneConnection:
         if stream_id not in self._streams:
             return
         done = status != OK
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=done)
+        if not self._send_header_block(stream_id, _status_block(status), end_stream=done):
+            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=done)
         if done:
             self._forget(stream_id)
 
@@ -379,6 +444,26 @@ class HboneConnection:
         s = self._streams.get(stream_id)
         if s is None or s.ended_local or s.end_after_pending:
             return True
+        if data and not s.pending:
+            # the common case: nothing queued and it fits one frame and both windows
+            h2c = self._h2
+            n = len(data)
+            stream = h2c.streams.get(stream_id)
+            if (
+                stream is not None
+                and n <= h2c.max_outbound_frame_size
+                and n <= h2c.outbound_flow_control_window
+                and n <= stream.outbound_flow_control_window
+                and stream.state_machine.state in _SENDABLE
+            ):
+                out = self._out
+                if h2c._data_to_send:
+                    out.append(h2c.data_to_send())
+                out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
+                out.append(data)
+                h2c.outbound_flow_control_window -= n
+                stream.outbound_flow_control_window -= n
+                return True
         if data:
             s.pending.append(memoryview(data))
             s.pending_bytes += len(data)
@@ -609,6 +694,44 @@ class HboneConnection:
         if s.ended_local:
             self._forget(stream_id)
 
+    def _send_header_block(
+        self, stream_id: int, block: bytes, *, end_stream: bool, authority: str | None = None
+    ) -> bool:
+        """Queue a HEADERS frame we encoded ourselves, with h2's state changes of
+        ``send_headers`` (connection and stream state machines, the new stream).
+
+        Our blocks never touch the HPACK dynamic table (static indexes and literals
+        without indexing only), so h2's encoder stays in step with the peer's decoder.
+        False (the caller uses h2) when the encoder owes the peer a table size update,
+        or the block needs CONTINUATION frames.
+        """
+        h2c = self._h2
+        if h2c.encoder.header_table.resized or len(block) > h2c.max_outbound_frame_size:
+            return False
+        if stream_id not in h2c.streams:
+            limit = h2c.remote_settings.max_concurrent_streams
+            if h2c.open_outbound_streams + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(f"max outbound streams is {limit}")
+        h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream = h2c._get_or_create_stream(
+            stream_id, h2.connection.AllowedStreamIDs(h2c.config.client_side)
+        )
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        if authority is not None:  # what h2's send_headers records for a request
+            stream._authority = authority.encode()
+            stream.request_method = b"CONNECT"
+        else:
+            stream.request_method = None
+        h2c._data_to_send += (
+            len(block).to_bytes(3, "big") + bytes((_HEADERS, flags)) + stream_id.to_bytes(4, "big")
+        )
+        h2c._data_to_send += block
+        return True
+
     def _flush(self, stream_id: int, s: _Stream) -> None:
         h2c = self._h2
         max_frame = h2c.max_outbound_frame_size
@@ -631,9 +754,8 @@ class HboneConnection:
             # A DATA frame written by hand: h2 would copy the payload three times
             # (tobytes, frame serialisation, its output buffer). The flow-control
             # bookkeeping is exactly h2's own (send_data in connection and stream).
-            pending = h2c.data_to_send()
-            if pending:
-                out.append(pending)
+            if h2c._data_to_send:  # h2's frames queued so far go first
+                out.append(h2c.data_to_send())
             out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
             out.append(chunk)
             h2c.outbound_flow_control_window -= n
