@@ -71,10 +71,16 @@ def _epilog() -> str:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "agent",
-        help="run the node agent (config from the controller; admin on loopback)",
+        help="run the node agent: eBPF capture, HBONE tunnel, L4 policy, telemetry",
         description=(
-            "The per-node agent: keeps the mesh state pushed by the controller (TLS gRPC, "
-            "bootstrap token) and serves it on the loopback admin port (/config_dump)."
+            "The per-node agent (run it in the node's host network, as root). It keeps the "
+            "mesh state pushed by the controller (TLS gRPC, bootstrap or service-account "
+            "token), holds the certificates of this node's enrolled workloads, captures their "
+            "traffic with eBPF (--capture ebpf) into :15001 (outbound), :15008 (HBONE) and "
+            ":15006 (inbound plaintext), carries it between nodes in HBONE (mTLS HTTP/2 "
+            "CONNECT), enforces AuthorizationPolicy and PeerAuthentication, and serves "
+            "metrics on :15020, readiness on :15021 and admin on 127.0.0.1:15000 "
+            "(/config_dump, /certs, /connections). SIGTERM drains open connections."
         ),
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
