@@ -398,7 +398,8 @@ class Held:
     def stderr(self) -> str:
         if self.proc.poll() is None or self.proc.stderr is None:
             return ""
-        return self.proc.stderr.read().decode(errors="replace")
+        data: bytes = self.proc.stderr.read()
+        return data.decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
