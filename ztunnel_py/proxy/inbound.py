@@ -41,7 +41,7 @@ from ztunnel_py.proxy.sockets import (
     plain_upstream,
     sockname_original_dst,
 )
-from ztunnel_py.state.model import Workload
+from ztunnel_py.state.model import Service, Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
 from ztunnel_py.telemetry.connection import ConnectionResult, Peer
 
@@ -54,6 +54,19 @@ def local_workload(snapshot: Snapshot, ip: str, node: str) -> Workload | None:
     if w is None or w.node != node or not w.enrolled:
         return None
     return w
+
+
+def guess_service(snapshot: Snapshot, w: Workload, port: int) -> Service | None:
+    """The Service a connection to ``w``'s ``port`` most likely came through, for the
+    destination reporter's ``destination_service`` (Istio's ztunnel guesses the same
+    way, ``guess_inbound_service``): the first Service with ``w`` as an endpoint and a
+    port that targets ``port``. The client dialled an address, not a Service, so this
+    is a guess; None when no Service fronts that port."""
+    for s in snapshot.services:
+        for ep in s.endpoints:
+            if ep.workload_uid == w.uid and port in ep.ports.values():
+                return s
+    return None
 
 
 @dataclass(frozen=True)
@@ -239,7 +252,8 @@ class Inbound:
             conn.respond(leg, decision.status)
             result.close(decision.reason, "NR")
             return
-        result.dst = peer_of(decision.destination, leg.authority)
+        result.dst = peer_of(decision.destination, leg.authority,
+                             guess_service(snapshot, decision.destination, decision.address[1]))
         authorized = Connection(src_ip, decision.address[0], decision.address[1],
                                 decision.destination, client_id, 0)
         verdict = self.authorizer(authorized, snapshot)

@@ -18,7 +18,7 @@ from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone.core import format_authority
 from ztunnel_py.policy.types import Connection
 from ztunnel_py.proxy.guard import RelaySet
-from ztunnel_py.proxy.inbound import local_workload
+from ztunnel_py.proxy.inbound import guess_service, local_workload
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
 from ztunnel_py.proxy.relay import Relay, TcpLeg
 from ztunnel_py.proxy.sockets import (
@@ -94,7 +94,7 @@ class InboundPlaintext:
             leg.reset()
             result.close(f"{dst[0]} is not a mesh workload on node {self.node!r}", "NR")
             return
-        result.dst = peer_of(w, format_authority(*dst))
+        result.dst = peer_of(w, format_authority(*dst), guess_service(snapshot, w, dst[1]))
         if self.strict(w, dst[1], snapshot):
             _log.info("plaintext connection to a STRICT mTLS workload reset",
                       src=format_authority(*src), dst=format_authority(*dst))
