@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
+
 from ztunnel_py.config import HboneConfig
-from ztunnel_py.proxy.pool import PoolKey
+from ztunnel_py.hbone.aio import StreamLeg
+from ztunnel_py.proxy.pool import PoolError, PoolKey
 
 from .test_proxy_mesh import APP_PORT, World, echo, make_world, wait_for
 
@@ -149,5 +152,40 @@ async def test_churn_of_short_connections_leaks_no_fds_or_transports() -> None:
         await wait_for(lambda: all(p.active == 0 for p in proxies), 10)
         await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before + 5, 10)
         assert world.mesh.agents["node-1"].proxy.pool.dials == 1
+    finally:
+        await close_world(world)
+
+
+async def test_a_connect_without_answer_times_out_and_resets_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server takes the CONNECT and never answers: the client gives up after twice the
+    connect timeout, says so, and resets the stream instead of leaving it open; a caller
+    cancelled while waiting resets its stream too."""
+    world = await make_world(HboneConfig(connect_timeout_s=0.2))
+    try:
+        inbound = world.mesh.agents["node-2"].proxy.inbound
+        held: list[StreamLeg] = []
+
+        async def never_answer(conn: object, leg: StreamLeg, *args: object) -> None:
+            held.append(leg)
+
+        monkeypatch.setattr(inbound, "_stream", never_answer)
+        pool = world.mesh.agents["node-1"].proxy.pool
+        key = PoolKey("spiffe://cluster.local/ns/default/sa/client",
+                      "spiffe://cluster.local/ns/default/sa/server", (world.b, 15008))
+        with pytest.raises(PoolError, match="no answer in time"):
+            await pool.open_stream(key, f"{world.b}:{APP_PORT}")
+        await wait_for(lambda: len(held) == 1 and held[0].was_reset, 5)
+        [conn] = pool.connections()
+        assert conn.active_streams == 0
+
+        waiter = asyncio.create_task(pool.open_stream(key, f"{world.b}:{APP_PORT}"))
+        await wait_for(lambda: len(held) == 2, 5)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await wait_for(lambda: held[1].was_reset, 5)
+        assert conn.active_streams == 0
     finally:
         await close_world(world)

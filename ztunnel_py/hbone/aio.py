@@ -328,6 +328,17 @@ class HboneProtocol(asyncio.Protocol):
         self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""
     ) -> asyncio.Future[StreamLeg]:
         """Send CONNECT; the future resolves with the leg on 200, else raises TunnelRefused."""
+        response = self.open_leg(
+            authority, forwarded=forwarded, baggage=baggage, traceparent=traceparent
+        ).response
+        assert response is not None
+        return response
+
+    def open_leg(
+        self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""
+    ) -> StreamLeg:
+        """Send CONNECT; the leg's ``response`` future resolves as in ``open_stream``
+        (the caller holds the leg, so it can reset a stream it stops waiting for)."""
         if self.lost or not self.core.can_open:
             raise TunnelBroken("connection cannot take more streams")
         sid = self.core.open(
@@ -337,7 +348,7 @@ class HboneProtocol(asyncio.Protocol):
         leg.response = asyncio.get_running_loop().create_future()
         self.streams[sid] = leg
         self.flush()
-        return leg.response
+        return leg
 
     def respond(self, leg: StreamLeg, status: int) -> None:
         self.core.respond(leg.stream_id, status)

@@ -47,6 +47,15 @@ class PoolError(Exception):
     """An HBONE connection could not be established."""
 
 
+class _NoAnswer(Exception):
+    """The CONNECT got no response in time (becomes a PoolError)."""
+
+
+def _give_up(response: asyncio.Future[StreamLeg]) -> None:
+    if not response.done():
+        response.set_exception(_NoAnswer())
+
+
 class WrongPeerIdentity(PoolError):
     """The server proved an identity other than the destination's."""
 
@@ -120,24 +129,34 @@ class ConnectionPool:
     ) -> StreamLeg:
         """A tunnel to ``authority`` through a pooled connection; raises on refusal."""
         for attempt in range(2):
-            conn = await self._connection(key)
+            conn = self._ready(key) or await self._connection(key)
             try:
-                response = conn.open_stream(authority, forwarded=forwarded, baggage=baggage)
+                leg = conn.open_leg(authority, forwarded=forwarded, baggage=baggage)
             except TunnelBroken:
                 if attempt:
                     raise
                 continue
             self._touch(conn)
+            response = leg.response
+            assert response is not None
+            # a plain timer, not wait_for(shield(...)): two futures and their callbacks
+            # fewer per tunnel
+            timer = asyncio.get_running_loop().call_later(
+                self.config.connect_timeout_s * 2, _give_up, response
+            )
             try:
-                return await asyncio.wait_for(
-                    asyncio.shield(response), self.config.connect_timeout_s * 2
-                )
-            except TimeoutError:
-                response.cancel()
+                return await response
+            except _NoAnswer:
+                leg.reset()
                 raise PoolError(
                     f"HBONE CONNECT {authority} via {key.address[0]}:{key.address[1]} got no "
                     "answer in time"
                 ) from None
+            except asyncio.CancelledError:
+                leg.reset()  # nobody will use the stream: tell the peer
+                raise
+            finally:
+                timer.cancel()
         raise PoolError("unreachable")  # pragma: no cover
 
     def connections(self, key: PoolKey | None = None) -> list[HboneProtocol]:
@@ -168,6 +187,12 @@ class ConnectionPool:
             and conn.core.can_open
             and conn.active_streams < self.config.max_streams_per_connection
         )
+
+    def _ready(self, key: PoolKey) -> HboneProtocol | None:
+        for conn in self._conns.get(key, ()):
+            if self._usable(conn):
+                return conn
+        return None
 
     async def _connection(self, key: PoolKey) -> HboneProtocol:
         while True:
