@@ -111,6 +111,7 @@ def mixed_traffic(side: Side) -> bytes:
     c.send(sid2, b"d" * 30)
     c.send(side.sid, b"e" * 20)
     c.end(side.sid)
+    raw.send_data(sid2, b"f" * 25, end_stream=True)  # payload and END_STREAM in one frame
     return c.data_to_send()
 
 
@@ -131,11 +132,18 @@ def ack_all(side: Side) -> bytes:
     return side.server.data_to_send()
 
 
+def stream_states(side: Side) -> list[object]:
+    raw = _raw_h2(side.server)
+    return [(sid, st.state_machine.state, st.closed_by) for sid, st in sorted(raw.streams.items())]
+
+
 def test_every_two_way_split_matches_h2() -> None:
     wire = mixed_traffic(Side(True))
     for cut in range(len(wire) + 1):
         fast, ref = run(mixed_traffic, [cut])
         assert merged(fast.events) == merged(ref.events), f"split at {cut}"
+        assert stream_states(fast) == stream_states(ref), f"split at {cut}"
+        assert any(isinstance(e, core.StreamEnded) for e in fast.events)
         assert fast.windows() == ref.windows(), f"split at {cut}"
         assert ack_all(fast) == ack_all(ref), f"split at {cut}"
         assert fast.windows() == ref.windows(), f"split at {cut}"
@@ -151,9 +159,9 @@ def test_one_byte_at_a_time_matches_h2() -> None:
 
 def test_plain_data_takes_the_fast_path_and_padding_does_not() -> None:
     fast, _ = run(mixed_traffic, [])
-    # three plain DATA frames on stream 1, one on stream 3; the padded one and the
-    # empty END_STREAM frame go through h2
-    assert fast.server.fast_data_frames == 4
+    # three plain DATA frames and the empty END_STREAM one on stream 1, two on stream 3;
+    # the padded one goes through h2
+    assert fast.server.fast_data_frames == 6
     plain = Side(True)
     raw = _raw_h2(plain.client)
     raw.send_data(plain.sid, b"x" * 40, pad_length=5)

@@ -337,6 +337,7 @@ class HboneConnection:
         self._h2_left = 0  # bytes of the current frame still owed to h2
         self._fast_left = 0  # payload bytes of the current fast-path DATA frame
         self._fast_sid = 0
+        self._fast_end = False  # the current fast-path frame carries END_STREAM
         self._in_header_block = False  # HEADERS without END_HEADERS: h2 gets all until done
         self.fast_data_frames = 0  # DATA frames taken by the fast path (tests, profiling)
 
@@ -531,6 +532,11 @@ class HboneConnection:
                 run_sid = sid
                 run.append(view[pos : pos + k])
                 pos += k
+                if not self._fast_left and self._fast_end:
+                    self._fast_end = False
+                    self._emit(out, run_sid, run)
+                    run = []
+                    self._end_of_stream(sid, out)
                 continue
             if self._h2_left:
                 k = min(self._h2_left, n - pos)
@@ -554,8 +560,8 @@ class HboneConnection:
             flags = head[4]
             if (
                 ftype == _DATA
-                and length
-                and not flags & (_PADDED | _END_STREAM)
+                and not flags & _PADDED
+                and (length or flags & _END_STREAM)
                 and not self._in_header_block
             ):
                 if batch:  # h2 must be up to date before the fast path looks at its state
@@ -567,8 +573,16 @@ class HboneConnection:
                 sid = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
                 if self._charge(sid, length):
                     self.fast_data_frames += 1
-                    self._fast_left = length
-                    self._fast_sid = sid
+                    end = bool(flags & _END_STREAM)
+                    if length:
+                        self._fast_left = length
+                        self._fast_sid = sid
+                        self._fast_end = end
+                    else:  # an empty frame that ends the stream (our TCP FIN's usual form)
+                        if run:
+                            self._emit(out, run_sid, run)
+                            run = []
+                        self._end_of_stream(sid, out)
                     continue
             elif ftype in (_HEADERS, _PUSH_PROMISE):
                 self._in_header_block = not flags & _END_HEADERS
@@ -590,6 +604,15 @@ class HboneConnection:
             return
         data = run[0].tobytes() if len(run) == 1 else b"".join(run)
         out.append(Data(stream_id, data, n))
+
+    def _end_of_stream(self, sid: int, out: list[Event]) -> None:
+        """END_STREAM of a fast-path frame: h2's stream state, then ours."""
+        if sid not in self._streams:
+            return  # we reset it meanwhile; the peer learns that from our RST_STREAM
+        stream = self._h2.streams.get(sid)
+        if stream is not None:
+            stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+        self._remote_end(sid, out)
 
     def _charge(self, sid: int, length: int) -> bool:
         """Take a DATA frame on the fast path if h2 would accept it as plain stream data;
@@ -766,7 +789,10 @@ class HboneConnection:
         self._blocked.discard(stream_id)
         if s.end_after_pending and not s.ended_local:
             s.ended_local = True
-            h2c.end_stream(stream_id)
+            # h2's end_stream, by hand: the state changes, then an empty END_STREAM frame
+            h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            h2c._data_to_send += b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
             if s.ended_remote:
                 self._forget(stream_id)
 
