@@ -324,3 +324,29 @@ def test_a_pending_table_size_update_goes_through_h2() -> None:
     assert block[0] & 0xE0 == 0x20  # starts with a dynamic table size update
     [ev] = side.server.receive(_frame(0x1, 0x4, sid, block))
     assert isinstance(ev, core.ConnectRequested) and ev.authority == "10.0.0.9:80"
+
+
+def test_ack_writes_what_h2s_acknowledge_received_data_would() -> None:
+    """Our inline ack against h2's own, ack by ack: same WINDOW_UPDATEs, same windows."""
+    ours, theirs = Side(True), Side(True)
+    for side in (ours, theirs):
+        side.client.send(side.sid, b"w" * 60_000)
+        side.feed(side.client.data_to_send(), [])
+    for n in (1, 1000, 20_000, 12_000, 26_999):
+        ours.server.ack(ours.sid, n)
+        _raw_h2(theirs.server).acknowledge_received_data(n, theirs.sid)
+        assert ours.server.data_to_send() == theirs.server.data_to_send()
+        assert ours.windows() == theirs.windows()
+    assert ours.credit() == (65_535, 65_535)
+    # a closed stream: only the connection window is credited, as h2 does
+    for side in (ours, theirs):
+        side.client.send(side.sid, b"v" * 40_000)
+        side.feed(side.client.data_to_send(), [])
+        side.server.reset(side.sid)
+        side.server.data_to_send()
+    ours.server.ack(ours.sid, 40_000)
+    _raw_h2(theirs.server).acknowledge_received_data(40_000, theirs.sid)
+    assert ours.server.data_to_send() == theirs.server.data_to_send()
+    conn = [_raw_h2(s.server)._inbound_flow_control_window_manager for s in (ours, theirs)]
+    assert (conn[0].current_window_size, conn[0]._bytes_processed) == (
+        conn[1].current_window_size, conn[1]._bytes_processed)

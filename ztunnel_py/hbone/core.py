@@ -73,6 +73,8 @@ _FRAME_HEADER = 9
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
 _DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
 _END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
+_WINDOW_UPDATE = b"\x00\x00\x04\x08\x00"  # length 4, type WINDOW_UPDATE, no flags
+_WINDOW_UPDATE_0 = _WINDOW_UPDATE + b"\x00\x00\x00\x00"  # ...on the connection
 
 
 class Role(enum.Enum):
@@ -490,8 +492,20 @@ class HboneConnection:
         """The local writer drained ``flow_length`` bytes of this stream: open the window."""
         if flow_length <= 0:
             return
-        with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
-            self._h2.acknowledge_received_data(flow_length, stream_id)
+        # h2's acknowledge_received_data, inline (once per read on the data path): its
+        # window managers decide when a WINDOW_UPDATE is due (half a window, or an
+        # exhausted one), we write the frames
+        h2c = self._h2
+        increment = h2c._inbound_flow_control_window_manager.process_bytes(flow_length)
+        if increment:
+            h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
+        stream = h2c.streams.get(stream_id)
+        if stream is not None and stream.open:  # closed streams' windows are moot
+            increment = stream._inbound_window_manager.process_bytes(flow_length)
+            if increment:
+                h2c._data_to_send += (
+                    _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
+                )
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed received bytes; returns the tunnel events they complete.
