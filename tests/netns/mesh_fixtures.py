@@ -79,6 +79,23 @@ def eventually(check: Callable[[], bool], timeout: float, what: str, period: flo
     return time.monotonic() - started
 
 
+def first_success(attempt: Callable[[], bool], timeout: float, what: str,
+                  period: float = 0.05) -> float:
+    """Seconds from now to the *start* of the first attempt that succeeded.
+
+    For "the next connection after t works": an attempt that began at 1.1 s and
+    took 0.5 s (a TLS handshake, a fresh certificate) counts as 1.1 s, not 1.6 s.
+    """
+    t0 = time.monotonic()
+    while True:
+        began = time.monotonic() - t0
+        if attempt():
+            return began
+        if time.monotonic() - t0 > timeout:
+            raise MeshTestError(f"{what}: no success within {timeout:.1f}s")
+        time.sleep(period)
+
+
 # -- Kubernetes-shaped objects the tests apply -----------------------------------------
 
 

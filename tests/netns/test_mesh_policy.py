@@ -157,6 +157,7 @@ def test_deny_policy_closes_an_open_connection_within_2s(mesh: Mesh, apply: Appl
                                    {"namespaces": ["front"]}))
         closed = held.closed_at(5.0)
         assert closed is not None, "the denied connection stayed open"
+        print(f"figure: held connection closed {closed - applied_at:.2f}s after the DENY")
         assert closed - applied_at < 2.0, f"closed {closed - applied_at:.2f}s after the policy"
         # ...and new connections are denied too.
         assert mesh.curl("allowed", mesh.vip_url("server")).status is None
