@@ -1,27 +1,27 @@
 """Real meshes for the network-namespace tests: a controller and one agent per node, as processes.
 
-A test (or a module) describes its world — which pods run where, in which
-Kubernetes namespace, behind which Service — and gets it built and running::
+A test (or a module) describes its world — which pods run on which node, in
+which Kubernetes namespace, behind which Service — and gets it built and
+running, through the same launcher as ``ztunnel-py demo`` (controller on
+``node1`` in directory mode, an agent per node with ``--capture ebpf`` and
+its BPF pins under ``/sys/fs/bpf/<prefix>``)::
 
-    with running_mesh(key, world_for) as mesh:      # key: the test's or module's node id
+    with running_mesh(request.node.nodeid, world, tmp_path) as mesh:
         mesh.curl("client", mesh.vip_url("server"), marker="m-1")
-        mesh.apply(allow_only_namespaces("back", "server", ["front"]))
-        mesh.kill_agent(mesh.node("a")); mesh.start_agent(mesh.node("a"))
-        mesh.access_log(mesh.node("b")).lines(since=mark)
+        mesh.apply(authorization_policy(...)); mesh.wait_policy("node2", name)
+        mesh.kill_agent("node1"); mesh.start_agent("node1")
+        mesh.access_log("node2").wait_for(mark, match, count=1)
 
-Every pod runs the demo HTTP service on :8080 and a TCP "echo twice" server on
-:9000 (each byte it receives comes back twice, so request and response bytes
-differ and their direction can be checked). The controller reads the world's
-Kubernetes YAML from a config directory (directory mode), exactly like
-``ztunnel-py demo``; agents run with ``--capture ebpf`` and ``LOG_FORMAT=json``.
-
-Node names carry the run's prefix: the agents pin their BPF objects under
-``/sys/fs/bpf/ztunnel-py/<node>``, so two meshes (or a demo) running at once
-never share maps. The end removes the topology (processes by PID, namespaces,
-cgroups) and the pins, pass or fail.
+Every pod runs the demo HTTP service on :8080 (``/headers`` echoes the
+request's headers) and a TCP "echo twice" server on :9000 (each byte comes
+back twice, so request and response byte counts differ and their direction
+can be checked). Agents log JSON (``LOG_FORMAT=json``) to ``logs/agent-<node>.log``,
+which is where the access-log lines are read from. The end removes the
+topology (processes by PID, namespaces, cgroups, pins), pass or fail.
 
 Run as a module, this file is also the small TCP tools the tests start in pods
-(``python -m tests.netns.mesh_fixtures echo-twice|send|hold``).
+(``python -m tests.netns.mesh_fixtures echo-twice|send|hold``); it imports
+nothing heavy at the top for that reason.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
@@ -40,16 +39,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ztunnel_py.config import ADMIN_PORT, CONTROLLER_GRPC_PORT, METRICS_PORT, READINESS_PORT
+from ztunnel_py.config import ADMIN_PORT, METRICS_PORT
 from ztunnel_py.demo import httpservice
 from ztunnel_py.demo.configdir import ObjectRef, delete_objects, ref_of, write_objects
-from ztunnel_py.demo.mesh import ztunnel
-from ztunnel_py.demo.world import AMBIENT, World, manifests, topology_spec
+from ztunnel_py.demo.mesh import DemoMesh
+from ztunnel_py.demo.world import AMBIENT, DemoPod, DemoService, World, manifests, topology_spec
 from ztunnel_py.topology import Pod, Topology, leftovers, prefix_for, sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +57,6 @@ ECHO_PORT = 9000
 TRUST_DOMAIN = "cluster.local"
 READY_TIMEOUT = 60.0
 
-WorldFor = Callable[[str], World]  # node-name prefix -> the world to build
 
 
 class MeshTestError(AssertionError):
@@ -199,7 +197,7 @@ class Mesh:
     world: World
     workdir: Path
     agents: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
-    _agent_argv: dict[str, list[str]] = field(default_factory=dict)
+    _agent_argv: dict[str, Sequence[str]] = field(default_factory=dict)
 
     @property
     def config_dir(self) -> Path:
@@ -210,16 +208,9 @@ class Mesh:
         return self.workdir / "logs"
 
     @property
-    def state_dir(self) -> Path:
-        return self.workdir / "controller"
-
-    @property
-    def controller_node(self) -> str:
-        return self.world.nodes[0]
-
-    def node(self, suffix: str) -> str:
-        """The full name of the node whose name ends with ``-<suffix>``."""
-        return next(n for n in self.world.nodes if n.endswith("-" + suffix))
+    def launcher(self) -> DemoMesh:
+        """The demo's launcher: controller on node1, an agent per node, readiness."""
+        return DemoMesh(self.topo, self.workdir, self.config_dir, self.logs_dir)
 
     def pod(self, name: str) -> Pod:
         return self.topo.pod(name)
@@ -252,59 +243,25 @@ class Mesh:
             self.topo.wait_listening(p.name, ECHO_PORT, timeout=15)
         objs = manifests(self.world, self.topo.layout)
         write_objects(self.config_dir, [(ref_of(o, "world"), o) for o in objs])
-        nodes = list(self.world.nodes)
-        issued = self.topo.run(self.controller_node, ztunnel(
-            "controller", "--state-dir", str(self.state_dir),
-            *[a for n in nodes for a in ("--issue-token", n)]), timeout=30)
-        if issued.returncode != 0:
-            raise MeshTestError(f"issuing bootstrap tokens: {issued.stdout}{issued.stderr}")
-        tokens = dict(zip(nodes, issued.stdout.split(), strict=True))
-        host = self.topo.node(self.controller_node).underlay_ip
-        address = f"{host}:{CONTROLLER_GRPC_PORT}"
-        self.topo.popen(self.controller_node, ztunnel(
-            "controller", "--config-dir", str(self.config_dir), "--state-dir",
-            str(self.state_dir), "--grpc-address", address, "--tls-san", host,
-        ), env=self._env(), log=self.logs_dir / "controller.log")
-        self.topo.wait_listening(self.controller_node, CONTROLLER_GRPC_PORT, timeout=30)
-        for n in nodes:
-            self._agent_argv[n] = ztunnel(
-                "agent", "--node", n, "--controller", address,
-                "--controller-ca", str(self.state_dir / "roots.pem"),
-                "--token-file", tokens[n], "--capture", "ebpf",
-            )
-            self.start_agent(n)
-        for n in nodes:
-            self.wait_ready(n)
+        self.launcher.start(self._launch, timeout=READY_TIMEOUT)
+
+    def _launch(self, topo: Topology, target: str, name: str, argv: Sequence[str]) -> None:
+        """DemoMesh's process starter: JSON logs to ``logs/<name>.log``; agents remembered."""
+        proc = topo.popen(target, argv, env=self._env(), log=self.logs_dir / f"{name}.log")
+        if name.startswith("agent-"):
+            self.agents[target] = proc
+            self._agent_argv[target] = argv
 
     def start_agent(self, node: str) -> subprocess.Popen[Any]:
-        proc = self.topo.popen(node, self._agent_argv[node], env=self._env(),
-                               log=self.logs_dir / f"agent-{node}.log")
-        self.agents[node] = proc
-        return proc
+        """The node's agent again, exactly as the launcher started it."""
+        self._launch(self.topo, node, f"agent-{node}", self._agent_argv[node])
+        return self.agents[node]
 
     def kill_agent(self, node: str) -> None:
         """SIGKILL, by PID: no drain, no goodbye (a crash or an OOM kill)."""
         proc = self.agents.pop(node)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-    def ready(self, node: str) -> bool:
-        done = self.topo.run(node, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                    "--max-time", "2",
-                                    f"http://127.0.0.1:{READINESS_PORT}/healthz/ready"],
-                             timeout=10)
-        return done.stdout.strip() == "200"
-
-    def wait_ready(self, node: str, timeout: float = READY_TIMEOUT) -> float:
-        proc = self.agents[node]
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise MeshTestError(f"agent on {node} exited ({proc.returncode}); "
-                                    f"see {self.access_log(node).path}")
-            return self.ready(node)
-
-        return eventually(up, timeout, f"agent on {node} ready (log {self.logs_dir})", 0.2)
 
     # -- the cluster's configuration ----------------------------------------------------
 
@@ -374,12 +331,6 @@ class Mesh:
         return self.topo.run(node, ["tc", "filter", "show", "dev", dev, "ingress"],
                              timeout=10).stdout
 
-    def pin_dirs(self) -> list[Path]:
-        # imported here: the TCP tools (this module run in pods) start without pyroute2
-        from ztunnel_py.redirect.capture import DEFAULT_PIN_ROOT, node_dir_name
-
-        return [DEFAULT_PIN_ROOT / node_dir_name(n) for n in self.world.nodes]
-
 
 class Held:
     """A long connection running in a pod (``tool hold``): says ``open``, then ``closed <t>``."""
@@ -429,14 +380,13 @@ class Held:
 
 
 @contextlib.contextmanager
-def running_mesh(key: str, world_for: WorldFor, workdir: Path) -> Iterator[Mesh]:
-    """Build ``world_for(prefix)`` under a prefix derived from ``key``, run it, remove it.
+def running_mesh(key: str, world: World, workdir: Path) -> Iterator[Mesh]:
+    """Build ``world`` under a prefix derived from ``key``, run its mesh, remove it all.
 
-    Teardown (processes by PID, namespaces, cgroups, BPF pins) runs pass or fail;
-    what it could not remove fails the test.
+    Teardown (processes by PID, namespaces, cgroups, the run's BPF pins) runs
+    pass or fail; whatever it could not remove fails the test.
     """
     prefix = prefix_for(key)
-    world = world_for(prefix)
     topo = Topology.build(topology_spec(world, prefix))
     mesh = Mesh(topo, world, workdir)
     try:
@@ -449,8 +399,6 @@ def running_mesh(key: str, world_for: WorldFor, workdir: Path) -> Iterator[Mesh]
         except Exception as exc:
             errors.append(str(exc))
             errors += sweep(prefix)
-        for pins in mesh.pin_dirs():
-            shutil.rmtree(pins, ignore_errors=True)
         left = leftovers(prefix)
         if left:
             errors.append(f"{prefix}: left behind {left}")
@@ -458,15 +406,14 @@ def running_mesh(key: str, world_for: WorldFor, workdir: Path) -> Iterator[Mesh]
             raise MeshTestError("mesh teardown: " + "; ".join(errors))
 
 
-def world_of(prefix: str, namespaces: Mapping[str, bool], pods: Sequence[Any],
-             services: Sequence[Any]) -> World:
-    """A World whose node names are ``<prefix>-<node>`` (unique per run: see the module doc)."""
-    nodes = tuple(dict.fromkeys(f"{prefix}-{p.node}" for p in pods))
+def world_of(namespaces: Mapping[str, bool], pods: Sequence[DemoPod],
+             services: Sequence[DemoService]) -> World:
+    """A World (nodes in the order the pods name them; ``node1`` runs the controller)."""
     return World(
         namespaces=MappingProxyType({ns: (AMBIENT if on else MappingProxyType({}))
                                      for ns, on in namespaces.items()}),
-        nodes=nodes,
-        pods=tuple(replace(p, node=f"{prefix}-{p.node}") for p in pods),
+        nodes=tuple(dict.fromkeys(p.node for p in pods)),
+        pods=tuple(pods),
         services=tuple(services),
     )
 

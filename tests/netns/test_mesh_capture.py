@@ -1,11 +1,11 @@
 """Issue 6 through real agents: eBPF capture seen from the wire and from the pods.
 
-Two nodes, a controller on node a, an agent (``--capture ebpf``) per node,
+Two nodes, a controller on node1, an agent (``--capture ebpf``) per node,
 real ``curl`` in the pods. Namespace ``mesh`` is ambient; ``plain`` is not;
 ``late`` starts outside the mesh and is labelled by a test.
 
-    node a: client (mesh), tls-client (mesh), local (mesh), plain (plain), late (late)
-    node b: server (mesh)            Service server.mesh  10.96.0.10:80 -> 8080
+    node1: client (mesh), tls-client (mesh), local (mesh), plain (plain), late (late)
+    node2: server (mesh)            Service server.mesh  10.96.0.10:80 -> 8080
 
 The shared mesh serves every test but the one that kills an agent, which
 builds its own.
@@ -37,44 +37,39 @@ from tests.netns.mesh_fixtures import (
 )
 from ztunnel_py.config import CONTROLLER_GRPC_PORT, HBONE_PORT
 from ztunnel_py.demo import wire
-from ztunnel_py.demo.world import DemoPod, DemoService, ServicePortDef, World
+from ztunnel_py.demo.world import DemoPod, DemoService, ServicePortDef
 
 SERVICE_VIP = "10.96.0.10"
 
-
-def capture_world(prefix: str) -> World:
-    return world_of(
-        prefix,
-        {"mesh": True, "plain": False, "late": False},
-        [
-            DemoPod("client", "mesh", "a", "client", "v1", "client"),
-            DemoPod("tls-client", "mesh", "a", "tls-client", "v1", "tls-client"),
-            DemoPod("local", "mesh", "a", "local", "v1", "local"),
-            DemoPod("plain", "plain", "a", "plain", "v1", "plain"),
-            DemoPod("late", "late", "a", "late", "v1", "late"),
-            DemoPod("server", "mesh", "b", "server", "v1", "server"),
-        ],
-        [DemoService("server", "mesh", SERVICE_VIP, {"app": "server"},
-                     (ServicePortDef("http", 80, HTTP_PORT),))],
-    )
+CAPTURE_WORLD = world_of(
+    {"mesh": True, "plain": False, "late": False},
+    [
+        DemoPod("client", "mesh", "node1", "client", "v1", "client"),
+        DemoPod("tls-client", "mesh", "node1", "tls-client", "v1", "tls-client"),
+        DemoPod("local", "mesh", "node1", "local", "v1", "local"),
+        DemoPod("plain", "plain", "node1", "plain", "v1", "plain"),
+        DemoPod("late", "late", "node1", "late", "v1", "late"),
+        DemoPod("server", "mesh", "node2", "server", "v1", "server"),
+    ],
+    [DemoService("server", "mesh", SERVICE_VIP, {"app": "server"},
+                 (ServicePortDef("http", 80, HTTP_PORT),))],
+)
 
 
-def kill_world(prefix: str) -> World:
-    return world_of(
-        prefix,
-        {"mesh": True},
-        [DemoPod("client", "mesh", "a", "client", "v1", "client"),
-         DemoPod("server", "mesh", "b", "server", "v1", "server")],
-        [DemoService("server", "mesh", SERVICE_VIP, {"app": "server"},
-                     (ServicePortDef("http", 80, HTTP_PORT),))],
-    )
+KILL_WORLD = world_of(
+    {"mesh": True},
+    [DemoPod("client", "mesh", "node1", "client", "v1", "client"),
+     DemoPod("server", "mesh", "node2", "server", "v1", "server")],
+    [DemoService("server", "mesh", SERVICE_VIP, {"app": "server"},
+                 (ServicePortDef("http", 80, HTTP_PORT),))],
+)
 
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Mesh]:
     require_root()
-    with running_mesh(request.node.nodeid, capture_world,
+    with running_mesh(request.node.nodeid, CAPTURE_WORLD,
                       tmp_path_factory.mktemp("mesh-capture")) as m:
         yield m
 
@@ -82,7 +77,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture
 def own_mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mesh]:
     require_root()
-    with running_mesh(request.node.nodeid, kill_world, tmp_path) as m:
+    with running_mesh(request.node.nodeid, KILL_WORLD, tmp_path) as m:
         yield m
 
 
@@ -117,9 +112,8 @@ def test_cross_node_request_to_a_vip_crosses_the_underlay_only_as_tls_on_15008(
 
 
 def test_pod_outside_the_ambient_namespace_is_not_captured(mesh: Mesh) -> None:
-    node_a = mesh.node("a")
-    assert "bpf" in mesh.tc_filters(node_a, mesh.pod("client").host_veth)  # the contrast
-    assert mesh.tc_filters(node_a, mesh.pod("plain").host_veth).strip() == ""
+    assert "bpf" in mesh.tc_filters("node1", mesh.pod("client").host_veth)  # the contrast
+    assert mesh.tc_filters("node1", mesh.pod("plain").host_veth).strip() == ""
 
     m = marker()
     with wire.capture(mesh.topo) as cap:
@@ -136,9 +130,9 @@ def vip_works(mesh: Mesh, pod: str) -> bool:
 
 def test_labelling_a_namespace_captures_within_2s_and_unlabelling_releases_within_2s(
         mesh: Mesh) -> None:
-    node_a, veth = mesh.node("a"), mesh.pod("late").host_veth
+    veth = mesh.pod("late").host_veth
     assert not vip_works(mesh, "late")
-    assert mesh.tc_filters(node_a, veth).strip() == ""
+    assert mesh.tc_filters("node1", veth).strip() == ""
 
     labelled = time.monotonic()
     mesh.apply(namespace_object("late", ambient=True))
@@ -147,10 +141,10 @@ def test_labelling_a_namespace_captures_within_2s_and_unlabelling_releases_withi
         print(f"figure: the first connection begun {took:.2f}s after labelling the namespace "
               f"was captured (it completed {time.monotonic() - labelled:.2f}s after)")
         assert took < 2.0, f"captured {took:.2f}s after labelling"
-        assert "bpf" in mesh.tc_filters(node_a, veth)
+        assert "bpf" in mesh.tc_filters("node1", veth)
     finally:
         mesh.apply(namespace_object("late", ambient=False))
-    took = first_success(lambda: mesh.tc_filters(node_a, veth).strip() == ""
+    took = first_success(lambda: mesh.tc_filters("node1", veth).strip() == ""
                          and not vip_works(mesh, "late"), 5, "late released")
     print(f"figure: released {took:.2f}s after removing the label")
     assert took < 2.0, f"released {took:.2f}s after removing the label"
@@ -163,8 +157,7 @@ def test_labelling_a_namespace_captures_within_2s_and_unlabelling_releases_withi
 
 def test_same_node_call_goes_through_the_mesh_and_the_destinations_policy_applies(
         mesh: Mesh) -> None:
-    node_a = mesh.node("a")
-    log = mesh.access_log(node_a)
+    log = mesh.access_log("node1")
     mark = log.mark()
     got = mesh.curl("client", mesh.pod_url("local"))
     assert got.returncode == 0, got.stderr
@@ -177,7 +170,7 @@ def test_same_node_call_goes_through_the_mesh_and_the_destinations_policy_applie
                                   {"principals": ["cluster.local/ns/mesh/sa/client"]})
     ref = mesh.apply(policy)
     try:
-        mesh.wait_policy(node_a, "deny-client")
+        mesh.wait_policy("node1", "deny-client")
         mark = log.mark()
         denied = mesh.curl("client", mesh.pod_url("local"))
         assert denied.returncode != 0 and denied.status is None, denied.stdout
@@ -189,7 +182,7 @@ def test_same_node_call_goes_through_the_mesh_and_the_destinations_policy_applie
         assert mesh.curl("tls-client", mesh.pod_url("local")).status == 200
     finally:
         mesh.delete(ref)
-        mesh.wait_policy(node_a, "deny-client", present=False)
+        mesh.wait_policy("node1", "deny-client", present=False)
 
 
 def test_no_iptables_or_nftables_rules_in_any_node(mesh: Mesh) -> None:
@@ -206,22 +199,21 @@ def test_no_iptables_or_nftables_rules_in_any_node(mesh: Mesh) -> None:
 
 def test_killed_agent_fails_closed_and_a_restart_resumes_within_5s(own_mesh: Mesh) -> None:
     mesh = own_mesh
-    node_a = mesh.node("a")
     veth = mesh.pod("client").host_veth
     assert mesh.curl("client", mesh.pod_url("server")).status == 200
-    assert "bpf" in mesh.tc_filters(node_a, veth)
+    assert "bpf" in mesh.tc_filters("node1", veth)
 
-    mesh.kill_agent(node_a)
-    assert "bpf" in mesh.tc_filters(node_a, veth), "enrolled pod lost its capture"
+    mesh.kill_agent("node1")
+    assert "bpf" in mesh.tc_filters("node1", veth), "enrolled pod lost its capture"
     m = marker()
     with wire.capture(mesh.topo) as cap:
         got = mesh.curl("client", mesh.pod_url("server"), marker=m, max_time=2)
     assert got.returncode != 0, "a connection succeeded with the agent dead"
     assert not cap.saw(m), "plaintext left the node while the agent was down"
     assert HTTP_PORT not in cap.ports, cap.packets_by_port
-    assert "bpf" in mesh.tc_filters(node_a, veth)
+    assert "bpf" in mesh.tc_filters("node1", veth)
 
-    mesh.start_agent(node_a)
+    mesh.start_agent("node1")
     # Completed requests (not attempts begun): a SYN retransmitted into the new agent's
     # listener must not make a slow restart look fast.
     took = eventually(lambda: mesh.curl("client", mesh.pod_url("server"),
@@ -229,7 +221,7 @@ def test_killed_agent_fails_closed_and_a_restart_resumes_within_5s(own_mesh: Mes
                       10, "requests through the restarted agent", period=0.05)
     print(f"figure: requests work again {took:.2f}s after the agent's restart")
     assert took <= 5.0, f"connections worked again only {took:.1f}s after the restart"
-    assert "bpf" in mesh.tc_filters(node_a, veth)
+    assert "bpf" in mesh.tc_filters("node1", veth)
     m = marker()
     with wire.capture(mesh.topo) as cap:
         got = mesh.curl("client", mesh.pod_url("server"), marker=m)
@@ -237,6 +229,6 @@ def test_killed_agent_fails_closed_and_a_restart_resumes_within_5s(own_mesh: Mes
     assert not cap.saw(m) and HTTP_PORT not in cap.ports
     # The pinned counters outlived the agent: the new one reports what was dropped meanwhile.
     drops = {s.labels["reason"]: s.value
-             for fam in text_string_to_metric_families(mesh.metrics_text(node_a))
+             for fam in text_string_to_metric_families(mesh.metrics_text("node1"))
              if fam.name == "ztunnel_capture_packets" for s in fam.samples}
     assert sum(v for r, v in drops.items() if r.startswith("drop")) > 0, drops

@@ -1,7 +1,7 @@
 """Issue 7 through real agents: L4 policy at the destination's agent, telemetry, ``ctl``.
 
-    node a: allowed (front), meter (front), denied (other), outsider (legacy, not ambient)
-    node b: server (back)     Service server.back 10.96.0.20: 80 -> 8080 (http), 9000 (tcp echo)
+    node1: allowed (front), meter (front), denied (other), outsider (legacy, not ambient)
+    node2: server (back)     Service server.back 10.96.0.20: 80 -> 8080 (http), 9000 (tcp echo)
 
 Every pod runs the HTTP service on :8080 and an "echo twice" TCP server on
 :9000. Each test removes the policies it applied and waits until the
@@ -34,34 +34,32 @@ from tests.netns.mesh_fixtures import (
 )
 from ztunnel_py.demo.configdir import ObjectRef
 from ztunnel_py.demo.mesh import ztunnel
-from ztunnel_py.demo.world import DemoPod, DemoService, ServicePortDef, World
+from ztunnel_py.demo.world import DemoPod, DemoService, ServicePortDef
 
 SERVICE_VIP = "10.96.0.20"
 SERVICE_HOST = "server.back.svc.cluster.local"
 
 
-def policy_world(prefix: str) -> World:
-    return world_of(
-        prefix,
-        {"front": True, "other": True, "back": True, "legacy": False},
-        [
-            DemoPod("allowed", "front", "a", "allowed", "v1", "allowed"),
-            DemoPod("meter", "front", "a", "meter", "v1", "meter"),
-            DemoPod("denied", "other", "a", "denied", "v1", "denied"),
-            DemoPod("outsider", "legacy", "a", "outsider", "v1", "outsider"),
-            DemoPod("server", "back", "b", "server", "v2", "server"),
-        ],
-        [DemoService("server", "back", SERVICE_VIP, {"app": "server"},
-                     (ServicePortDef("http", 80, HTTP_PORT),
-                      ServicePortDef("tcp-echo", ECHO_PORT, ECHO_PORT)))],
-    )
+POLICY_WORLD = world_of(
+    {"front": True, "other": True, "back": True, "legacy": False},
+    [
+        DemoPod("allowed", "front", "node1", "allowed", "v1", "allowed"),
+        DemoPod("meter", "front", "node1", "meter", "v1", "meter"),
+        DemoPod("denied", "other", "node1", "denied", "v1", "denied"),
+        DemoPod("outsider", "legacy", "node1", "outsider", "v1", "outsider"),
+        DemoPod("server", "back", "node2", "server", "v2", "server"),
+    ],
+    [DemoService("server", "back", SERVICE_VIP, {"app": "server"},
+                 (ServicePortDef("http", 80, HTTP_PORT),
+                  ServicePortDef("tcp-echo", ECHO_PORT, ECHO_PORT)))],
+)
 
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Mesh]:
     require_root()
-    with running_mesh(request.node.nodeid, policy_world,
+    with running_mesh(request.node.nodeid, POLICY_WORLD,
                       tmp_path_factory.mktemp("mesh-policy")) as m:
         yield m
 
@@ -77,13 +75,13 @@ class Applied:
         ref = self.mesh.apply(obj)
         if ref not in self.refs:
             self.refs.append(ref)
-        self.mesh.wait_policy(self.mesh.node("b"), ref.name)
+        self.mesh.wait_policy("node2", ref.name)
 
     def remove_all(self) -> None:
         for ref in self.refs:
             self.mesh.delete(ref)
         for ref in self.refs:
-            self.mesh.wait_policy(self.mesh.node("b"), ref.name, present=False)
+            self.mesh.wait_policy("node2", ref.name, present=False)
 
 
 @pytest.fixture
@@ -95,10 +93,9 @@ def apply(mesh: Mesh) -> Iterator[Applied]:
 
 def test_namespace_allow_policy_admits_one_namespace_and_resets_the_other(
         mesh: Mesh, apply: Applied) -> None:
-    node_a, node_b = mesh.node("a"), mesh.node("b")
     apply(authorization_policy("allow-front", "back", "server", "ALLOW",
                                {"namespaces": ["front"]}))
-    src_log, dst_log = mesh.access_log(node_a), mesh.access_log(node_b)
+    src_log, dst_log = mesh.access_log("node1"), mesh.access_log("node2")
 
     mark_a, mark_b = src_log.mark(), dst_log.mark()
     ok = mesh.curl("allowed", mesh.vip_url("server"))
@@ -128,8 +125,7 @@ def test_namespace_allow_policy_admits_one_namespace_and_resets_the_other(
 
 def test_strict_peer_authentication_refuses_plaintext_and_permissive_accepts_it(
         mesh: Mesh, apply: Applied) -> None:
-    node_b = mesh.node("b")
-    dst_log = mesh.access_log(node_b)
+    dst_log = mesh.access_log("node2")
     assert mesh.curl("outsider", mesh.pod_url("server")).status == 200  # default: PERMISSIVE
 
     apply(peer_authentication("strict", "back", "STRICT"))
@@ -212,7 +208,7 @@ def test_metrics_count_exactly_n_connections_and_their_bytes_on_both_agents(
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
     }
-    for node, reporter in ((mesh.node("a"), "source"), (mesh.node("b"), "destination")):
+    for node, reporter in (("node1", "source"), ("node2", "destination")):
         series: dict[str, tuple[dict[str, str], float]] = {}
 
         def all_closed(node: str = node, reporter: str = reporter,
@@ -239,7 +235,6 @@ def ctl(mesh: Mesh, node: str, *args: str) -> subprocess.Popen[str]:
 
 
 def test_ctl_commands_give_valid_json_with_the_agents_view(mesh: Mesh, apply: Applied) -> None:
-    node_b = mesh.node("b")
     apply(authorization_policy("allow-front-ctl", "back", "server", "ALLOW",
                                {"namespaces": ["front"]}))
     held = mesh.hold("allowed", mesh.vip("server", ECHO_PORT))
@@ -247,7 +242,7 @@ def test_ctl_commands_give_valid_json_with_the_agents_view(mesh: Mesh, apply: Ap
         held.wait_open()
         resources = ("workloads", "services", "policies", "certs", "connections",
                      "config-dump")
-        procs = {r: ctl(mesh, node_b, r) for r in resources}
+        procs = {r: ctl(mesh, "node2", r) for r in resources}
         out: dict[str, Any] = {}
         for r, proc in procs.items():
             stdout, stderr = proc.communicate(timeout=30)
