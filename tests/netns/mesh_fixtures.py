@@ -58,7 +58,6 @@ TRUST_DOMAIN = "cluster.local"
 READY_TIMEOUT = 60.0
 
 
-
 class MeshTestError(AssertionError):
     """The mesh under test did not do what a step waited for; the message says where to look."""
 
@@ -256,6 +255,11 @@ class Mesh:
         """The node's agent again, exactly as the launcher started it."""
         self._launch(self.topo, node, f"agent-{node}", self._agent_argv[node])
         return self.agents[node]
+
+    def agent_rss_kib(self, node: str) -> int:
+        status = Path(f"/proc/{self.agents[node].pid}/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmRSS:"))
 
     def kill_agent(self, node: str) -> None:
         """SIGKILL, by PID: no drain, no goodbye (a crash or an OOM kill)."""

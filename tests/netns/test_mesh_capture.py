@@ -197,6 +197,16 @@ def test_no_iptables_or_nftables_rules_in_any_node(mesh: Mesh) -> None:
         assert rules == [], f"{node}: iptables rules:\n{ipt.stdout}"
 
 
+def test_agent_rss_with_capture_active(mesh: Mesh) -> None:
+    assert vip_works(mesh, "client")
+    for node in mesh.world.nodes:
+        rss_mib = mesh.agent_rss_kib(node) / 1024
+        print(f"figure: agent on {node}: RSS {rss_mib:.1f} MiB with capture active")
+        # A guard against gross regressions (bcc compiled in the agent itself, a leak),
+        # not a benchmark: the compile runs in a short-lived child.
+        assert rss_mib < 256
+
+
 def test_killed_agent_fails_closed_and_a_restart_resumes_within_5s(own_mesh: Mesh) -> None:
     mesh = own_mesh
     veth = mesh.pod("client").host_veth
