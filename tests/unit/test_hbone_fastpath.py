@@ -350,3 +350,20 @@ def test_ack_writes_what_h2s_acknowledge_received_data_would() -> None:
     conn = [_raw_h2(s.server)._inbound_flow_control_window_manager for s in (ours, theirs)]
     assert (conn[0].current_window_size, conn[0]._bytes_processed) == (
         conn[1].current_window_size, conn[1]._bytes_processed)
+
+
+def test_a_reused_read_buffer_is_never_kept() -> None:
+    """The transport decrypts into one buffer it reuses: feed through a bytearray that is
+    scribbled over after every call, with frames and headers split across calls."""
+    fast, ref = Side(True), Side(False)
+    wire = mixed_traffic(fast)
+    assert mixed_traffic(ref) == wire
+    buffer = bytearray(64)
+    for start in range(0, len(wire), 37):
+        piece = wire[start : start + 37]
+        buffer[: len(piece)] = piece
+        fast.events += fast.server.receive(memoryview(buffer)[: len(piece)])
+        buffer[:] = b"\xee" * len(buffer)
+    ref.feed(wire, [])
+    assert merged(fast.events) == merged(ref.events)
+    assert fast.windows() == ref.windows()

@@ -507,24 +507,28 @@ class HboneConnection:
                     _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
                 )
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed received bytes; returns the tunnel events they complete.
+
+        ``data`` may be a view of a buffer the caller reuses: nothing of it is kept
+        past this call (payload handed out is copied, a partial frame header too).
 
         DATA frames on established streams take a fast path: the 9-byte frame header is
         parsed here, flow control is charged exactly as h2 would (both windows, before
         any payload is handed out) and the payload goes straight out as ``Data`` events,
         piece by piece as it arrives, without h2's frame buffer, frame objects and
-        events. Every other frame, and any DATA frame that is unusual (padding,
-        END_STREAM, unknown or closing stream, oversized, over the window, inside a
-        header block) is handed to h2 whole, in order, so h2 stays the judge of the
+        events; END_STREAM advances h2's stream state as h2 would. Every other frame, and
+        any DATA frame that is unusual (padding, unknown or closing stream, oversized,
+        over the window, inside a header block) is handed to h2 whole, in order, so h2
+        stays the judge of the
         protocol: h2's own buffer is always at a frame boundary when the fast path runs.
         Consecutive payload of one stream within one call becomes one ``Data`` event (one
         write and one ack downstream instead of one per frame).
         """
         if not self._fast_receive:
-            return self._receive_h2(data, [])
+            return self._receive_h2(bytes(data), [])
         out: list[Event] = []
-        batch: list[bytes] = []  # bytes for h2, in order, flushed before each fast frame
+        batch: list[bytes | memoryview] = []  # for h2, in order, flushed before each fast frame
         view = memoryview(data)
         run: list[memoryview] = []  # payload of ``run_sid`` not yet turned into an event
         run_sid = 0
@@ -532,7 +536,7 @@ class HboneConnection:
         pos = 0
         if self._preface_left:
             k = min(self._preface_left, n)
-            batch.append(data[:k])
+            batch.append(view[:k])
             self._preface_left -= k
             pos = k
         while pos < n:
@@ -554,18 +558,18 @@ class HboneConnection:
                 continue
             if self._h2_left:
                 k = min(self._h2_left, n - pos)
-                batch.append(data[pos : pos + k])
+                batch.append(view[pos : pos + k])
                 self._h2_left -= k
                 pos += k
                 continue
             # at a frame boundary
             if self._head:
                 need = _FRAME_HEADER - len(self._head)
-                head = self._head + data[pos : pos + need]
+                head: bytes | memoryview = self._head + view[pos : pos + need]
             else:
-                head = data[pos : pos + _FRAME_HEADER]
+                head = view[pos : pos + _FRAME_HEADER]
             if len(head) < _FRAME_HEADER:
-                self._head = head
+                self._head = bytes(head)
                 break
             pos += _FRAME_HEADER - len(self._head)
             self._head = b""
@@ -607,7 +611,7 @@ class HboneConnection:
         if run:
             self._emit(out, run_sid, run)
         if batch:
-            self._receive_h2(b"".join(batch) if len(batch) > 1 else batch[0], out)
+            self._receive_h2(b"".join(batch), out)
         return out
 
     def _emit(self, out: list[Event], stream_id: int, run: list[memoryview]) -> None:
