@@ -16,6 +16,15 @@ Flow control gives real backpressure in both directions:
 * ``send()`` frames only what the peer's windows allow and keeps the rest
   pending (``pending(stream_id)``); the caller stops reading its source while
   anything is pending and resumes on the ``Writable`` event.
+
+Speed: h2 stays the authority on the protocol (connection and stream state
+machines, settings, validation of the peer's headers, every unusual frame), but
+the per-byte and per-tunnel work happens here, following h2's own bookkeeping:
+DATA frames are written and (on established streams) read by hand, WINDOW_UPDATEs
+come from h2's window managers but are written here, and our few header blocks
+(CONNECT, a status) are encoded here without touching the HPACK dynamic table.
+``tests/unit/test_hbone_fastpath.py`` holds each shortcut to h2's behaviour byte
+for byte.
 """
 
 from __future__ import annotations
@@ -520,10 +529,9 @@ class HboneConnection:
         events; END_STREAM advances h2's stream state as h2 would. Every other frame, and
         any DATA frame that is unusual (padding, unknown or closing stream, oversized,
         over the window, inside a header block) is handed to h2 whole, in order, so h2
-        stays the judge of the
-        protocol: h2's own buffer is always at a frame boundary when the fast path runs.
-        Consecutive payload of one stream within one call becomes one ``Data`` event (one
-        write and one ack downstream instead of one per frame).
+        stays the judge of the protocol: h2's own buffer is always at a frame boundary
+        when the fast path runs. Consecutive payload of one stream within one call
+        becomes one ``Data`` event (one write and one ack downstream, not one per frame).
         """
         if not self._fast_receive:
             return self._receive_h2(bytes(data), [])
