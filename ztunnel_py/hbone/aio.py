@@ -251,6 +251,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._on_stream_done = on_stream_done
         self._read_buffer = memoryview(bytearray(READ_BUFFER))
+        self._flush_pending = False
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -286,7 +287,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             events = self.core.receive(data)
         except core.ProtocolError as exc:
             _log.warning("hbone protocol error; closing connection", error=str(exc))
-            self.flush()
+            self.flush_now()  # the GOAWAY h2 queued
             self.abort()
             return
         for ev in events:
@@ -327,8 +328,24 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._on_connect = handler
 
     def flush(self) -> None:
+        """Write what the core queued, at the end of this loop iteration: everything the
+        streams of this connection produce in one iteration (DATA of many streams, a
+        response and its END_STREAM, WINDOW_UPDATEs) goes out in one TLS write and one
+        syscall instead of one each."""
+        if self._flush_pending or self.lost:
+            return
+        self._flush_pending = True
+        try:
+            asyncio.get_running_loop().call_soon(self.flush_now)
+        except RuntimeError:  # no loop (closing down): write at once
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        self._flush_pending = False
         chunks = self.core.chunks_to_send()
         if chunks and self.transport is not None and not self.lost:
+            if self.transport.is_closing():
+                return
             # one write: TLS encrypts each write separately, so writelines would turn
             # every 9-byte frame header into a TLS record of its own (and a read on the
             # far side); joining costs one copy of bytes that encryption copies anyway
@@ -373,7 +390,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def close(self) -> None:
         """GOAWAY then close the transport (open streams are failed by connection_lost)."""
         self.core.close()
-        self.flush()
+        self.flush_now()
         if self.transport is not None and not self.lost:
             self.transport.close()
 
