@@ -7,7 +7,7 @@ from typing import Any
 
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
-from ztunnel_py.hbone.aio import HboneProtocol, StreamLeg
+from ztunnel_py.hbone.aio import BULK_WRITE, HboneProtocol, StreamLeg
 from ztunnel_py.hbone.core import Role
 
 
@@ -81,5 +81,10 @@ async def test_one_write_per_loop_iteration_for_all_streams() -> None:
     assert len(c_wire.writes) == before + 1  # ...then everything, in one write
     await settle()
     assert received == {legs[0].stream_id: b"onethree", legs[1].stream_id: b"two"}
+    before = len(c_wire.writes)
+    legs[1].send(b"b" * BULK_WRITE)  # bulk: written at once
+    assert len(c_wire.writes) == before + 1
+    await settle()
+    assert received[legs[1].stream_id] == b"two" + b"b" * BULK_WRITE
     client.close()  # GOAWAY goes out at once, not on the next tick
     assert c_wire.writes[-1][3] == 0x7  # GOAWAY frame type

@@ -39,6 +39,9 @@ TLS_LOW_WATER = 256 << 10
 # TLS decrypts straight into this buffer (one per connection, reused): no allocation and
 # no joining of 16 KiB records per read; the core copies each payload out once.
 READ_BUFFER = 256 << 10
+# A stream write this big goes out at once; smaller ones wait for the end of the loop
+# iteration to share a TLS write with the connection's other frames.
+BULK_WRITE = 64 << 10
 
 
 class TunnelRefused(Exception):
@@ -133,7 +136,10 @@ class StreamLeg(Leg):
             self._sink_blocked = True
             if self.peer is not None:
                 self.peer.pause_source()
-        self.conn.flush()
+        if len(data) >= BULK_WRITE:
+            self.conn.flush_now()  # bulk: nothing to gain from waiting for company
+        else:
+            self.conn.flush()
 
     def send_eof(self) -> None:
         if self.done or self.write_done:
