@@ -23,7 +23,10 @@ through the agent's seam: each outbound listener port has a *fixed
 destination* (``DstTable.by_listen_port``), and the HBONE dial seam sends
 ``<server pod>:15008`` to node2's underlay address, where agent2's inbound
 listener maps it back to the pod for certificate selection. Everything else
-(pool, TLS, identity checks, relay) is the production code path.
+(pool, TLS, identity checks, relay) is the production code path, and the
+agents run the production telemetry too: Prometheus metrics (with the process
+collector) and a JSON access-log line per connection, at level info, as the
+DaemonSet configures ``ztunnel-py agent``.
 
 Measurements: iperf3 throughput with 1 and 4 streams; wrk requests/s at 16
 keep-alive connections; wrk with ``Connection: close`` (one request per
@@ -73,9 +76,18 @@ def run_agent(config_path: str) -> int:
     from ztunnel_py.proxy.testing import DstTable
     from ztunnel_py.state.model import Workload
     from ztunnel_py.state.snapshot import Snapshot, StateStore
+    from ztunnel_py.telemetry.accesslog import AccessLog
+    from ztunnel_py.telemetry.metrics import Metrics
 
     cfg = json.loads(Path(config_path).read_text())
-    log.configure(LogConfig(level="warning"))
+    # The same telemetry as ``ztunnel-py agent`` in its DaemonSet (LOG_FORMAT=json, the
+    # default level info): Istio's TCP metrics with the process collector, and one JSON
+    # access-log line per connection on each side (to the agent's log file here).
+    log.configure(LogConfig(format="json", level="info"))
+    metrics = Metrics(process=True)
+    access_log = AccessLog()
+    metrics.attach()
+    access_log.attach()
 
     class StaticCertificates:
         def __init__(self, certs: dict[str, WorkloadCertificate]) -> None:

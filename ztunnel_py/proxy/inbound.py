@@ -56,17 +56,32 @@ def local_workload(snapshot: Snapshot, ip: str, node: str) -> Workload | None:
     return w
 
 
+def service_index(snapshot: Snapshot) -> dict[tuple[str, int], Service]:
+    """(workload uid, target port) -> the first Service (in snapshot order) with that
+    workload as an endpoint and a port targeting that port. Built once per snapshot."""
+    cached = _service_index_cache
+    if cached and cached[0] is snapshot:
+        return cached[1]
+    index: dict[tuple[str, int], Service] = {}
+    for s in snapshot.services:
+        for ep in s.endpoints:
+            for target in ep.ports.values():
+                index.setdefault((ep.workload_uid, target), s)
+    # snapshots are frozen and swapped whole: identity is a valid key (one slot is enough)
+    _service_index_cache[:] = [snapshot, index]
+    return index
+
+
+_service_index_cache: list[Any] = []
+
+
 def guess_service(snapshot: Snapshot, w: Workload, port: int) -> Service | None:
     """The Service a connection to ``w``'s ``port`` most likely came through, for the
     destination reporter's ``destination_service`` (Istio's ztunnel guesses the same
     way, ``guess_inbound_service``): the first Service with ``w`` as an endpoint and a
     port that targets ``port``. The client dialled an address, not a Service, so this
     is a guess; None when no Service fronts that port."""
-    for s in snapshot.services:
-        for ep in s.endpoints:
-            if ep.workload_uid == w.uid and port in ep.ports.values():
-                return s
-    return None
+    return service_index(snapshot).get((w.uid, port))
 
 
 @dataclass(frozen=True)
@@ -170,9 +185,7 @@ class Inbound:
     async def _tls(self, sock: socket.socket) -> bool:
         """TLS and identity checks; True once a transport owns ``sock``."""
         loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)  # TCP_NODELAY: inherited from the listener, set by the loop
         try:
             dialled = self.dialled(sock)
             peer = sock.getpeername()[:2]

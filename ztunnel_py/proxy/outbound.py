@@ -220,6 +220,8 @@ def _addr(a: tuple[str, int]) -> str:
 
 
 def _normalise(ip: str) -> str:
+    if ":" not in ip:  # IPv4 from the kernel: already canonical
+        return ip
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

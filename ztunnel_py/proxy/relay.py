@@ -42,14 +42,6 @@ def set_linger_zero(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Relayed bytes go out at once: Nagle on a proxy only adds a round trip of latency."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class TcpLeg(Leg, asyncio.Protocol):
     """A TCP connection as a relay leg."""
 
@@ -75,7 +67,8 @@ class TcpLeg(Leg, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(TCP_HIGH_WATER, TCP_LOW_WATER)
-        set_nodelay(self.transport)
+        # TCP_NODELAY: uvloop and asyncio set it on every TCP transport, and our
+        # listeners and upstream sockets carry it already (no syscall per connection here)
         if self._start_paused:
             self.pause_source()
         on_made, self._on_made = self._on_made, None

@@ -22,11 +22,13 @@ class UpstreamError(OSError):
 
 
 def plain_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (SO_REUSEADDR)."""
+    """A bound, listening, non-blocking TCP socket (SO_REUSEADDR, TCP_NODELAY: accepted
+    sockets inherit it, so relayed bytes never wait for Nagle)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -71,11 +73,15 @@ def family_of(ip: str) -> int:
 async def connect(
     factory: UpstreamFactory, address: tuple[str, int], timeout: float  # noqa: ASYNC109
 ) -> socket.socket:
-    """A connected non-blocking socket from ``factory``; closed on failure."""
+    """A connected non-blocking socket from ``factory``; closed on failure.
+
+    The timeout is ``asyncio.timeout`` (a timer on the current task), not ``wait_for``
+    (a task and a future more per upstream connection)."""
     loop = asyncio.get_running_loop()
     sock = factory(family_of(address[0]))
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
     except TimeoutError:
         sock.close()
         raise UpstreamError(

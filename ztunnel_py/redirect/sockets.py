@@ -22,10 +22,12 @@ class SocketError(OSError):
 
 
 def transparent_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A bound, listening, non-blocking IPv4 TCP socket with IP_TRANSPARENT."""
+    """A bound, listening, non-blocking IPv4 TCP socket with IP_TRANSPARENT (and
+    TCP_NODELAY, which accepted sockets inherit)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)

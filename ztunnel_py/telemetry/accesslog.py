@@ -27,28 +27,32 @@ FAILED_EVENT = "connection failed"
 
 
 def access_fields(rec: ConnectionResult) -> dict[str, Any]:
-    """The access-log fields of a finished (or live) connection."""
-    fields: dict[str, Any] = {
-        "src.addr": rec.src.address,
-        "src.workload": rec.src.workload,
-        "src.namespace": rec.src.namespace,
-        "src.identity": rec.src.principal,
-        "dst.addr": rec.dst.address,
-        "dst.hbone_addr": rec.hbone_target,
-        "dst.service": rec.dst.service,
-        "dst.workload": rec.dst.workload,
-        "dst.namespace": rec.dst.namespace,
-        "dst.identity": rec.dst.principal,
-        "direction": rec.direction,
-        "security": rec.security,
-        "bytes_sent": rec.bytes_sent,
-        "bytes_recv": rec.bytes_received,
-        "duration_ms": round(rec.duration_s * 1000.0, 3),
-        "response_flags": rec.response_flags,
-        "result": rec.result or "open",
-    }
-    # Leave out what is unknown rather than log empty strings.
-    fields = {k: v for k, v in fields.items() if v != ""}
+    """The access-log fields of a finished (or live) connection (unknown ones left out
+    rather than logged as empty strings)."""
+    src, dst = rec.src, rec.dst
+    fields: dict[str, Any] = {}
+    for key, value in (
+        ("src.addr", src.address),
+        ("src.workload", src.workload),
+        ("src.namespace", src.namespace),
+        ("src.identity", src.principal),
+        ("dst.addr", dst.address),
+        ("dst.hbone_addr", rec.hbone_target),
+        ("dst.service", dst.service),
+        ("dst.workload", dst.workload),
+        ("dst.namespace", dst.namespace),
+        ("dst.identity", dst.principal),
+        ("direction", rec.direction),
+        ("security", rec.security),
+    ):
+        if value:
+            fields[key] = value
+    fields["bytes_sent"] = rec.bytes_sent
+    fields["bytes_recv"] = rec.bytes_received
+    fields["duration_ms"] = round(rec.duration_s * 1000.0, 3)
+    if rec.response_flags:
+        fields["response_flags"] = rec.response_flags
+    fields["result"] = rec.result or "open"
     if rec.result and rec.result != "ok":
         fields["error"] = rec.result
     return fields
@@ -69,10 +73,20 @@ class AccessLog:
     def __init__(self, logger: Any = None) -> None:
         self._logger = logger
         self._attached = False
+        self._bound: Any = None
+        self._bound_for: tuple[int, ...] = ()
 
     def _log(self) -> Any:
-        # Resolved per call so that the agent's later structlog configuration applies.
-        return self._logger or structlog.get_logger().bind(component="access")
+        if self._logger is not None:
+            return self._logger
+        # Bound once per structlog configuration (binding costs more than the line
+        # itself), and again when the agent configures structlog later.
+        cfg = structlog.get_config()
+        key = (id(cfg["processors"]), id(cfg["wrapper_class"]), id(cfg["logger_factory"]))
+        if key != self._bound_for:
+            self._bound = structlog.get_logger().bind(component="access")
+            self._bound_for = key
+        return self._bound
 
     def on_close(self, rec: ConnectionResult) -> None:
         fields = access_fields(rec)
