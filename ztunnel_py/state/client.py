@@ -33,7 +33,7 @@ from ztunnel_py.state.codec import (
     decode_resource,
 )
 from ztunnel_py.state.model import Service, Workload
-from ztunnel_py.state.snapshot import Snapshot, StateStore
+from ztunnel_py.state.snapshot import Snapshot, StateStore, pause_gc, settle_heap
 
 
 def _log() -> Any:
@@ -96,19 +96,28 @@ def check_references(
         workloads = {o.uid: o for o in objects if isinstance(o, Workload)}
     if waypoints is None:
         waypoints = _waypoints(objects)
-    for obj in objects:
-        if isinstance(obj, Service):
-            for ep in obj.endpoints:
-                if ep.workload_uid not in workloads:
-                    raise UpdateRejected(
-                        f"service {obj.key}: endpoint {ep.address} names workload "
-                        f"{ep.workload_uid!r}, which the update does not contain"
-                    )
-            if obj.waypoint and (obj.waypoint.namespace, obj.waypoint.name) not in waypoints:
-                raise UpdateRejected(f"service {obj.key}: waypoint {obj.waypoint} does not exist")
-        elif isinstance(obj, Workload) and obj.waypoint and (
-            obj.waypoint.namespace, obj.waypoint.name) not in waypoints:
-            raise UpdateRejected(f"workload {obj.uid}: waypoint {obj.waypoint} does not exist")
+    _check_services([o for o in objects if isinstance(o, Service)], workloads, waypoints)
+    _check_workloads([o for o in objects if isinstance(o, Workload)], waypoints)
+
+
+def _check_services(
+    services: Iterable[Service], workloads: Mapping[str, Workload], waypoints: set[tuple[str, str]]
+) -> None:
+    for s in services:
+        for ep in s.endpoints:
+            if ep.workload_uid not in workloads:
+                raise UpdateRejected(
+                    f"service {s.key}: endpoint {ep.address} names workload "
+                    f"{ep.workload_uid!r}, which the update does not contain"
+                )
+        if s.waypoint and (s.waypoint.namespace, s.waypoint.name) not in waypoints:
+            raise UpdateRejected(f"service {s.key}: waypoint {s.waypoint} does not exist")
+
+
+def _check_workloads(workloads: Iterable[Workload], waypoints: set[tuple[str, str]]) -> None:
+    for w in workloads:
+        if w.waypoint and (w.waypoint.namespace, w.waypoint.name) not in waypoints:
+            raise UpdateRejected(f"workload {w.uid}: waypoint {w.waypoint} does not exist")
 
 
 def _waypoints(objects: Iterable[Any]) -> set[tuple[str, str]]:
@@ -128,13 +137,25 @@ class UpdateApplier:
     change in a mesh of ten thousand costs dict copies, not a rebuild.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, settle: bool = False) -> None:
+        """``settle``: after a full snapshot, park the live heap out of the cyclic
+        collector's way (``settle_heap``), as a long-running agent wants."""
+        self._settle = settle
         self.version = ""
         self.snapshot = Snapshot()
         # kind -> key -> object ("routing" gathers every other kind, keyed by (kind, key))
         self._groups: dict[str, dict[Any, Any]] = {g: {} for g in (*_GROUPS, "routing")}
 
     def apply(self, update: WireUpdate) -> Snapshot:
+        # A full snapshot is ~10^5 new objects, all alive at the end: collecting while
+        # they are made would only walk them again and again (pause_gc).
+        with pause_gc():
+            snapshot = self._apply(update)
+            if self._settle and not update.base_version:
+                settle_heap()  # before collection resumes: nothing walks the new objects
+            return snapshot
+
+    def _apply(self, update: WireUpdate) -> Snapshot:
         if update.codec_version != CODEC_VERSION:
             raise UpdateRejected(
                 f"codec version {update.codec_version} not supported (this agent speaks "
@@ -153,19 +174,24 @@ class UpdateApplier:
             if old is not None:
                 gone.append(old)
         new: list[Any] = []
-        seen: set[ResourceKey] = set()
+        if len({(kind, key) for kind, key, _ in update.upserts}) != len(update.upserts):
+            seen: set[ResourceKey] = set()
+            for kind, key, _ in update.upserts:
+                if (kind, key) in seen:
+                    raise UpdateRejected(f"{kind} {key} appears twice in one update")
+                seen.add((kind, key))
         for kind, key, body in update.upserts:
-            if (kind, key) in seen:
-                raise UpdateRejected(f"{kind} {key} appears twice in one update")
-            seen.add((kind, key))
             try:
                 obj = decode_resource(kind, key, body)
             except CodecError as exc:
                 raise UpdateRejected(str(exc)) from None
-            old = groups[_group(kind)].get(_slot(kind, key))
+            group, by_kind = _WHERE[kind]  # decode_resource refused unknown kinds
+            slot = (kind, key) if by_kind else key
+            held = groups[group]
+            old = held.get(slot)
             if old is not None:
                 gone.append(old)
-            groups[_group(kind)][_slot(kind, key)] = obj
+            held[slot] = obj
             new.append(obj)
         waypoints = _waypoints(groups["routing"].values())
         # a workload or waypoint that went away may leave references dangling anywhere
@@ -175,9 +201,9 @@ class UpdateApplier:
                 and (o.namespace, o.name) not in waypoints)
             for o in gone
         )
-        if full or lost:
-            everything = [o for d in groups.values() for o in d.values()]
-            check_references(everything, workloads=groups["workload"], waypoints=waypoints)
+        if full or lost:  # only services and workloads refer to anything
+            _check_services(groups["service"].values(), groups["workload"], waypoints)
+            _check_workloads(groups["workload"].values(), waypoints)
         else:
             check_references(new, workloads=groups["workload"], waypoints=waypoints)
         contents: dict[str, Any] = {
@@ -203,6 +229,10 @@ class UpdateApplier:
         self.version = update.version
         self.snapshot = snapshot
         return snapshot
+
+
+# kind -> (its group in UpdateApplier._groups, keyed by (kind, key) rather than key)
+_WHERE = {k: ((k, False) if k in _GROUPS else ("routing", True)) for k in KINDS}
 
 
 def _group(kind: str) -> str:
@@ -249,7 +279,7 @@ class ConfigClient:
         self._backoff_initial = backoff_initial_s
         self._backoff_max = backoff_max_s
         self._rng = rng
-        self._applier = UpdateApplier()
+        self._applier = UpdateApplier(settle=True)
         self.status = ClientStatus()
         self._synced = asyncio.Event()
 

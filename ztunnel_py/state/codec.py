@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
+
 from ztunnel_py.state import routing
 from ztunnel_py.state.model import (
     AuthorizationPolicy,
@@ -189,11 +191,18 @@ class Schema:
                     issues.append(Issue(path, f"expected a list, got {_got(raw)}",
                                         "write the value as a YAML list (- item)"))
                     return _BAD
-                if scalar is not None and all(type(v) is scalar for v in raw):
-                    return tuple(raw)
+                if scalar is not None:
+                    for v in raw:
+                        if type(v) is not scalar:
+                            break
+                    else:
+                        return tuple(raw)
                 mark = len(issues)
                 out = [item(v, path, issues) for v in raw]
-                if not any(v is _BAD for v in out):
+                for v in out:
+                    if v is _BAD:
+                        break
+                else:
                     return tuple(out)
                 del issues[mark:]  # again, with each item's path
                 out = [item(v, f"{path}[{i}]", issues) for i, v in enumerate(raw)]
@@ -209,10 +218,19 @@ class Schema:
                     issues.append(Issue(path, f"expected a mapping, got {_got(raw)}",
                                         "write the value as key: value pairs"))
                     return _BAD
-                if ktyp is str and vtyp is str and all(
-                        type(k) is str and type(v) is str for k, v in raw.items()):
-                    return FrozenMap(raw)
                 out: dict[Any, Any] = {}
+                if vtyp in (str, int):  # a plain map (labels, port numbers): no call per item
+                    for k, v in raw.items():
+                        if type(v) is not vtyp:
+                            break
+                        if type(k) is not ktyp:
+                            k = _map_key(k, ktyp)
+                            if k is _BAD:
+                                break
+                        out[k] = v
+                    else:
+                        return FrozenMap.adopt(out)
+                    out = {}
                 ok = True
                 for k, v in raw.items():
                     key = _map_key(k, ktyp)
@@ -299,44 +317,38 @@ class Schema:
 
     def _generate(self, cls: type, careful: Decoder) -> Decoder:
         direct = "__post_init__" not in vars(cls) and "__slots__" not in vars(cls)
-        env: dict[str, Any] = {"MISSING": _MISSING, "BAD": _BAD, "careful": careful,
-                               "cls": cls, "new": object.__new__}
+        fields = self.fields(cls)
+        env: dict[str, Any] = {"BAD": _BAD, "careful": careful, "cls": cls,
+                               "new": object.__new__, "frozen": FrozenMap.adopt,
+                               "known": frozenset(f.wire for f in fields)}
         lines = ["def dec(raw, path, issues):",
-                 "    if type(raw) is not dict:",
-                 "        return careful(raw, path, issues)",
-                 "    mark = len(issues)",
-                 "    found = 0",
-                 "    out = {}"]
-        for i, f in enumerate(self.fields(cls)):
+                 "    if type(raw) is not dict or not raw.keys() <= known:",
+                 "        return careful(raw, path, issues)  # not a mapping, or an unknown field",
+                 "    mark = len(issues)"]
+        required = [(i, f) for i, f in enumerate(fields) if f.required]
+        if required:
+            lines.append("    try:")
+            lines += [f"        v{i} = raw[{f.wire!r}]" for i, f in required]
+            lines += ["    except KeyError:  # a required field is missing",
+                      "        return careful(raw, path, issues)"]
+        for i, f in enumerate(fields):
             env[f"dec_{i}"] = self.decoder(f.typ)
             env[f"default_{i}"] = f.default
-            plain = f.typ if f.typ in (str, bool) else None
-            env[f"plain_{i}"] = plain
-            lines += [f"    v = raw.get({f.wire!r}, MISSING)",
-                      "    if v is MISSING:"]
+            v = f"v{i}"
             if f.required:
-                lines.append("        return careful(raw, path, issues)")
+                lines += _fast_check(v, f.typ, i, "    ")
             else:
-                lines.append(f"        out[{f.name!r}] = default_{i}")
-            lines.append("    else:")
-            lines.append("        found += 1")
-            decode = [f"v = dec_{i}(v, path, issues)",
-                      "if v is BAD:",
-                      "    del issues[mark:]",
-                      "    return careful(raw, path, issues)"]
-            if plain is not None:
-                lines.append(f"        if type(v) is not plain_{i}:")
-                lines += ["            " + line for line in decode]
-            else:
-                lines += ["        " + line for line in decode]
-            lines.append(f"        out[{f.name!r}] = v")
-        lines += ["    if found != len(raw):  # an unknown field",
-                  "        del issues[mark:]",
-                  "        return careful(raw, path, issues)"]
+                lines += [f"    if {f.wire!r} not in raw:",
+                          f"        {v} = default_{i}",
+                          "    else:",
+                          f"        {v} = raw[{f.wire!r}]",
+                          *_fast_check(v, f.typ, i, "        ")]
+        values = ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields))
         if direct:
-            lines += ["    obj = new(cls)", "    obj.__dict__.update(out)", "    return obj"]
+            lines += ["    obj = new(cls)", f"    obj.__dict__.update({{{values}}})",
+                      "    return obj"]
         else:
-            lines.append("    return cls(**out)")
+            lines.append(f"    return cls(**{{{values}}})")
         exec(compile("\n".join(lines), f"<codec decoder for {cls.__name__}>", "exec"), env)  # noqa: S102 - our own generated code
         return env["dec"]  # type: ignore[no-any-return]
 
@@ -418,6 +430,58 @@ class Schema:
         raise TypeError(f"codec: cannot encode {type(v).__name__}")
 
 
+def _fast_check(v: str, typ: Any, i: int, ind: str) -> list[str]:
+    """Generated lines that accept ``v`` (the raw value of field ``i``) in place when it
+    has the plain shape JSON gives (a str, a list of str, a dict of str to str...),
+    else decode it with the field's decoder; a problem reruns the careful path."""
+    generic = [f"{v} = dec_{i}({v}, path, issues)",
+               f"if {v} is BAD:",
+               "    del issues[mark:]",
+               "    return careful(raw, path, issues)"]
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = _fast_check(v, next(a for a in args if a is not type(None)), i, ind + "    ")
+        return [f"{ind}if {v} is not None:", *inner]
+    if typ in (str, bool, int):  # exact types: True is not an int here
+        return [f"{ind}if type({v}) is not {typ.__name__}:", *(ind + "    " + g for g in generic)]
+    if origin is tuple and args[0] in (str, int):
+        t = args[0].__name__
+        return [f"{ind}ok = type({v}) is list",
+                f"{ind}if ok:",
+                f"{ind}    for x in {v}:",
+                f"{ind}        if type(x) is not {t}:",
+                f"{ind}            ok = False",
+                f"{ind}            break",
+                f"{ind}if ok:",
+                f"{ind}    {v} = tuple({v})",
+                f"{ind}else:",
+                *(ind + "    " + g for g in generic)]
+    if origin is FrozenMap and args[0] in (str, int) and args[1] in (str, int):
+        value = args[1].__name__
+        if args[0] is int:  # JSON keys are strings: "8080" -> 8080 (ASCII digits only)
+            check_key = [f"{ind}        if type(k) is str and k.isascii() and k.isdigit():",
+                         f"{ind}            k = int(k)",
+                         f"{ind}        elif type(k) is not int:"]
+        else:
+            check_key = [f"{ind}        if type(k) is not str:"]
+        return [f"{ind}ok = type({v}) is dict",
+                f"{ind}if ok:",
+                f"{ind}    m = {{}}",
+                f"{ind}    for k, x in {v}.items():",
+                f"{ind}        if type(x) is not {value}:",
+                f"{ind}            ok = False",
+                f"{ind}            break",
+                *check_key,
+                f"{ind}            ok = False",
+                f"{ind}            break",
+                f"{ind}        m[k] = x",
+                f"{ind}if ok:",
+                f"{ind}    {v} = frozen(m)",
+                f"{ind}else:",
+                *(ind + "    " + g for g in generic)]
+    return [ind + g for g in generic]
+
+
 def _is_default(value: Any, default: Any) -> bool:
     if value is None:
         return default is None
@@ -432,7 +496,7 @@ def _map_key(k: Any, ktyp: Any) -> Any:
     if ktyp is int:
         if isinstance(k, int) and not isinstance(k, bool):
             return k
-        if isinstance(k, str) and k.isdigit():
+        if isinstance(k, str) and k.isascii() and k.isdigit():
             return int(k)
     return _BAD
 
@@ -543,18 +607,25 @@ def encode_resource(obj: Any) -> bytes:
     return json.dumps(WIRE.encode(obj), separators=(",", ":"), sort_keys=True).encode()
 
 
+_WIRE_DECODERS: dict[str, Decoder] = {}  # kind -> WIRE.decoder(its class)
+
+
 def decode_resource(kind: str, key: str, body: bytes) -> Any:
     """One resource from the wire; ``CodecError`` names kind, key and field."""
     spec = KINDS.get(kind)
     if spec is None:
         raise CodecError(f"unknown resource kind {kind!r} (codec version {CODEC_VERSION})")
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = orjson.loads(body)  # strict JSON (no NaN), UTF-8 checked, in C
+    except orjson.JSONDecodeError as exc:
         raise CodecError(f"{kind} {key}: body is not JSON: {exc}") from None
-    value, issues = WIRE.decode(spec.cls, raw)
-    if issues:
-        first = issues[0]
+    issues: list[Issue] = []
+    decode = _WIRE_DECODERS.get(kind)
+    if decode is None:
+        decode = _WIRE_DECODERS[kind] = WIRE.decoder(spec.cls)
+    value = decode(raw, "", issues)
+    if issues or value is _BAD:
+        first = issues[0] if issues else Issue("", "does not decode")
         raise CodecError(f"{kind} {key}: {first.path or '(top)'}: {first.message}")
     obj_key = key_of(value)
     if obj_key != key:

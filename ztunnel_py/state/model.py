@@ -26,6 +26,15 @@ class FrozenMap(Mapping[K, V]):
         self._d: dict[K, V] = dict(items or {})
         self._h: int | None = None
 
+    @classmethod
+    def adopt(cls, items: dict[K, V]) -> FrozenMap[K, V]:
+        """A FrozenMap over ``items`` itself (no copy): the caller hands the dict over
+        and never touches it again (the wire codec, with dicts it just parsed)."""
+        m = object.__new__(cls)
+        m._d = items
+        m._h = None
+        return m
+
     def __getitem__(self, key: K) -> V:
         return self._d[key]
 

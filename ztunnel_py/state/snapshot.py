@@ -7,10 +7,11 @@ every connection are dict lookups on indexes computed at build time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -165,6 +166,23 @@ def settle_heap(full_every_s: float = 600.0) -> None:
         gc.unfreeze()
         gc.collect()
     gc.freeze()
+
+
+@contextlib.contextmanager
+def pause_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside (reference counting goes on).
+
+    For building a large acyclic object graph that all stays alive (a full
+    snapshot): every collection triggered by those allocations would walk the new
+    objects once more and find nothing to free. The previous state is restored.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # The indexes ``derive`` knows how to patch; a new index makes it fall back to a full build.
