@@ -267,3 +267,32 @@ def test_forwarded_round_trip() -> None:
     assert core.parse_forwarded_for(core.forwarded_for("fd00::7")) == "fd00::7"
     assert core.parse_forwarded_for("by=x;for=10.1.1.1, for=10.2.2.2") == "10.1.1.1"
     assert core.parse_forwarded_for("for=unknown") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "10.0.0.01", "256.0.0.1",
+     "1.2.3", "1.2.3.4.5", "1.2.3.4\n", " 1.2.3.4", "\u0661.2.3.4", "fd00::1",
+     "::ffff:10.0.0.1", "FD00::0001", "", "x"],
+)
+def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
+    import ipaddress
+
+    try:
+        expected: str | None = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError):
+            core.canonical_ip(text)
+    else:
+        assert core.canonical_ip(text) == expected
+
+
+@pytest.mark.parametrize(
+    "authority", ["010.0.0.1:80", "\u0661.0.0.1:80", "10.0.0.1:\u0668\u0660", "10.0.0.1:+80"]
+)
+def test_parse_authority_rejects_lookalikes(authority: str) -> None:
+    # non-ASCII digits and octal-looking octets never pass as an address or a port
+    with pytest.raises(core.BadRequest):
+        core.parse_authority(authority)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ztunnel_py.proxy.inbound import Accept, Refuse, decide
+from ztunnel_py.proxy.inbound import Accept, Refuse, decide, guess_service
 from ztunnel_py.proxy.outbound import Local, Passthrough, Reject, Tunnel, plan
 from ztunnel_py.state.model import (
     Endpoint,
@@ -145,3 +145,16 @@ def test_inbound_decide_only_accepts_the_served_local_workload() -> None:
     ]:
         got = decide(authority, SNAP, "n2", served)
         assert isinstance(got, Refuse) and got.status == 400 and why in got.reason, authority
+
+
+def test_guess_service_is_the_first_service_targeting_the_port_and_follows_swaps() -> None:
+    # SVC and WAYPOINTED both front server1:8080: the first in snapshot order wins
+    assert guess_service(SNAP, SERVER1, 8080) is SVC
+    assert guess_service(SNAP, SERVER2, 9090) is SVC
+    assert guess_service(SNAP, SERVER1, 9090) is None  # no Service targets that port
+    assert guess_service(SNAP, LOCAL, 8080) is None  # not an endpoint of any Service
+    # a new snapshot (swapped whole) is indexed afresh, never answered from the old one
+    swapped = Snapshot(workloads=SNAP.workloads, services=(WAYPOINTED, SVC))
+    assert guess_service(swapped, SERVER1, 8080) is WAYPOINTED
+    assert guess_service(swapped, SERVER2, 9090) is SVC
+    assert guess_service(SNAP, SERVER1, 8080) is SVC

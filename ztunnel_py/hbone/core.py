@@ -33,6 +33,7 @@ import contextlib
 import enum
 import functools
 import ipaddress
+import re
 import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -193,20 +194,33 @@ def format_authority(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+# A canonical dotted quad (no leading zeros): exactly the IPv4 strings that
+# ``ipaddress`` accepts and prints back unchanged, so they need no parsing.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # ASCII digits only
+_CANONICAL_V4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+
+
+def canonical_ip(text: str) -> str:
+    """``text`` as ``ipaddress`` prints it; ValueError when it is not an IP address."""
+    if _CANONICAL_V4.fullmatch(text):
+        return text
+    return str(ipaddress.ip_address(text))
+
+
 def parse_authority(authority: str) -> tuple[str, int]:
     """An HBONE ``:authority`` must be a literal ``ip:port``; anything else is a 400."""
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise BadRequest(f":authority {authority!r} is not ip:port")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        ip = ipaddress.ip_address(host)
+        ip = canonical_ip(host)
     except ValueError:
         raise BadRequest(f":authority {authority!r} does not name an IP address") from None
     port = int(port_text)
     if not 0 < port < 65536:
         raise BadRequest(f":authority {authority!r} has port {port} out of range")
-    return str(ip), port
+    return ip, port
 
 
 def new_traceparent() -> str:
@@ -228,7 +242,7 @@ def parse_forwarded_for(value: str) -> str | None:
             if sep and key.strip().lower() == "for":
                 addr = raw.strip().strip('"').strip("[]")
                 try:
-                    return str(ipaddress.ip_address(addr))
+                    return canonical_ip(addr)
                 except ValueError:
                     return None
     return None

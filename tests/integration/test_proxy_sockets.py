@@ -1,0 +1,84 @@
+"""The socket seams: listeners hand out TCP_NODELAY sockets; upstream connects fail
+with ``UpstreamError`` (refused, timed out) and never leak the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from ztunnel_py.proxy.sockets import UpstreamError, connect, plain_listener, plain_upstream
+
+
+def test_plain_listener_sockets_carry_nodelay_to_accepted_connections() -> None:
+    listener = plain_listener("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname()[:2])
+    try:
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        with accepted:
+            assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        listener.close()
+
+
+class Tracking:
+    """An upstream factory that remembers its sockets."""
+
+    def __init__(self) -> None:
+        self.made: list[socket.socket] = []
+
+    def __call__(self, family: int) -> socket.socket:
+        sock = plain_upstream(family)
+        self.made.append(sock)
+        return sock
+
+
+async def test_connect_succeeds_and_refusal_is_an_upstream_error() -> None:
+    listener = plain_listener("127.0.0.1", 0)
+    address = listener.getsockname()[:2]
+    factory = Tracking()
+    try:
+        sock = await connect(factory, address, 2.0)
+        assert sock.getpeername()[:2] == address
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.close()
+    finally:
+        listener.close()
+    with pytest.raises(UpstreamError, match="failed"):
+        await connect(factory, address, 2.0)  # nobody listens there any more
+    assert factory.made[-1].fileno() == -1
+
+
+async def test_connect_timeout_is_an_upstream_error_and_closes_the_socket() -> None:
+    # a listener that never accepts, with its queue full: further SYNs are dropped
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()[:2]
+    fillers: list[socket.socket] = []
+    factory = Tracking()
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(address)
+            fillers.append(s)
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamError, match=r"timed out after 0\.3s"):
+            await connect(factory, address, 0.3)
+        assert factory.made[-1].fileno() == -1
+        # cancellation (agent shutdown) is not turned into an UpstreamError, and closes too
+        task = asyncio.get_running_loop().create_task(connect(factory, address, 30.0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert factory.made[-1].fileno() == -1
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
