@@ -59,20 +59,19 @@ def local_workload(snapshot: Snapshot, ip: str, node: str) -> Workload | None:
 def service_index(snapshot: Snapshot) -> dict[tuple[str, int], Service]:
     """(workload uid, target port) -> the first Service (in snapshot order) with that
     workload as an endpoint and a port targeting that port. Built once per snapshot."""
-    cached = _service_index_cache
-    if cached and cached[0] is snapshot:
-        return cached[1]
+    if _service_index_cache and _service_index_cache[0][0] is snapshot:
+        return _service_index_cache[0][1]
     index: dict[tuple[str, int], Service] = {}
     for s in snapshot.services:
         for ep in s.endpoints:
             for target in ep.ports.values():
                 index.setdefault((ep.workload_uid, target), s)
     # snapshots are frozen and swapped whole: identity is a valid key (one slot is enough)
-    _service_index_cache[:] = [snapshot, index]
+    _service_index_cache[:] = [(snapshot, index)]
     return index
 
 
-_service_index_cache: list[Any] = []
+_service_index_cache: list[tuple[Snapshot, dict[tuple[str, int], Service]]] = []
 
 
 def guess_service(snapshot: Snapshot, w: Workload, port: int) -> Service | None:
