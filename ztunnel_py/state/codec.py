@@ -108,8 +108,11 @@ class _Field:
 class Schema:
     """Compiled encoders/decoders for model types, for one naming convention."""
 
-    def __init__(self, *, camel_case: bool) -> None:
+    def __init__(self, *, camel_case: bool, adopt_input: bool = False) -> None:
+        """``adopt_input``: decoded FrozenMaps keep the input's own dicts instead of
+        copies; only for input nobody else holds (JSON the codec just parsed)."""
         self.camel_case = camel_case
+        self.adopt_input = adopt_input
         self._decoders: dict[Any, Decoder] = {}
         self._encoders: dict[Any, Encoder] = {}
         self._fields: dict[type, tuple[_Field, ...]] = {}
@@ -319,13 +322,12 @@ class Schema:
         direct = "__post_init__" not in vars(cls) and "__slots__" not in vars(cls)
         fields = self.fields(cls)
         env: dict[str, Any] = {"BAD": _BAD, "careful": careful, "cls": cls,
-                               "new": object.__new__, "frozen": FrozenMap.adopt,
-                               "known": frozenset(f.wire for f in fields)}
-        lines = ["def dec(raw, path, issues):",
-                 "    if type(raw) is not dict or not raw.keys() <= known:",
-                 "        return careful(raw, path, issues)  # not a mapping, or an unknown field",
-                 "    mark = len(issues)"]
+                               "new": object.__new__, "frozen": FrozenMap.adopt}
         required = [(i, f) for i, f in enumerate(fields) if f.required]
+        lines = ["def dec(raw, path, issues):",
+                 "    if type(raw) is not dict:",
+                 "        return careful(raw, path, issues)",
+                 f"    found = {len(required)}"]
         if required:
             lines.append("    try:")
             lines += [f"        v{i} = raw[{f.wire!r}]" for i, f in required]
@@ -336,13 +338,16 @@ class Schema:
             env[f"default_{i}"] = f.default
             v = f"v{i}"
             if f.required:
-                lines += _fast_check(v, f.typ, i, "    ")
+                lines += _fast_check(v, f.typ, i, "    ", adopt=self.adopt_input)
             else:
                 lines += [f"    if {f.wire!r} not in raw:",
                           f"        {v} = default_{i}",
                           "    else:",
+                          "        found += 1",
                           f"        {v} = raw[{f.wire!r}]",
-                          *_fast_check(v, f.typ, i, "        ")]
+                          *_fast_check(v, f.typ, i, "        ", adopt=self.adopt_input)]
+        lines += ["    if found != len(raw):  # an unknown field",
+                  "        return careful(raw, path, issues)"]
         values = ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields))
         if direct:
             lines += ["    obj = new(cls)", f"    obj.__dict__.update({{{values}}})",
@@ -430,17 +435,19 @@ class Schema:
         raise TypeError(f"codec: cannot encode {type(v).__name__}")
 
 
-def _fast_check(v: str, typ: Any, i: int, ind: str) -> list[str]:
+def _fast_check(v: str, typ: Any, i: int, ind: str, *, adopt: bool) -> list[str]:
     """Generated lines that accept ``v`` (the raw value of field ``i``) in place when it
     has the plain shape JSON gives (a str, a list of str, a dict of str to str...),
     else decode it with the field's decoder; a problem reruns the careful path."""
-    generic = [f"{v} = dec_{i}({v}, path, issues)",
+    generic = ["mark = len(issues)",
+               f"{v} = dec_{i}({v}, path, issues)",
                f"if {v} is BAD:",
                "    del issues[mark:]",
                "    return careful(raw, path, issues)"]
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        inner = _fast_check(v, next(a for a in args if a is not type(None)), i, ind + "    ")
+        inner = _fast_check(v, next(a for a in args if a is not type(None)), i, ind + "    ",
+                            adopt=adopt)
         return [f"{ind}if {v} is not None:", *inner]
     if typ in (str, bool, int):  # exact types: True is not an int here
         return [f"{ind}if type({v}) is not {typ.__name__}:", *(ind + "    " + g for g in generic)]
@@ -458,12 +465,19 @@ def _fast_check(v: str, typ: Any, i: int, ind: str) -> list[str]:
                 *(ind + "    " + g for g in generic)]
     if origin is FrozenMap and args[0] in (str, int) and args[1] in (str, int):
         value = args[1].__name__
-        if args[0] is int:  # JSON keys are strings: "8080" -> 8080 (ASCII digits only)
-            check_key = [f"{ind}        if type(k) is str and k.isascii() and k.isdigit():",
-                         f"{ind}            k = int(k)",
-                         f"{ind}        elif type(k) is not int:"]
-        else:
-            check_key = [f"{ind}        if type(k) is not str:"]
+        if args[0] is str:
+            take = f"{v}" if adopt else f"dict({v})"
+            return [f"{ind}ok = type({v}) is dict",
+                    f"{ind}if ok:",
+                    f"{ind}    for k, x in {v}.items():",
+                    f"{ind}        if type(k) is not str or type(x) is not {value}:",
+                    f"{ind}            ok = False",
+                    f"{ind}            break",
+                    f"{ind}if ok:",
+                    f"{ind}    {v} = frozen({take})",
+                    f"{ind}else:",
+                    *(ind + "    " + g for g in generic)]
+        # int keys: JSON's are strings, "8080" -> 8080 (ASCII digits only)
         return [f"{ind}ok = type({v}) is dict",
                 f"{ind}if ok:",
                 f"{ind}    m = {{}}",
@@ -471,7 +485,9 @@ def _fast_check(v: str, typ: Any, i: int, ind: str) -> list[str]:
                 f"{ind}        if type(x) is not {value}:",
                 f"{ind}            ok = False",
                 f"{ind}            break",
-                *check_key,
+                f"{ind}        if type(k) is str and k.isascii() and k.isdigit():",
+                f"{ind}            k = int(k)",
+                f"{ind}        elif type(k) is not int:",
                 f"{ind}            ok = False",
                 f"{ind}            break",
                 f"{ind}        m[k] = x",
@@ -520,7 +536,8 @@ def _scalar_decoder(typ: type) -> Decoder:
 
 # -- the wire: resources by (kind, key) -------------------------------------------------
 
-WIRE = Schema(camel_case=False)
+# decode_resource hands it JSON it has just parsed (and keeps no reference to)
+WIRE = Schema(camel_case=False, adopt_input=True)
 
 
 @dataclass(frozen=True)
