@@ -100,3 +100,73 @@ def test_yaml_schema_collects_every_issue_with_paths() -> None:
         {"name": "v", "namespace": "d", "hosts": [1], "http": [{"timeout": "x", "bogus": 1}]},
     )
     assert [i.path for i in issues] == ["hosts[0]", "http[0].timeout", "http[0].bogus"]
+
+
+def _workload_body(**change: object) -> bytes:
+    raw = json.loads(codec.encode_resource(
+        Workload("demo/a", "a", "demo", "sa", "n1", ("10.0.0.1",),
+                 labels=FrozenMap({"app": "web"}), named_ports=FrozenMap({"http": 8080}))))
+    raw.update(change)
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "body", "fragment"),
+    [
+        # each shape the generated fast path accepts in place, broken one way
+        ("workload", "demo/a", _workload_body(ips=["10.0.0.1", 7]), "ips[1]: expected a string"),
+        ("workload", "demo/a", _workload_body(labels={"app": 1}), "labels.app: expected a string"),
+        ("workload", "demo/a", _workload_body(labels=["app"]), "labels: expected a mapping"),
+        ("workload", "demo/a", _workload_body(named_ports={"http": True}),
+         "named_ports.http: expected an integer"),
+        ("workload", "demo/a", _workload_body(named_ports={"http": "8080"}),
+         "named_ports.http: expected an integer"),
+        ("workload", "demo/a", _workload_body(name=None), "name: expected a string"),
+        ("workload", "demo/a", _workload_body(healthy="yes"), "healthy: expected true or false"),
+        ("workload", "demo/a", _workload_body(waypoint={"name": "wp"}),
+         "waypoint.namespace: missing required"),
+        ("workload", "demo/a", b"[]", "expected a mapping"),
+        ("workload", "demo/a", b'{"uid": NaN}', "not JSON"),
+        ("workload", "demo/a", b'{"uid": "\xff"}', "not JSON"),
+        ("service", "d/s", json.dumps({
+            "name": "s", "namespace": "d", "hostname": "s.d", "vips": [], "ports": [],
+            "endpoints": [{"workload_uid": "d/a", "address": "10.0.0.1",
+                           "ports": {"\u00b2": 80}}]}).encode(), "bad key"),
+        ("service", "d/s", json.dumps({
+            "name": "s", "namespace": "d", "hostname": "s.d", "vips": [], "ports": [],
+            "endpoints": [{"workload_uid": "d/a", "address": "10.0.0.1",
+                           "ports": {"80": 8080}, "weight": 1}]}).encode(),
+         "unknown field 'weight' in Endpoint"),
+    ],
+)
+def test_fast_path_hands_every_problem_to_the_careful_path(
+    kind: str, key: str, body: bytes, fragment: str
+) -> None:
+    with pytest.raises(codec.CodecError) as info:
+        codec.decode_resource(kind, key, body)
+    assert fragment in str(info.value)
+
+
+def test_decoded_maps_are_private_frozen_and_hashable() -> None:
+    body = _workload_body(labels={"app": "web", "version": "v1"})
+    a = codec.decode_resource("workload", "demo/a", body)
+    b = codec.decode_resource("workload", "demo/a", body)
+    assert a == b and hash(a) == hash(b) and a.labels is not b.labels
+    assert dict(a.labels) == {"app": "web", "version": "v1"} and a.named_ports["http"] == 8080
+    s = Service("web", "demo", "web.demo.svc.cluster.local", ("10.96.0.1",),
+                (ServicePort(80, 8080),),
+                (Endpoint("demo/a", "10.0.0.1", FrozenMap({80: 8080, 443: 8443})),))
+    back = codec.decode_resource("service", "demo/web", codec.encode_resource(s))
+    assert back == s and set(back.endpoints[0].ports) == {80, 443}
+
+
+def test_yaml_schema_copies_the_callers_mappings() -> None:
+    from ztunnel_py.state.model import PeerAuthentication
+
+    schema = codec.Schema(camel_case=True)
+    selector = {"app": "web"}
+    value, issues = schema.decode(PeerAuthentication,
+                                  {"name": "p", "namespace": "d", "selector": selector})
+    assert not issues
+    selector["app"] = "changed"
+    assert value.selector == {"app": "web"}

@@ -200,3 +200,29 @@ def test_delta_snapshots_equal_snapshots_built_from_scratch() -> None:
         update = sends[0][1] if sends else None
         if update is None:
             update = core.update(got.version, got.version, "agent")
+
+
+def test_applier_pauses_collection_only_while_it_works() -> None:
+    import gc
+
+    core = PushCore(epoch="e")
+    core.publish(snap(wl("a", "10.0.0.1")))
+    first = core.connect(1, "n1", "agent")
+    assert first is not None
+    bad = WireUpdate("e-9", "", CODEC_VERSION, "", (("workload", "x", b"{"),), ())
+    assert gc.isenabled()
+    for applier in (UpdateApplier(), UpdateApplier(settle=True)):
+        applier.apply(wire(first))
+        assert gc.isenabled()
+        try:
+            applier.apply(bad)
+        except UpdateRejected:
+            pass
+        assert gc.isenabled() and applier.version == "e-1"
+    gc.disable()
+    try:
+        UpdateApplier().apply(wire(first))
+        assert not gc.isenabled()  # someone else's choice is kept
+    finally:
+        gc.enable()
+        gc.unfreeze()  # settle=True parked this test process's heap
