@@ -152,6 +152,15 @@ class Agents:
             assert json.loads(line)["ready"]
             self._tasks.append(asyncio.create_task(self._read(proc.stdout)))
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the worker processes have used so far."""
+        total = 0
+        for proc in self.procs:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (after the name)
+        return total / os.sysconf("SC_CLK_TCK")
+
     def go(self) -> float:
         t0 = time.time()
         for proc in self.procs:
@@ -208,6 +217,7 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         fleet = Agents(controller.grpc_port, agents, args.procs)
         await fleet.start()
         sent0, updates0 = controller.service.bytes_sent, controller.service.updates_sent
+        cpu0 = fleet.cpu_s()
         t0 = fleet.go()
 
         async def handed_out() -> float:
@@ -217,6 +227,7 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
 
         fan_out = asyncio.create_task(handed_out())
         full_sync = await fleet.all_at(v1) - t0
+        agents_cpu = fleet.cpu_s() - cpu0
         fan_out_s = await fan_out
         full_bytes = (controller.service.bytes_sent - sent0) / agents
         rss_after_sync = rss_mib()
@@ -248,6 +259,7 @@ async def scenario(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             "first_model_s": first_model_s,
             "full_sync_s": full_sync,
             "fan_out_s": fan_out_s,
+            "agent_cpu_ms": agents_cpu / agents * 1e3,
             "full_bytes_per_agent": full_bytes,
             "p50_ms": statistics.median(lat) * 1e3 if lat else float("nan"),
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else float("nan"),
@@ -345,6 +357,7 @@ def table(rows: list[dict[str, Any]]) -> None:
     for key, label, fmt in [
         ("full_sync_s", "time to first full sync (s)", "{:.2f}"),
         ("fan_out_s", "  controller sent them all (s)", "{:.2f}"),
+        ("agent_cpu_ms", "  agents' CPU/agent, full (ms)", "{:.0f}"),
         ("p50_ms", "one pod change, p50 (ms)", "{:.0f}"),
         ("p99_ms", "one pod change, p99 (ms)", "{:.0f}"),
         ("publish_p50_ms", "  of which change->published", "{:.0f}"),

@@ -78,8 +78,8 @@ class WireUpdate:
             base_version=msg.base_version,
             codec_version=msg.codec_version,
             root_namespace=msg.root_namespace,
-            upserts=tuple((r.kind, r.key, r.body) for r in msg.upserts),
-            removals=tuple((r.kind, r.key) for r in msg.removals),
+            upserts=tuple([(r.kind, r.key, r.body) for r in msg.upserts]),
+            removals=tuple([(r.kind, r.key) for r in msg.removals]),
         )
 
 
