@@ -15,7 +15,7 @@ generated straight-line code that accepts the plain shapes JSON gives in place
 field by field, to the careful walker, which owns every message, path and hint:
 the fast path only decides sooner, never differently. The wire side parses
 with orjson (strict JSON, in C): an agent decodes a full snapshot of ten
-thousand workloads in well under a tenth of a second.
+thousand workloads in under a tenth of a second.
 """
 
 from __future__ import annotations
