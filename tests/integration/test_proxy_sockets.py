@@ -82,3 +82,15 @@ async def test_connect_timeout_is_an_upstream_error_and_closes_the_socket() -> N
         for s in fillers:
             s.close()
         listener.close()
+
+
+async def test_connect_to_a_name_goes_through_the_loop_resolver() -> None:
+    # the data path dials IP literals (by hand); anything else still works, via sock_connect
+    listener = plain_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    try:
+        sock = await connect(Tracking(), ("localhost", port), 2.0)
+        assert sock.getpeername()[:2] == ("127.0.0.1", port)
+        sock.close()
+    finally:
+        listener.close()
