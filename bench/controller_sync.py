@@ -13,8 +13,10 @@ way a source does (``Controller.submit``), so the figures include translation
 of the whole model, debounce, diff, encoding, push, agent decode/validate/swap.
 
 Printed:
-  * time to first full sync (all agents hold the first version), and when the
-    controller had handed every full snapshot to gRPC, vs 1 agent;
+  * time to first full sync (all agents hold the first version), when the
+    controller had handed every full snapshot to gRPC, and the CPU the agents'
+    worker processes spent on it per agent (receive, decode, apply, page faults
+    of the new heap), vs 1 agent;
   * p50/p99 of one pod change reaching all agents (and the controller's share:
     change -> new version published), vs 1 agent;
   * controller RSS; bytes sent per update (full snapshot, one-pod delta);
