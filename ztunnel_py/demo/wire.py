@@ -21,6 +21,10 @@ from pathlib import Path
 
 from ztunnel_py.topology import Topology, host
 
+# A TCP connection attempt from one node to another's discard port (answered with a
+# reset) proves the capture is live before the block runs; not counted.
+PROBE_PORT = 9
+PCAP_HEADER = 24
 _PORTS = re.compile(r"\b\d+\.\d+\.\d+\.\d+\.(\d+) > \d+\.\d+\.\d+\.\d+\.(\d+):")
 
 
@@ -55,6 +59,7 @@ def capture(topo: Topology) -> Iterator[WireCapture]:
         )
         try:
             _wait_started(proc, pcap)
+            _wait_live(topo, pcap)
             result = WireCapture(pcap)
             yield result
         finally:
@@ -74,8 +79,9 @@ def capture(topo: Topology) -> Iterator[WireCapture]:
             for line in text.splitlines():
                 m = _PORTS.search(line)
                 if m:
-                    src, dst = int(m.group(1)), int(m.group(2))
-                    result.packets_by_port[min(src, dst)] += 1
+                    port = min(int(m.group(1)), int(m.group(2)))
+                    if port != PROBE_PORT:
+                        result.packets_by_port[port] += 1
 
 
 def _wait_started(proc: subprocess.Popen[bytes], pcap: Path, timeout: float = 5.0) -> None:
@@ -94,3 +100,20 @@ def _wait_started(proc: subprocess.Popen[bytes], pcap: Path, timeout: float = 5.
                 raise RuntimeError(f"tcpdump exited: {seen.decode(errors='replace')}")
             seen += chunk
     time.sleep(0.2)
+
+
+def _wait_live(topo: Topology, pcap: Path, timeout: float = 5.0) -> None:
+    """Until a probe packet between two nodes is in the file (tcpdump's "listening"
+    comes a little before packets are really delivered, more so on a loaded host)."""
+    nodes = topo.nodes
+    if len(nodes) < 2:
+        time.sleep(0.5)
+        return
+    probe = ["bash", "-c", f"exec 3<>/dev/tcp/{nodes[1].underlay_ip}/{PROBE_PORT}"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        topo.run(nodes[0], probe, timeout=5)
+        if pcap.stat().st_size > PCAP_HEADER:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the underlay capture saw no probe packet; is tcpdump capturing?")
