@@ -47,6 +47,12 @@ GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # The client paces its own reconnects (backoff with jitter). gRPC's channel-level
+    # backoff grows to 120 s by default: after a long controller outage the channel
+    # would sit out its backoff while the controller is already back.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 # The node the caller claims, next to its credential (ztunnel_py.identity.manager.NODE_METADATA;
