@@ -29,34 +29,16 @@ from prometheus_client.registry import Collector
 from waypoint.request import Peer
 from ztunnel_py import log
 from ztunnel_py.state.model import Workload
-from ztunnel_py.telemetry.metrics import DEFAULT_CLUSTER, UNKNOWN, _service_name_namespace
+from ztunnel_py.telemetry.metrics import (
+    DEFAULT_CLUSTER,
+    TCP_LABELS,
+    UNKNOWN,
+    _service_name_namespace,
+)
 
+# Istio's request metrics carry the TCP metrics' labels plus the response codes.
 HTTP_LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
+    *TCP_LABELS[:-2], "response_code", "grpc_response_status", *TCP_LABELS[-2:],
 )
 
 # Istio's default buckets (stats filter).

@@ -61,13 +61,6 @@ _FLAGS = {
 }
 
 
-def _epilog() -> str:
-    rows = config.describe(AgentConfig)
-    lines = ["settings (flag > environment variable > --config file > default):"]
-    lines += [f"  {env:30} {path:26} {help_}" for path, env, help_, _d in rows if env]
-    return "\n".join(lines)
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "agent",
@@ -82,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "metrics on :15020, readiness on :15021 and admin on 127.0.0.1:15000 "
             "(/config_dump, /certs, /connections). SIGTERM drains open connections."
         ),
-        epilog=_epilog(),
+        epilog=config.settings_epilog(AgentConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--node", help="the node this agent serves")

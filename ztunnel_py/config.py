@@ -273,6 +273,15 @@ def describe(cls: type) -> list[tuple[str, str, str, Any]]:
     return rows
 
 
+def settings_epilog(cls: type) -> str:
+    """The ``--help`` epilog listing every environment variable of ``cls``."""
+    rows = [(env, path, help_) for path, env, help_, _d in describe(cls) if env]
+    width = max(len(env) for env, _p, _h in rows) + 2
+    lines = ["settings (flag > environment variable > --config file > default):"]
+    lines += [f"  {env:{width}}{path:26} {help_}" for env, path, help_ in rows]
+    return "\n".join(lines)
+
+
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-friendly dump (for the admin port's /config)."""
     out: dict[str, Any] = {}

@@ -45,13 +45,6 @@ _FLAGS = {
 }
 
 
-def _epilog() -> str:
-    rows = config.describe(ControllerConfig)
-    lines = ["settings (flag > environment variable > --config file > default):"]
-    lines += [f"  {env:32} {path:18} {help_}" for path, env, help_, _d in rows if env]
-    return "\n".join(lines)
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "controller",
@@ -64,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Agents verify the controller with <state-dir>/roots.pem and authenticate with "
             "the token file printed by --issue-token NODE."
         ),
-        epilog=_epilog(),
+        epilog=config.settings_epilog(ControllerConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config-dir", type=Path, help="directory of YAML manifests (watched)")
