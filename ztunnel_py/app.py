@@ -95,9 +95,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = {dst: getattr(args, src) for src, dst in _FLAGS.items()}
     try:
-        cfg = config.load(AgentConfig, flags=flags, file=args.config)
+        cfg = config.load_args(AgentConfig, args, _FLAGS)
     except config.ConfigError as exc:
         print(f"ztunnel-py agent: {exc}")
         return 2

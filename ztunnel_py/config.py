@@ -226,6 +226,13 @@ def load(
     return _build(cls, "", flags, env, file_values, str(file))
 
 
+def load_args(cls: type[T], args: Any, flag_map: Mapping[str, str]) -> T:
+    """``load`` from parsed command-line arguments: ``flag_map`` maps each argparse
+    destination to its dotted setting path; ``args.config`` is the optional YAML file."""
+    flags = {path: getattr(args, dest) for dest, path in flag_map.items()}
+    return load(cls, flags=flags, file=getattr(args, "config", None))
+
+
 def _build(
     cls: type[T],
     prefix: str,

@@ -78,9 +78,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = {dst: getattr(args, src) for src, dst in _FLAGS.items()}
     try:
-        cfg = config.load(AgentConfig, flags=flags, file=args.config)
+        cfg = config.load_args(AgentConfig, args, _FLAGS)
         listen = config.split_host_port(args.listen, "--listen")
     except config.ConfigError as exc:
         print(f"ztunnel-py waypoint: {exc}")
