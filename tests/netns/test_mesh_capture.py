@@ -35,7 +35,7 @@ from tests.netns.mesh_fixtures import (
     tls_records,
     world_of,
 )
-from ztunnel_py.config import CONTROLLER_GRPC_PORT, HBONE_PORT
+from ztunnel_py.config import HBONE_PORT
 from ztunnel_py.demo import wire
 from ztunnel_py.demo.world import DemoPod, DemoService, ServicePortDef
 
@@ -98,7 +98,7 @@ def test_cross_node_request_to_a_vip_crosses_the_underlay_only_as_tls_on_15008(
     assert m in got.stdout  # /headers echoed the marker: the request did carry it
 
     assert not cap.saw(m), "the marker crossed the underlay in plaintext"
-    assert cap.ports - {CONTROLLER_GRPC_PORT} == {HBONE_PORT}, cap.packets_by_port
+    assert cap.ports == {HBONE_PORT}, cap.packets_by_port
     segments = read_pcap(cap.raw)
     hbone = {k: v for k, v in tcp_streams(segments).items() if HBONE_PORT in (k[0][1], k[1][1])}
     assert hbone, "no HBONE connection opened during the request"

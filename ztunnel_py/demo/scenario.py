@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztunnel_py.config import CONTROLLER_GRPC_PORT
 from ztunnel_py.demo import wire
 from ztunnel_py.demo.configdir import ref_of, write_objects
 from ztunnel_py.demo.mesh import DemoMesh
@@ -131,7 +130,7 @@ def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say
             if rc == 0:
                 served.append(_served_by(resp))
     out.mesh_served_by = ", ".join(served)
-    out.mesh_marker_seen, out.mesh_ports = cap.saw(marker), cap.ports - {CONTROLLER_GRPC_PORT}
+    out.mesh_marker_seen, out.mesh_ports = cap.saw(marker), cap.ports
     say(f"  two requests to the VIP, served by: {out.mesh_served_by or 'none (FAILED)'}")
     say(f"  on the underlay: TCP ports {sorted(out.mesh_ports)} (HBONE: TLS 1.3 + HTTP/2 "
         f"CONNECT); request marker visible on the wire: {'YES' if out.mesh_marker_seen else 'no'}")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ztunnel_py.config import CONTROLLER_GRPC_PORT
 from ztunnel_py.topology import Topology, host
 
 # A TCP connection attempt from one node to another's discard port (answered with a
@@ -46,15 +47,22 @@ class WireCapture:
 
 
 @contextlib.contextmanager
-def capture(topo: Topology) -> Iterator[WireCapture]:
-    """tcpdump (TCP only) on the underlay bridge while the block runs."""
+def capture(topo: Topology, ignore: tuple[int, ...] = (CONTROLLER_GRPC_PORT,)
+            ) -> Iterator[WireCapture]:
+    """tcpdump (TCP only) on the underlay bridge while the block runs.
+
+    Ports in `ignore` are left out by the capture filter itself: by default the
+    control plane (agents on other nodes keep their xDS-like stream to the
+    controller open, and its keepalives or a push may cross during the block).
+    """
     ul = topo.underlay
+    bpf_filter = " and ".join(["tcp", *(f"not port {p}" for p in ignore)])
     with tempfile.TemporaryDirectory(prefix="ztunnel-demo-wire-") as tmp:
         pcap = Path(tmp) / "underlay.pcap"
         proc = subprocess.Popen(
             # --immediate-mode: packets reach the file as they come, not per ring block
             host.in_netns(ul.netns, ["tcpdump", "-i", ul.bridge, "--immediate-mode", "-U",
-                                     "-s", "0", "-n", "-w", str(pcap), "tcp"]),
+                                     "-s", "0", "-n", "-w", str(pcap), bpf_filter]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
