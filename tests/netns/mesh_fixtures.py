@@ -48,7 +48,15 @@ from ztunnel_py.config import ADMIN_PORT, METRICS_PORT
 from ztunnel_py.demo import httpservice
 from ztunnel_py.demo.configdir import ObjectRef, delete_objects, ref_of, write_objects
 from ztunnel_py.demo.mesh import DemoMesh
-from ztunnel_py.demo.world import AMBIENT, DemoPod, DemoService, World, manifests, topology_spec
+from ztunnel_py.demo.world import (
+    AMBIENT,
+    DemoPod,
+    DemoService,
+    DemoWaypoint,
+    World,
+    manifests,
+    topology_spec,
+)
 from ztunnel_py.topology import Pod, Topology, leftovers, prefix_for, sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,7 +250,7 @@ class Mesh:
             self.topo.wait_listening(p.name, ECHO_PORT, timeout=15)
         objs = manifests(self.world, self.topo.layout)
         write_objects(self.config_dir, [(ref_of(o, "world"), o) for o in objs])
-        self.launcher.start(self._launch, timeout=READY_TIMEOUT)
+        self.launcher.start(self._launch, timeout=READY_TIMEOUT, waypoints=self.world.waypoints)
 
     def _launch(self, topo: Topology, target: str, name: str, argv: Sequence[str]) -> None:
         """DemoMesh's process starter: JSON logs to ``logs/<name>.log``; agents remembered."""
@@ -298,8 +306,10 @@ class Mesh:
 
     # -- traffic --------------------------------------------------------------------------
 
-    def curl(self, pod: str, url: str, marker: str = "", max_time: float = 3.0) -> CurlResult:
-        argv = ["curl", "-sS", "-i", "--max-time", str(max_time)]
+    def curl(self, pod: str, url: str, marker: str = "", max_time: float = 3.0,
+             extra: Sequence[str] = ()) -> CurlResult:
+        """One request with curl from ``pod``; ``extra`` are more curl arguments."""
+        argv = ["curl", "-sS", "-i", "--max-time", str(max_time), *extra]
         if marker:
             argv += ["-H", f"x-test-marker: {marker}"]
         done = self.topo.run(pod, [*argv, url], timeout=max_time + 10)
@@ -410,15 +420,21 @@ def running_mesh(key: str, world: World, workdir: Path) -> Iterator[Mesh]:
             raise MeshTestError("mesh teardown: " + "; ".join(errors))
 
 
-def world_of(namespaces: Mapping[str, bool], pods: Sequence[DemoPod],
-             services: Sequence[DemoService]) -> World:
-    """A World (nodes in the order the pods name them; ``node1`` runs the controller)."""
+def world_of(namespaces: Mapping[str, bool | Mapping[str, str]], pods: Sequence[DemoPod],
+             services: Sequence[DemoService], waypoints: Sequence[DemoWaypoint] = ()) -> World:
+    """A World (nodes in the order the pods name them; ``node1`` runs the controller).
+
+    A namespace is ambient (True), not (False), or has exactly the labels given.
+    """
     return World(
-        namespaces=MappingProxyType({ns: (AMBIENT if on else MappingProxyType({}))
-                                     for ns, on in namespaces.items()}),
-        nodes=tuple(dict.fromkeys(p.node for p in pods)),
+        namespaces=MappingProxyType({
+            ns: (MappingProxyType(dict(on)) if not isinstance(on, bool)
+                 else AMBIENT if on else MappingProxyType({}))
+            for ns, on in namespaces.items()}),
+        nodes=tuple(dict.fromkeys([*(p.node for p in pods), *(w.node for w in waypoints)])),
         pods=tuple(pods),
         services=tuple(services),
+        waypoints=tuple(waypoints),
     )
 
 

@@ -1,9 +1,10 @@
-"""The mesh inside the demo: a controller on node1 and one agent per node.
+"""The mesh inside the demo: a controller on node1, one agent per node, the waypoints.
 
 The controller runs in node1's network namespace (a "control-plane node"),
 serving gRPC on node1's underlay address; each agent runs in its node's
 namespace (its "host network") with eBPF capture, exactly as the DaemonSet
-runs on a real node. Everything is started through ``DemoRun.start`` so that
+runs on a real node; a waypoint runs in its own pod, bootstrapped with its node's
+token. Everything is started through ``DemoRun.start`` so that
 ``demo down`` kills it by PID.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ztunnel_py.config import CONTROLLER_GRPC_PORT, READINESS_PORT
+from ztunnel_py.demo.world import DemoWaypoint
 from ztunnel_py.topology import Topology
 from ztunnel_py.topology.sweep import bpf_pin_dir
 
@@ -32,9 +34,15 @@ def ztunnel(*args: str) -> list[str]:
     return [sys.executable, "-m", "ztunnel_py", *args]
 
 
+def _process_name(target: str) -> str:
+    """The log name of what runs at ``target``: a waypoint's pod name is its process name."""
+    return target if target.startswith("waypoint-") else f"agent-{target}"
+
+
 class DemoMesh:
     def __init__(self, topo: Topology, state_dir: Path, config_dir: Path, logs_dir: Path) -> None:
         self.topo = topo
+        self._token_files: dict[str, str] = {}
         self.controller_state = state_dir / "controller"
         self.config_dir = config_dir
         self.logs_dir = logs_dir
@@ -46,8 +54,9 @@ class DemoMesh:
     def token_file(self, node: str) -> Path:
         return self.controller_state / "tokens" / node
 
-    def start(self, start: Start, timeout: float = 60.0) -> None:
-        """Start the controller and the agents; return once every agent is ready."""
+    def start(self, start: Start, timeout: float = 60.0,
+              waypoints: Sequence[DemoWaypoint] = ()) -> None:
+        """Start the controller, the agents and the waypoints; return once all are ready."""
         nodes = [n.name for n in self.topo.nodes]
         issued = self.topo.run(
             CONTROLLER_NODE,
@@ -58,6 +67,7 @@ class DemoMesh:
         if issued.returncode != 0:
             raise MeshError(f"issuing bootstrap tokens failed: {issued.stdout}{issued.stderr}")
         token_files = dict(zip(nodes, issued.stdout.split(), strict=True))
+        self._token_files = token_files
         host = self.topo.node(CONTROLLER_NODE).underlay_ip
         start(self.topo, CONTROLLER_NODE, "controller", ztunnel(
             "controller", "--config-dir", str(self.config_dir),
@@ -73,9 +83,26 @@ class DemoMesh:
                 "--bpf-pin-root", str(bpf_pin_dir(self.topo.prefix)),
             ))
         self.wait_ready(nodes, timeout)
+        for wp in waypoints:
+            self.start_waypoint(start, wp)
+        self.wait_ready([wp.pod for wp in waypoints], timeout)
 
-    def ready(self, node: str) -> bool:
-        done = self.topo.run(node, [
+    def waypoint_argv(self, wp: DemoWaypoint) -> list[str]:
+        """``ztunnel-py waypoint`` as it runs in its pod: identity and config from the
+        controller, bootstrapped with its node's token (as the node's agent is)."""
+        return ztunnel(
+            "waypoint", "--name", wp.name, "--namespace", wp.namespace, "--node", wp.node,
+            "--controller", self.controller_address,
+            "--controller-ca", str(self.controller_state / "roots.pem"),
+            "--token-file", self._token_files[wp.node],
+        )
+
+    def start_waypoint(self, start: Start, wp: DemoWaypoint) -> None:
+        start(self.topo, wp.pod, f"waypoint-{wp.namespace}-{wp.name}", self.waypoint_argv(wp))
+
+    def ready(self, target: str) -> bool:
+        """The readiness endpoint of the agent (a node) or a waypoint (its pod)."""
+        done = self.topo.run(target, [
             "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
             f"http://127.0.0.1:{READINESS_PORT}/healthz/ready",
         ], timeout=10)
@@ -89,12 +116,12 @@ class DemoMesh:
             if not pending:
                 return
             if time.monotonic() > deadline:
-                logs = ", ".join(str(self.logs_dir / f"agent-{n}.log") for n in pending)
-                raise MeshError(f"agent(s) on {', '.join(pending)} not ready after "
+                logs = ", ".join(str(self.logs_dir / f"{_process_name(n)}.log") for n in pending)
+                raise MeshError(f"{', '.join(pending)} not ready after "
                                 f"{timeout:.0f}s; see {logs}")
             time.sleep(0.3)
 
-    def metrics(self, node: str) -> str:
-        done = self.topo.run(node, ["curl", "-s", "--max-time", "3",
+    def metrics(self, target: str) -> str:
+        done = self.topo.run(target, ["curl", "-s", "--max-time", "3",
                                     "http://127.0.0.1:15020/metrics"], timeout=10)
         return done.stdout

@@ -130,8 +130,9 @@ class DemoRun:
             self._start_services(topo)
             self._write_config(topo)
             if mesh:
-                say("starting the controller on node1 and an agent (eBPF capture) per node")
-                self.mesh(topo).start(self.start)
+                say("starting the controller on node1 and an agent (eBPF capture) per node"
+                    + (", then the waypoints" if self.world.waypoints else ""))
+                self.mesh(topo).start(self.start, waypoints=self.world.waypoints)
             self._save_topology(topo, "up")
         except BaseException:
             self._save_topology(topo, "failed")

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ztunnel_py.config import HBONE_PORT
 from ztunnel_py.topology import Layout, NodeSpec, PodSpec, TopologySpec
 
 AMBIENT = MappingProxyType({"istio.io/dataplane-mode": "ambient"})
 APP_PORT = 8080
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 _UID_NAMESPACE = uuid.UUID("6f1d0b0e-3c55-4a8e-9a57-2a7e5b0c9d11")
 
 
@@ -51,17 +53,46 @@ class DemoService:
 
 
 @dataclass(frozen=True)
+class DemoWaypoint:
+    """A namespace's waypoint: a Gateway of class istio-waypoint and one pod running it.
+
+    The pod carries the Gateway's name label (how the controller finds it and keeps the
+    agents' capture off it) and runs ``ztunnel-py waypoint`` as service account ``name``.
+    Whatever should use it says so with ``istio.io/use-waypoint: <name>``.
+    """
+
+    name: str
+    namespace: str
+    node: str
+
+    @property
+    def pod(self) -> str:
+        return f"waypoint-{self.namespace}-{self.name}"
+
+    @property
+    def service_account(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
 class World:
     namespaces: Mapping[str, Mapping[str, str]] = field(hash=False)  # name -> labels
     nodes: tuple[str, ...]
     pods: tuple[DemoPod, ...]
     services: tuple[DemoService, ...]
+    waypoints: tuple[DemoWaypoint, ...] = ()
 
     def pod(self, name: str) -> DemoPod:
         for p in self.pods:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def waypoint(self, name: str, namespace: str) -> DemoWaypoint:
+        for w in self.waypoints:
+            if (w.name, w.namespace) == (name, namespace):
+                return w
+        raise KeyError(f"{namespace}/{name}")
 
 
 DEFAULT_WORLD = World(
@@ -111,6 +142,16 @@ def topology_spec(world: World, prefix: str) -> TopologySpec:
                     )
                     for p in world.pods
                     if p.node == node
+                )
+                + tuple(
+                    PodSpec(
+                        w.pod,
+                        namespace=w.namespace,
+                        service_account=w.service_account,
+                        labels={GATEWAY_NAME_LABEL: w.name},
+                    )
+                    for w in world.waypoints
+                    if w.node == node
                 ),
             )
             for node in world.nodes
@@ -144,7 +185,9 @@ def manifests(world: World, layout: Layout) -> list[dict[str, Any]]:
                 "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]},
             }
         )
-    for ns, sa in sorted({(p.namespace, p.service_account) for p in world.pods}):
+    accounts = {(p.namespace, p.service_account) for p in world.pods}
+    accounts |= {(w.namespace, w.service_account) for w in world.waypoints}
+    for ns, sa in sorted(accounts):
         objs.append(
             {
                 "apiVersion": "v1",
@@ -152,27 +195,32 @@ def manifests(world: World, layout: Layout) -> list[dict[str, Any]]:
                 "metadata": {"name": sa, "namespace": ns},
             }
         )
-    for p in world.pods:
-        built = layout.pod(p.name)
+    containers = [(p.name, p.namespace, p.service_account, "ztunnel-py/demo-httpservice",
+                   ("http", p.port)) for p in world.pods]
+    containers += [(w.pod, w.namespace, w.service_account, "ztunnel-py", ("hbone", HBONE_PORT))
+                   for w in world.waypoints]
+    for name, namespace, account, image, (port_name, port) in containers:
+        built = layout.pod(name)
         node = layout.node(built.node)
         objs.append(
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
-                    "name": p.name,
-                    "namespace": p.namespace,
-                    "uid": _uid(layout.prefix, "pod", p.namespace, p.name),
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": _uid(layout.prefix, "pod", namespace, name),
                     "labels": dict(built.labels),
                 },
                 "spec": {
                     "nodeName": built.node,
-                    "serviceAccountName": p.service_account,
+                    "serviceAccountName": account,
                     "containers": [
                         {
                             "name": "app",
-                            "image": "ztunnel-py/demo-httpservice",
-                            "ports": [{"name": "http", "containerPort": p.port, "protocol": "TCP"}],
+                            "image": image,
+                            "ports": [{"name": port_name, "containerPort": port,
+                                       "protocol": "TCP"}],
                         }
                     ],
                 },
@@ -181,6 +229,19 @@ def manifests(world: World, layout: Layout) -> list[dict[str, Any]]:
                     "hostIP": node.underlay_ip,
                     "podIP": built.ip,
                     "podIPs": [{"ip": built.ip}],
+                },
+            }
+        )
+    for w in world.waypoints:
+        objs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": w.name, "namespace": w.namespace,
+                             "labels": {"istio.io/waypoint-for": "service"}},
+                "spec": {
+                    "gatewayClassName": "istio-waypoint",
+                    "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
                 },
             }
         )
