@@ -1,22 +1,35 @@
-"""HTTP/1.1 on ``h11``: the downstream server connection and the upstream client.
+"""HTTP/1.1 on ``httptools`` (llhttp): the downstream server connection and the upstream client.
 
-Both are ``Sink``s over a ``Pipe`` (``waypoint.pipe``). Bodies are buffered
-whole (bounded by ``MAX_BODY``): the waypoint needs the full request to retry
-it and to mirror it. Keep-alive is h11's: after a complete exchange both sides
-start the next cycle; ``Connection: close`` or an HTTP/1.0 peer end the
-connection. A request with ``Upgrade`` (WebSocket) is handed to the handler's
-``upgrade``, which relays raw bytes both ways once the upstream agrees (101).
+Both are ``Sink``s over a ``Pipe`` (``waypoint.pipe``) and feed what they read
+to an llhttp parser, whose callbacks collect one message at a time. Bodies are
+buffered whole (bounded by ``MAX_BODY``): the waypoint needs the full request
+to retry it and to mirror it. Heads are bounded by ``MAX_HEAD`` (431 past it).
+
+Server side: requests are answered one at a time and in order; pipelined
+requests wait in a queue (bounded). A malformed request, an oversized head or
+body take their place in that queue as an error answer (400 / 431 / 413) after
+which the connection is closed. Keep-alive follows llhttp's reading of the
+request (``Connection: close``, HTTP/1.0 without ``keep-alive``). A request
+with ``Connection: Upgrade`` + ``Upgrade`` (WebSocket) is handed to the
+handler's ``upgrade``, which relays raw bytes both ways once the upstream
+agrees (101); if it refuses, the connection goes on as HTTP/1.1.
+
+Responses and upstream requests are written as one byte string per message
+(head and body together, one ``write``) built from pre-encoded status lines;
+a header value carrying CR or LF (say from a misconfigured header operation)
+is refused rather than written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 
-import h11
+import httptools
 
 from waypoint.pipe import Pipe
 from waypoint.request import (
@@ -27,7 +40,6 @@ from waypoint.request import (
     Request,
     Response,
     UpstreamError,
-    normalise,
 )
 from ztunnel_py import log
 
@@ -36,8 +48,10 @@ def _log() -> Any:
     """Resolved at each use, so that ``log.configure`` (run after imports) applies."""
     return log.get("waypoint.http1")
 
+
 MAX_BODY = 16 << 20
 MAX_HEAD = 64 << 10
+MAX_PIPELINED = 64  # requests read ahead of the one being answered
 
 
 @dataclass(frozen=True)
@@ -61,18 +75,67 @@ class Serving(Handler, Protocol):
 
 
 def reason(status: int) -> bytes:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
 
 
-def _response_headers(resp: Response, body_len: int) -> list[tuple[str, str]]:
-    out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
-    out.append(("content-length", str(body_len)))
-    return out
+_STATUS_LINES: dict[int, str] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} \r\n"  # a code without a registered reason phrase
+    return line
+
+
+class BadHead(ValueError):
+    """A message head we refuse to write: a CR or LF inside a value, or a value that
+    is not latin-1."""
+
+
+def encode_head(parts: list[str]) -> bytes:
+    """The head from lines that each end with CRLF (the blank line included). A CR or LF
+    anywhere else would split a header in two (response splitting): counted, not hoped."""
+    text = "".join(parts)
+    n = len(parts)
+    if text.count("\n") != n or text.count("\r") != n:
+        raise BadHead("a header name or value contains CR or LF")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise BadHead(f"a header value is not latin-1: {exc}") from exc
+
+
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
+                                      "PATCH", "TRACE", "CONNECT")}
+
+
+class _Reject(Exception):
+    """Raised from a parser callback: answer ``status`` and close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _HeadOnly(Exception):
+    """Raised from the response parser's callback: a response to HEAD has no body."""
+
+
+@dataclass
+class _Incoming:
+    """One complete request read from the client, waiting for its turn."""
+
+    request: Request
+    body: bytes
+    keep_alive: bool
+    http10: bool
+    upgrade: bool
 
 
 class H1Server:
@@ -84,14 +147,31 @@ class H1Server:
         self.info = info
         self.handler = handler
         self.spawn = spawn
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._req: h11.Request | None = None
-        self._body = bytearray()
+        self.parser = httptools.HttpRequestParser(self)
+        self._queue: deque[_Incoming | int] = deque()  # an int: an error status to answer
         self._busy = False
         self._task: asyncio.Task[None] | None = None
+        self._current: _Incoming | None = None
+        self._deaf = False  # after a parse error: nothing more is read
+        self._eof = False
+        self._held: bytearray | None = None  # bytes after an Upgrade request, until decided
         self.raw: Callable[[bytes], None] | None = None  # set once upgraded
         self.raw_eof: Callable[[], None] | None = None
         self.closed = False
+        # the message being parsed
+        self._in_head = False
+        self._fresh = False
+        self._partial = 0
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._authority = ""
+        self._connection = ""
+        self._upgrade_hdrs: list[tuple[str, str]] = []
+        self._expect = False
+        self._head_size = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._keep = True
 
     # -- Sink --
 
@@ -99,20 +179,38 @@ class H1Server:
         if self.raw is not None:
             self.raw(data)
             return
-        try:
-            self.conn.receive_data(data)
-        except h11.RemoteProtocolError:
-            self._fail(400)
+        if self._deaf or self.closed:
             return
-        self._process()
+        if self._held is not None:  # an Upgrade request is being decided
+            self._held += data
+            if len(self._held) > MAX_BODY:
+                self._reject(413)
+            return
+        self._fresh = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as up:
+            self._held = bytearray(data[int(up.args[0]):])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._reject(cause.status if isinstance(cause, _Reject) else 400)
+        except httptools.HttpParserError:
+            self._reject(400)
+        else:
+            if self._in_head:  # a head still incomplete: bounded too
+                self._partial = 0 if self._fresh else self._partial + len(data)
+                if self._partial > MAX_HEAD:
+                    self._reject(431)
+        self._pump()
 
     def on_eof(self) -> None:
         if self.raw_eof is not None:
             self.raw_eof()
             return
-        with contextlib.suppress(h11.RemoteProtocolError):
-            self.conn.receive_data(b"")
-        self._process()
+        self._eof = True
+        if self._in_head or self._body_len:  # cut off in the middle of a request
+            self._reject(400)
+        self._pump()
 
     def on_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -121,54 +219,116 @@ class H1Server:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    # -- parsing --
+    # -- parser callbacks (llhttp) --
 
-    def _process(self) -> None:
-        while not self._busy and not self.closed:
-            try:
-                ev = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail(exc.error_status_hint)
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, h11.Request):
-                self._req = ev
-                self._body = bytearray()
-            elif isinstance(ev, h11.Data):
-                self._body += ev.data
-                if len(self._body) > MAX_BODY:
-                    self._fail(413)
-                    return
-            elif isinstance(ev, h11.EndOfMessage):
-                assert self._req is not None
-                self._busy = True
-                self._task = self.spawn(self._serve(self._req, bytes(self._body)))
-            elif isinstance(ev, h11.ConnectionClosed):
-                self._close()
-                return
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._fresh = True
+        self._partial = 0
+        self._url = b""
+        self._headers = []
+        self._authority = ""
+        self._connection = ""
+        self._upgrade_hdrs = []
+        self._expect = False
+        self._head_size = 0
+        self._body = []
+        self._body_len = 0
 
-    def request_of(self, ev: h11.Request) -> Request:
-        headers = normalise(ev.headers)
-        authority = next((v for k, v in headers if k == "host"), "")
-        upgrade = any(k == "upgrade" for k, _ in headers)
-        kept = tuple((k, v) for k, v in headers if k not in HOP_BY_HOP)
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # request trailers: not forwarded over HTTP/1.1
+        self._head_size += len(name) + len(value) + 4
+        k = name.decode("latin-1").lower()
+        v = value.decode("latin-1")
+        if k not in HOP_BY_HOP:
+            if k == "expect":
+                self._expect = v.lower() == "100-continue"
+                return
+            self._headers.append((k, v))
+        elif k == "host":
+            self._authority = v
+        elif k == "connection":
+            self._connection = f"{self._connection},{v}" if self._connection else v
+            self._upgrade_hdrs.append((k, v))
+        elif k == "upgrade":
+            self._upgrade_hdrs.append((k, v))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_size + len(self._url) > MAX_HEAD:
+            raise _Reject(431)
+        if len(self._queue) >= MAX_PIPELINED:
+            raise _Reject(503)
+        self._keep = self.parser.should_keep_alive()
+        if self._expect and not self._queue and not self._busy:
+            # The client waits for this before it sends the body; we want the body.
+            self.pipe.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > MAX_BODY:
+            raise _Reject(413)
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
+        upgrade = parser.should_upgrade()
+        if upgrade and method == "CONNECT":
+            raise _Reject(405)  # the waypoint is not a forward proxy
+        headers = self._headers
+        if self._connection:
+            headers = _drop_nominated(headers, self._connection)
         if upgrade:
-            kept += tuple((k, v) for k, v in headers if k in ("upgrade", "connection"))
-        content_type = next((v for k, v in kept if k == "content-type"), "")
-        return Request(
-            method=ev.method.decode(), path=ev.target.decode("latin-1"), authority=authority,
-            headers=kept, port=self.info.dst[1], source=self.info.source, dst=self.info.dst[0],
-            grpc=content_type.startswith("application/grpc"),
-        )
+            headers = headers + self._upgrade_hdrs
+        grpc = False
+        for k, v in headers:
+            if k == "content-type":
+                grpc = v.startswith("application/grpc")
+                break
+        info = self.info
+        body = self._body
+        self._queue.append(_Incoming(
+            Request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
+                    info.dst[1], "http", info.source, grpc, info.dst[0]),
+            body[0] if len(body) == 1 else b"".join(body),
+            self._keep, parser.get_http_version() == "1.0", upgrade,
+        ))
+        self._body = []
+        self._body_len = 0
 
-    async def _serve(self, ev: h11.Request, body: bytes) -> None:
-        req = self.request_of(ev)
-        if any(k == "upgrade" for k, _ in req.headers):
-            await self.handler.upgrade(req, self)
-            return
+    # -- answering, in order --
+
+    def _reject(self, status: int) -> None:
+        """A request we cannot read: its error answer waits its turn, then we close."""
+        self._deaf = True
+        self._in_head = False
+        self._queue.append(status)
+
+    def _pump(self) -> None:
+        while not self._busy and not self.closed and self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, int):
+                self._fail(item)
+                return
+            self._busy = True
+            self._current = item
+            self._task = self.spawn(self._serve(item))
+        if not self._busy and not self._queue and self._eof and self._held is None:
+            self._close()
+
+    async def _serve(self, item: _Incoming) -> None:
+        req = item.request
         try:
-            resp = await self.handler.handle(req, body)
+            if item.upgrade:
+                await self.handler.upgrade(req, self)
+                return
+            resp = await self.handler.handle(req, item.body)
             if resp.stream is not None:  # HTTP/1.1 downstream: collect it
                 stream, resp.stream = resp.stream, None
                 try:
@@ -188,49 +348,61 @@ class H1Server:
         self.respond(resp)
 
     def respond(self, resp: Response) -> None:
+        """Answer the request being served; then the next one (or close)."""
         if self.closed:
             return
+        item = self._current
+        keep = item is not None and item.keep_alive
+        body = resp.body
+        parts = [status_line(resp.status)]
+        for k, v in resp.headers:
+            if k not in HOP_BY_HOP:
+                parts.append(f"{k}: {v}\r\n")
+        parts.append(f"content-length: {len(body)}\r\n")
+        if not keep:
+            parts.append("connection: close\r\n")
+        elif item is not None and item.http10:
+            parts.append("connection: keep-alive\r\n")
+        parts.append("\r\n")
         try:
-            data = self.conn.send(h11.Response(
-                status_code=resp.status, headers=_response_headers(resp, len(resp.body)),
-                reason=reason(resp.status),
-            ))
-            data = (data or b"") + (self.conn.send(h11.Data(data=resp.body)) or b"") \
-                if resp.body else (data or b"")
-            data += self.conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
+            head = encode_head(parts)
+        except BadHead as exc:
+            _log().warning("response not sent", error=str(exc), status=resp.status)
+            self._fail(502)
+            return
+        if item is not None and item.request.method == "HEAD":
+            self.pipe.write(head)
+        else:
+            self.pipe.write(head + body if body else head)
+        if not keep:
             self._close()
             return
-        self.pipe.write(data)
-        self._next_cycle()
+        self._busy = False
+        self._current = None
+        if item is not None and item.upgrade and self._held is not None:
+            held, self._held = bytes(self._held), None  # refused: HTTP/1.1 goes on
+            if held:
+                self.on_data(held)
+                return
+        self._pump()
 
-    def _next_cycle(self) -> None:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            self._busy = False
-            self._req = None
-            self._process()
-        else:
-            self._close()
-
-    def switch(self, status_line: h11.InformationalResponse) -> bytes:
+    def switch(self, resp: Response) -> bytes:
         """Send the upstream's 101 and go raw; returns bytes the client sent after the
         request (already part of the new protocol)."""
-        self.pipe.write(self.conn.send(status_line) or b"")
-        trailing, _closed = self.conn.trailing_data
-        return bytes(trailing)
+        parts = [status_line(101)]
+        parts += [f"{k}: {v}\r\n" for k, v in resp.headers
+                  if k not in ("content-length", "transfer-encoding")]
+        parts.append("\r\n")
+        self.pipe.write(encode_head(parts))
+        held, self._held = self._held, None
+        self._busy = False
+        return bytes(held or b"")
 
     def _fail(self, status: int) -> None:
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(h11.LocalProtocolError):
-                body = reason(status)
-                data = self.conn.send(h11.Response(
-                    status_code=status,
-                    headers=[("content-length", str(len(body))), ("connection", "close")],
-                ))
-                data = (data or b"") + (self.conn.send(h11.Data(data=body)) or b"")
-                data += self.conn.send(h11.EndOfMessage()) or b""
-                self.pipe.write(data)
+        body = reason(status)
+        self.pipe.write(
+            f"{status_line(status)}content-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n".encode() + body)
         self._close()
 
     def _close(self) -> None:
@@ -239,7 +411,30 @@ class H1Server:
             self.pipe.close()
 
 
+def _drop_nominated(headers: list[tuple[str, str]], connection: str) -> list[tuple[str, str]]:
+    """Drop the headers ``Connection`` names as hop-by-hop (RFC 9110 7.6.1)."""
+    named = {t.strip().lower() for t in connection.split(",")} - {"keep-alive", "close",
+                                                                  "upgrade", ""}
+    if not named:
+        return headers
+    return [(k, v) for k, v in headers if k not in named]
+
+
 # -- upstream ----------------------------------------------------------------------------
+
+
+def request_head(req: Request, body_len: int | None, *, upgrade: bool = False) -> bytes:
+    """The upstream request's head (``body_len`` None: no ``content-length``)."""
+    if " " in req.path or not req.path:
+        raise BadHead(f"request target {req.path!r} is not valid")
+    parts = [f"{req.method} {req.path} HTTP/1.1\r\n", f"host: {req.authority}\r\n"]
+    for k, v in req.headers:
+        if k not in HOP_BY_HOP or (upgrade and (k == "upgrade" or k == "connection")):
+            parts.append(f"{k}: {v}\r\n")
+    if body_len is not None:
+        parts.append(f"content-length: {body_len}\r\n")
+    parts.append("\r\n")
+    return encode_head(parts)
 
 
 class H1Client:
@@ -247,38 +442,68 @@ class H1Client:
 
     def __init__(self, pipe: Pipe) -> None:
         self.pipe = pipe
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.requests = 0
         self.answered = False  # any byte of a response to the current request
         self._waiter: asyncio.Future[None] | None = None
-        self._head: h11.Response | h11.InformationalResponse | None = None
-        self._body = bytearray()
+        self._status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._trailers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._in_head = False
+        self._interim = False
+        self._framed = False
+        self._head_only = False
         self._done = False
+        self._keep = False
+        self._switched = False
+        self._trailing = b""
         self._error: UpstreamError | None = None
         self.raw: Callable[[bytes], None] | None = None
         self.raw_eof: Callable[[], None] | None = None
         pipe.set_sink(self)
 
+    # -- Sink --
+
     def on_data(self, data: bytes) -> None:
         if self.raw is not None:
             self.raw(data)
             return
+        if self._switched:  # after the 101, before the relay is wired up
+            self._trailing += data
+            return
         self.answered = True
         try:
-            self.conn.receive_data(data)
-        except h11.RemoteProtocolError as exc:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as up:
+            self._switched = True
+            self._trailing = data[int(up.args[0]):]
+            self._wake()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadOnly):
+                # llhttp would wait for the body a HEAD response announces: start over.
+                self.parser = httptools.HttpResponseParser(self)
+                self._wake()
+                return
+            self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {exc.__context__}"))
+        except httptools.HttpParserError as exc:
             self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {exc}"))
-            return
-        self._process()
 
     def on_eof(self) -> None:
         if self.raw_eof is not None:
             self.raw_eof()
             return
-        with contextlib.suppress(h11.RemoteProtocolError):
-            self.conn.receive_data(b"")
-        self._process()
+        if self._status and not self._in_head and not self._done and not self._framed:
+            self._done = True  # a body delimited by the end of the connection
+            self._keep = False
+            self._wake()
+            return
+        if not self._done:
+            self._fail(UpstreamError("reset", "upstream closed the connection"))
+        else:  # idle (or answered): never reused
+            self.close()
 
     def on_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -286,110 +511,117 @@ class H1Client:
             self.raw_eof()
         self._fail(UpstreamError("reset", f"upstream connection closed: {exc or 'EOF'}"))
 
+    # -- parser callbacks (llhttp) --
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._interim = False
+        self._framed = False
+        self._headers = []
+        self._trailers = []
+        self._body = []
+        self._body_len = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        k = name.decode("latin-1").lower()
+        if not self._in_head:
+            self._trailers.append((k, value.decode("latin-1")))
+            return
+        if k == "content-length" or k == "transfer-encoding":
+            self._framed = True
+        self._headers.append((k, value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue and friends: the answer follows
+            return
+        self._status = status
+        if self._head_only:
+            self._done = True
+            self._keep = self.parser.should_keep_alive()
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > MAX_BODY:
+            raise UpstreamError("reset", "upstream response body too large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            return
+        self._keep = self.parser.should_keep_alive()
+        self._done = True
+        self._wake()
+
+    # -- exchanges --
+
     def _fail(self, err: UpstreamError) -> None:
         self._error = err
         self.closed = True
         self.pipe.close()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _process(self) -> None:
-        while True:
-            try:
-                ev = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {exc}"))
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                if ev is h11.PAUSED and isinstance(self._head, h11.InformationalResponse):
-                    self._wake()
-                return
-            if isinstance(ev, h11.InformationalResponse):
-                if ev.status_code == 101:
-                    self._head = ev
-                    self._wake()
-                    return
-            elif isinstance(ev, h11.Response):
-                self._head = ev
-            elif isinstance(ev, h11.Data):
-                self._body += ev.data
-                if len(self._body) > MAX_BODY:
-                    self._fail(UpstreamError("reset", "upstream response body too large"))
-                    return
-            elif isinstance(ev, h11.EndOfMessage):
-                self._done = True
-                self._wake()
-                return
-            elif isinstance(ev, h11.ConnectionClosed):
-                self._fail(UpstreamError("reset", "upstream closed the connection"))
-                return
+        self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _send(self, req: Request, body: bytes, *, upgrade: bool = False) -> None:
-        headers: list[tuple[str, str]] = [("host", req.authority)]
-        headers += [(k, v) for k, v in req.headers
-                    if k not in HOP_BY_HOP or (upgrade and k in ("upgrade", "connection"))]
-        if not upgrade or body:
-            headers.append(("content-length", str(len(body))))
-        data = self.conn.send(h11.Request(method=req.method, target=req.path, headers=headers))
-        out = data or b""
-        if body:
-            out += self.conn.send(h11.Data(data=body)) or b""
-        out += self.conn.send(h11.EndOfMessage()) or b""
-        self.pipe.write(out)
+    def _start(self, req: Request) -> None:
+        if self.closed:
+            raise UpstreamError("reset", "upstream connection already closed")
+        self.answered = False
+        self._status, self._done, self._error, self._switched = 0, False, None, False
+        self._head_only = req.method == "HEAD"
+        self._headers, self._trailers, self._body, self._body_len = [], [], [], 0
+        self._waiter = asyncio.get_running_loop().create_future()
+
+    def _response(self) -> Response:
+        body = self._body
+        return Response(self._status, tuple(self._headers),
+                        body[0] if len(body) == 1 else b"".join(body), tuple(self._trailers))
 
     async def request(self, req: Request, body: bytes) -> Response:
         """One exchange; ``UpstreamError`` if the connection fails before the response."""
-        if self.closed:
-            raise UpstreamError("reset", "upstream connection already closed")
+        self._start(req)
         self.requests += 1
-        self.answered = False
-        self._head, self._body, self._done, self._error = None, bytearray(), False, None
-        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            self._send(req, body)
-        except h11.LocalProtocolError as exc:
+            head = request_head(req, len(body))
+        except BadHead as exc:
             raise UpstreamError("reset", f"cannot send request: {exc}") from exc
-        self._process()
+        self.pipe.write(head + body if body else head)
         if not self._done and self._error is None:
-            await self._waiter
+            await self._waiter  # type: ignore[misc]
         if self._error is not None and not self._done:
             raise self._error
-        head = self._head
-        assert isinstance(head, h11.Response)
-        return Response(head.status_code, normalise(head.headers), bytes(self._body))
+        if self._switched:  # a 101 nobody asked for: the connection is not HTTP any more
+            self._fail(UpstreamError("reset", "unexpected 101 from upstream"))
+            raise UpstreamError("reset", "upstream switched protocols unasked")
+        return self._response()
 
-    async def upgrade(self, req: Request) -> tuple[h11.Response | h11.InformationalResponse,
-                                                   bytes, bytes]:
-        """Send an Upgrade request; (response head, body if refused, bytes after the 101)."""
-        self._head, self._body, self._done, self._error = None, bytearray(), False, None
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._send(req, b"", upgrade=True)
-        self._process()
-        if self._head is None and self._error is None and not self._done:
-            await self._waiter
-        if self._error is not None and self._head is None:
+    async def upgrade(self, req: Request) -> tuple[Response, bytes]:
+        """Send an Upgrade request; (the response, bytes after the 101 if it switched)."""
+        self._start(req)
+        try:
+            head = request_head(req, None, upgrade=True)
+        except BadHead as exc:
+            raise UpstreamError("reset", f"cannot send request: {exc}") from exc
+        self.pipe.write(head)
+        if not self._done and self._error is None and not self._switched:
+            await self._waiter  # type: ignore[misc]
+        if self._error is not None and not self._done and not self._switched:
             raise self._error
-        assert self._head is not None
-        if isinstance(self._head, h11.InformationalResponse):
-            trailing, _ = self.conn.trailing_data
-            return self._head, b"", bytes(trailing)
-        if not self._done and self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self._head, bytes(self._body), b""
+        resp = self._response()
+        if self._switched:
+            trailing, self._trailing = self._trailing, b""
+            return resp, trailing
+        return resp, b""
 
     def recycle(self) -> bool:
         """Ready the connection for another exchange; False if it cannot be reused."""
-        if self.closed or self.raw is not None:
-            return False
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            return True
-        return False
+        return (not self.closed and self.raw is None and not self._switched and self._done
+                and self._keep)
 
     def close(self) -> None:
         """Close the connection (also after a failure: a half-closed transport must still

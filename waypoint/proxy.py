@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import h11
-
 from waypoint import authz, engine
 from waypoint.cluster import (
     Cluster,
@@ -454,20 +452,19 @@ class WaypointProxy:
             return
         try:
             client = await self.upstreams.raw(ep)
-            head, resp_body, trailing = await asyncio.wait_for(
-                client.upgrade(d.request), d.timeout_s or 30.0)
+            head, trailing = await asyncio.wait_for(client.upgrade(d.request),
+                                                    d.timeout_s or 30.0)
         except (UpstreamError, TimeoutError) as exc:
             server.respond(_error_response(503, f"upstream connect error: {exc}"))
             return
         rec.upstream, rec.destination = ep.key, ep.workload
-        rec.status = head.status_code
+        rec.status = head.status
         rec.destination_service = svc.hostname if svc else ""
-        if head.status_code != 101:
+        if head.status != 101:
             client.close()
-            server.respond(Response(head.status_code, tuple(
-                (k.decode().lower(), v.decode("latin-1")) for k, v in head.headers), resp_body))
+            server.respond(head)
         else:
-            early = server.switch(h11.InformationalResponse(status_code=101, headers=head.headers))
+            early = server.switch(head)
             server.raw = client.pipe.write
             client.raw = server.pipe.write
 

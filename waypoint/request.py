@@ -1,7 +1,7 @@
 """What the waypoint knows about one HTTP request, independent of HTTP/1.1 or HTTP/2.
 
 Wire types stop at the HTTP layer: ``waypoint.http1`` and ``waypoint.http2``
-build a ``Request`` from h11/h2 events, and everything past them (the decision
+build a ``Request`` from llhttp callbacks / h2 events, and everything past them (the decision
 engine, authorization, telemetry) sees only these types. Header names are
 lower case; values are text (latin-1 round-trips any byte).
 """
