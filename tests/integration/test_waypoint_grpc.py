@@ -55,7 +55,7 @@ class Echo:
             yield m.upper()
 
 
-async def _grpc_backend(echo: Echo) -> tuple[grpc.aio.Server, int]:
+async def _grpc_backend(echo: Echo, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(echo.unary, _ident, _ident),
@@ -64,7 +64,7 @@ async def _grpc_backend(echo: Echo) -> tuple[grpc.aio.Server, int]:
         "Chat": grpc.stream_stream_rpc_method_handler(echo.chat, _ident, _ident),
     })
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     await server.start()
     return server, port
 
