@@ -315,6 +315,31 @@ class Mesh:
         done = self.topo.run(pod, [*argv, url], timeout=max_time + 10)
         return CurlResult(done.returncode, done.stdout, done.stderr)
 
+    def curl_each(self, pod: str, urls: Sequence[str], write_out: str,
+                  extra: Sequence[str] = (), timeout: float = 60.0) -> list[str]:
+        """One curl for many URLs (``[1-N]`` globs too): one keep-alive connection, or
+        parallel ones with ``-Z`` in ``extra``; each transfer's ``-w write_out`` line."""
+        argv = ["curl", "-sS", "--max-time", "10", "-w", f"\\n@@{write_out}\\n", *extra, *urls]
+        done = self.topo.run(pod, argv, timeout=timeout)
+        lines = [line[2:] for line in done.stdout.splitlines() if line.startswith("@@")]
+        if not lines:
+            raise MeshTestError(f"curl from {pod} answered nothing: {done.stderr.strip()}")
+        return lines
+
+    def start_tool(self, pod: str, argv: Sequence[str], name: str,
+                   ports: Sequence[int]) -> subprocess.Popen[Any]:
+        """A server in ``pod`` (output to ``logs/<name>.log``), once it listens on ``ports``;
+        stopped by PID with the topology."""
+        proc = self.topo.popen(pod, argv, env=self._env(), log=self.logs_dir / f"{name}.log")
+        for port in ports:
+            self.topo.wait_listening(pod, port, timeout=15, proc=proc)
+        return proc
+
+    def run_tool(self, pod: str, argv: Sequence[str],
+                 timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """A client tool run to completion in ``pod`` (its output captured)."""
+        return self.topo.run(pod, argv, env=self._env(), timeout=timeout)
+
     def send(self, pod: str, address: tuple[str, int], nbytes: int) -> int:
         """One TCP connection: ``nbytes`` out, half-close, read to EOF; bytes read back."""
         done = self.topo.run(pod, tool("send", address[0], str(address[1]), str(nbytes)),
@@ -344,6 +369,15 @@ class Mesh:
     def tc_filters(self, node: str, dev: str) -> str:
         return self.topo.run(node, ["tc", "filter", "show", "dev", dev, "ingress"],
                              timeout=10).stdout
+
+
+def metric_sum(text: str, sample: str, **labels: str) -> float:
+    """The sum of the ``sample`` series (e.g. ``istio_requests_total``) in a Prometheus
+    text page whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 class Held:
