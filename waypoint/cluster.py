@@ -39,10 +39,10 @@ class EndpointRef:
     address: str
     port: int
     workload: Workload | None = None
+    key: str = field(init=False, repr=False, compare=False)  # "address:port", made once
 
-    @property
-    def key(self) -> str:
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.address}:{self.port}")
 
 
 @dataclass(frozen=True)
@@ -278,9 +278,15 @@ class Cluster:
     in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     health: dict[str, _Health] = field(default_factory=dict)
     _rr: int = 0
+    _limits: tuple[ClusterPolicy, Limits, Limits] | None = None
 
     def limits(self, http2: bool) -> Limits:
-        return Limits.of(self.policy.connection_pool, http2)
+        """The connection-pool limits (remembered per policy: a policy is immutable)."""
+        cached = self._limits
+        if cached is None or cached[0] is not self.policy:
+            pool = self.policy.connection_pool
+            cached = self._limits = (self.policy, Limits.of(pool, False), Limits.of(pool, True))
+        return cached[2] if http2 else cached[1]
 
     # -- outlier detection --
 
@@ -325,7 +331,7 @@ class Cluster:
     # -- load balancing --
 
     def pick(self, endpoints: tuple[EndpointRef, ...], req: Request) -> EndpointRef | None:
-        healthy = [e for e in endpoints if not self.is_ejected(e)]
+        healthy = [e for e in endpoints if not self.is_ejected(e)] if self.health else endpoints
         if not healthy:
             return None
         lb = self.policy.load_balancer

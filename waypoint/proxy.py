@@ -159,7 +159,7 @@ class WaypointProxy:
         port = int(port_text) if port_text else 0
         if svc.port(port) is None:
             port = svc.ports[0].port if svc.ports else req.port
-        return svc, (req if port == req.port else replace(req, port=port))
+        return svc, req.with_port(port)
 
     def cluster(self, target: Target, http2: bool) -> Cluster:
         key = (target.host, target.subset, target.port, http2)

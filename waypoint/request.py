@@ -120,6 +120,12 @@ class Request:
         return Request(self.method, self.path, self.authority, headers, self.port, self.scheme,
                        self.source, self.grpc, self.dst, self.http2)
 
+    def with_port(self, port: int) -> Request:
+        if port == self.port:
+            return self
+        return Request(self.method, self.path, self.authority, self.headers, port, self.scheme,
+                       self.source, self.grpc, self.dst, self.http2)
+
 
 @dataclass
 class Response:

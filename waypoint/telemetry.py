@@ -133,40 +133,75 @@ class _Hist:
         return out
 
 
+class _Series:
+    """One label set's counter and histograms."""
+
+    __slots__ = ("count", "duration", "req_bytes", "resp_bytes")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.duration = _Hist(len(DURATION_BUCKETS_MS))
+        self.req_bytes = _Hist(len(BYTES_BUCKETS))
+        self.resp_bytes = _Hist(len(BYTES_BUCKETS))
+
+
+# Label sets remembered by what they are made of (bounded: cleared when full).
+LABEL_CACHE_SIZE = 4096
+
+
 class HttpCollector(Collector):
     def __init__(self, cluster: str = DEFAULT_CLUSTER) -> None:
         self.cluster = cluster
-        self.requests: dict[tuple[str, ...], int] = {}
-        self.duration: dict[tuple[str, ...], _Hist] = {}
-        self.req_bytes: dict[tuple[str, ...], _Hist] = {}
-        self.resp_bytes: dict[tuple[str, ...], _Hist] = {}
+        self.series: dict[tuple[str, ...], _Series] = {}
+        # (id(source workload), id(destination workload), the record's own label fields)
+        # -> (labels, source workload, destination workload): the workloads are kept so
+        # that an id is never reused while its entry lives.
+        self._labels: dict[tuple[object, ...], tuple[tuple[str, ...], object, object]] = {}
+
+    def labels(self, rec: RequestRecord) -> tuple[str, ...]:
+        """``labels_of(rec)``, remembered: building the 25 labels (canonical names and
+        revisions looked up in the workloads' label maps) costs more than the rest of
+        ``record``."""
+        src, dst = rec.source.workload, rec.destination
+        ck = (id(src), id(dst), rec.source.principal, rec.destination_service, rec.protocol,
+              rec.status, rec.grpc_status, rec.flags, rec.security)
+        hit = self._labels.get(ck)
+        if hit is not None and hit[1] is src and hit[2] is dst:
+            return hit[0]
+        key = labels_of(rec, self.cluster)
+        if len(self._labels) >= LABEL_CACHE_SIZE:
+            self._labels.clear()
+        self._labels[ck] = (key, src, dst)
+        return key
+
+    @property
+    def requests(self) -> dict[tuple[str, ...], int]:
+        return {k: s.count for k, s in self.series.items()}
 
     def record(self, rec: RequestRecord) -> None:
-        key = labels_of(rec, self.cluster)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        for table, bounds, value in (
-            (self.duration, DURATION_BUCKETS_MS, rec.duration_ms),
-            (self.req_bytes, BYTES_BUCKETS, float(rec.request_bytes)),
-            (self.resp_bytes, BYTES_BUCKETS, float(rec.response_bytes)),
-        ):
-            h = table.get(key)
-            if h is None:
-                h = table[key] = _Hist(len(bounds))
-            h.observe(bounds, value)
+        key = self.labels(rec)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series()
+        series.count += 1
+        series.duration.observe(DURATION_BUCKETS_MS, rec.duration_ms)
+        series.req_bytes.observe(BYTES_BUCKETS, rec.request_bytes)
+        series.resp_bytes.observe(BYTES_BUCKETS, rec.response_bytes)
 
     def collect(self) -> Iterator[Metric]:
         c = CounterMetricFamily("istio_requests", "Total requests", labels=HTTP_LABELS)
-        for key, n in self.requests.items():
-            c.add_metric(key, n)
+        for key, series in self.series.items():
+            c.add_metric(key, series.count)
         yield c
-        for name, doc, table, bounds in (
-            ("istio_request_duration_milliseconds", "Request duration", self.duration,
+        for name, doc, attr, bounds in (
+            ("istio_request_duration_milliseconds", "Request duration", "duration",
              DURATION_BUCKETS_MS),
-            ("istio_request_bytes", "Request body sizes", self.req_bytes, BYTES_BUCKETS),
-            ("istio_response_bytes", "Response body sizes", self.resp_bytes, BYTES_BUCKETS),
+            ("istio_request_bytes", "Request body sizes", "req_bytes", BYTES_BUCKETS),
+            ("istio_response_bytes", "Response body sizes", "resp_bytes", BYTES_BUCKETS),
         ):
             h = HistogramMetricFamily(name, doc, labels=HTTP_LABELS)
-            for key, hist in table.items():
+            for key, series in self.series.items():
+                hist: _Hist = getattr(series, attr)
                 h.add_metric(list(key), hist.family_buckets(bounds), hist.sum)
             yield h
 

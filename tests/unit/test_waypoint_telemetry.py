@@ -96,3 +96,35 @@ def test_traceparent_starts_a_trace_when_the_caller_sent_none_or_a_bad_one(
     out = next_traceparent(bad, random.Random(2))
     version, trace, _span, flags = out.split("-")
     assert version == "00" and len(trace) == 32 and trace != "0" * 32 and flags == "01"
+
+
+def test_remembered_labels_are_those_of_the_record() -> None:
+    m = WaypointMetrics()
+    first = _rec()
+    m.record(first)
+    m.record(_rec(source=first.source, destination=first.destination, duration_ms=1.0))
+    (key, series), = m.http.series.items()
+    assert key == labels_of(first) and series.count == 2 and series.duration.sum == 13.0
+    # Same names, different workload objects (a new snapshot): labels built again, and
+    # every field of the record that is a label makes its own series.
+    other = _rec(destination=_w("reviews-v3", "bookinfo", "reviews", app="reviews",
+                                version="v3"))
+    for rec in (other, _rec(status=503, flags="UF"), _rec(grpc_status="14"),
+                _rec(source=Peer("10.0.0.2", "spiffe://cluster.local/ns/x/sa/y")),
+                _rec(destination_service="ratings.bookinfo.svc.cluster.local"),
+                _rec(protocol="grpc"), _rec(security="none")):
+        m.record(rec)
+        assert m.http.series[labels_of(rec)].count == 1
+    assert len(m.http.series) == 8
+    assert m.count(destination_workload="reviews-v2") == 8 and \
+        m.count(destination_workload="reviews-v3") == 1
+
+
+def test_label_cache_is_bounded() -> None:
+    from waypoint import telemetry
+
+    m = WaypointMetrics()
+    for i in range(telemetry.LABEL_CACHE_SIZE + 10):
+        m.record(_rec(source=Peer(f"10.0.{i // 250}.{i % 250}", f"spiffe://td/ns/n/sa/{i}")))
+    assert len(m.http._labels) <= telemetry.LABEL_CACHE_SIZE
+    assert sum(s.count for s in m.http.series.values()) == telemetry.LABEL_CACHE_SIZE + 10
