@@ -18,8 +18,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import structlog
-
+from ztunnel_py import log
 from ztunnel_py.telemetry.connection import ConnectionResult, add_sink, remove_sink
 
 EVENT = "connection complete"
@@ -71,30 +70,23 @@ class AccessLog:
     """A ConnectionResult sink that logs one line per connection at close."""
 
     def __init__(self, logger: Any = None) -> None:
+        """``logger``: a structlog-style logger to use instead of ``log.emitter``."""
         self._logger = logger
         self._attached = False
-        self._bound: Any = None
-        self._bound_for: tuple[int, ...] = ()
-
-    def _log(self) -> Any:
-        if self._logger is not None:
-            return self._logger
-        # Bound once per structlog configuration (binding costs more than the line
-        # itself), and again when the agent configures structlog later.
-        cfg = structlog.get_config()
-        key = (id(cfg["processors"]), id(cfg["wrapper_class"]), id(cfg["logger_factory"]))
-        if key != self._bound_for:
-            self._bound = structlog.get_logger().bind(component="access")
-            self._bound_for = key
-        return self._bound
+        self._emitter = log.emitter("access")
 
     def on_close(self, rec: ConnectionResult) -> None:
         fields = access_fields(rec)
-        log = self._log()
-        if "error" in fields:
-            log.warning(FAILED_EVENT, **fields)
+        failed = "error" in fields
+        if self._logger is not None:
+            if failed:
+                self._logger.warning(FAILED_EVENT, **fields)
+            else:
+                self._logger.info(EVENT, **fields)
+        elif failed:
+            self._emitter.warning(FAILED_EVENT, fields)
         else:
-            log.info(EVENT, **fields)
+            self._emitter.info(EVENT, fields)
 
     def attach(self) -> None:
         add_sink(self.on_close)
