@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,16 @@ import yaml
 from tests.conftest import require_root
 from ztunnel_py.topology import leftovers, sweep
 from ztunnel_py.topology.host import ProcessRecord
+
+
+def _canary_counts(story: str) -> dict[str, int]:
+    """``reviews v1:  79  (route weight 80%)`` lines -> {"v1": 79, ...}."""
+    counts = {}
+    for line in story.splitlines():
+        m = re.fullmatch(r"\s+reviews (\S+):\s+(\d+)\s+\(route weight \d+%\)", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+    return counts
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -56,17 +67,38 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
     # [4/4] the metrics those connections produced
     assert 'connection_security_policy="mutual_tls"' in story
     assert 'response_flags="DENY"' in story and 'source_workload="visitor"' in story
+    # [5/7] bookinfo's canary through the waypoint: 100 requests, 80/20 v1/v3 (loose bounds:
+    # binomial, p=0.2 for v3, n=100: 5..40 is beyond 4.5 standard deviations either way)
+    canary = _canary_counts(story)
+    assert set(canary) == {"v1", "v3"} and sum(canary.values()) == 100, canary
+    assert 5 <= canary["v3"] <= 40, canary
+    # [6/7] the header route: jason -> v2 (black stars), everyone else -> v3 (red stars)
+    assert "as jason:  reviews-v2/v2 x10 [★★★★★ ★★★★☆ (black)]" in story
+    assert "anonymous: reviews-v3/v3 x10 [★★★★★ ★★★★☆ (red)]" in story
+    # [7/7] the fault: jason's page says ratings are unavailable, others' pages do not
+    assert "    | Ratings service is currently unavailable" in story
+    assert "as jason, 3 more: reviews-v2/v2 x3 [ratings unavailable]" in story
+    assert "anonymous, 3:     reviews-v3/v3 x3 [★★★★★ ★★★★☆ (red)]" in story
+    # ... and the waypoint counts the aborts with response flag FI
+    fi = [line for line in story.splitlines() if 'response_flags="FI"' in line]
+    assert len(fi) == 1 and 'destination_service_name="ratings"' in fi[0], fi
+    assert 'response_code="500"' in fi[0] and 'source_workload="reviews-v2"' in fi[0]
+    assert float(fi[0].rpartition("} ")[2]) >= 4  # one page + 3 more, each one ratings call
 
     st = _cli(demo_env, "status", "--json")
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     prefix = status["prefix"]
     pods = {p["name"]: p for p in status["pods"]}
-    assert set(pods) == {"client", "helloworld-v1", "helloworld-v2", "visitor"}
+    bookinfo = {"productpage-v1", "reviews-v1", "reviews-v2", "reviews-v3", "ratings-v1"}
+    waypoint = "waypoint-bookinfo-waypoint"
+    assert set(pods) == {"client", "helloworld-v1", "helloworld-v2", "visitor", *bookinfo,
+                         waypoint}
     for p in pods.values():
         assert p["netns"].startswith(prefix + "-") and Path("/run/netns", p["netns"]).exists()
         assert p["ip"].startswith("10.244.")
-        assert p["namespace"] and p["service_account"] and p["labels"]["app"]
+        assert p["namespace"] and p["service_account"]
+        assert p["labels"].get("app") or p["name"] == waypoint
     assert pods["client"]["node"] == "node1" and pods["helloworld-v1"]["node"] == "node2"
     nodes = {n["name"]: n for n in status["nodes"]}
     assert nodes["node2"]["ip"] == "172.30.0.12"
@@ -74,19 +106,38 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
     services = {(s["namespace"], s["name"]): s for s in status["services"]}
     assert services[("demo", "helloworld")]["vip"] == "10.96.0.10"
     assert services[("demo", "helloworld")]["ports"][0]["target_port"] == 8080
+    assert {name for ns, name in services if ns == "bookinfo"} == {
+        "productpage", "reviews", "ratings"}
+    assert services[("bookinfo", "productpage")]["vip"] == "10.96.0.20"
+    assert {pods[p]["namespace"] for p in bookinfo} == {"bookinfo"}
+    assert {pods[p]["node"] for p in bookinfo} == {"node1", "node2"}
+    assert pods[waypoint]["labels"]["gateway.networking.k8s.io/gateway-name"] == "waypoint"
+    assert status["waypoints"] == [{
+        "name": "waypoint", "namespace": "bookinfo", "node": "node2", "pod": waypoint,
+        "service_account": "waypoint", "ip": pods[waypoint]["ip"], "hbone_port": 15008,
+        "used_by": ["bookinfo"]}]
 
     # The config dir holds the world as Kubernetes YAML, IPs in status.
     config = Path(status["config_dir"])
     pod = yaml.safe_load((config / "demo--pod--helloworld-v1.yaml").read_text())
     assert pod["status"]["podIP"] == pods["helloworld-v1"]["ip"]
     assert pod["spec"]["nodeName"] == "node2"
+    # ... and the Istio objects the story applied, as the user would have written them
+    vs = yaml.safe_load(
+        (config / "bookinfo--virtualservice.networking.istio.io--ratings.yaml").read_text())
+    assert vs["spec"]["http"][0]["fault"]["abort"]["httpStatus"] == 500
+    assert (config / "bookinfo--destinationrule.networking.istio.io--reviews.yaml").exists()
+    gateway = yaml.safe_load(
+        (config / "bookinfo--gateway.gateway.networking.k8s.io--waypoint.yaml").read_text())
+    assert gateway["spec"]["gatewayClassName"] == "istio-waypoint"
 
     # The pods' servers outlived the CLI that started them; an unmodified curl works.
     procs = [ProcessRecord(p["pid"], p["start"], p["target"], ()) for p in status["processes"]]
-    # 4 pod services, the controller, one agent per node
-    assert len(procs) == 7 and all(p.alive() for p in procs)
+    # 9 pod services, the controller, one agent per node, the waypoint
+    assert len(procs) == 13 and all(p.alive() for p in procs)
     targets = sorted(p["target"] for p in status["processes"])
     assert targets.count("node1") == 2 and targets.count("node2") == 1
+    assert targets.count(waypoint) == 1
     curl = subprocess.run(
         ["nsenter", f"--net=/run/netns/{pods['client']['netns']}", "--",
          "curl", "-sS", "-i", "--max-time", "5", f"http://{pods['helloworld-v1']['ip']}:8080/"],
@@ -101,7 +152,8 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
     )  # fmt: skip
     assert ctl.returncode == 0, ctl.stderr
     workloads = {w["name"]: w for w in json.loads(ctl.stdout)}
-    assert set(workloads) == {"client", "helloworld-v1", "helloworld-v2", "visitor"}
+    assert set(workloads) == {"client", "helloworld-v1", "helloworld-v2", "visitor", *bookinfo,
+                              waypoint}
 
     again = _cli(demo_env, "up")
     assert again.returncode == 0 and "already up" in again.stdout

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ztunnel_py.demo import scenario
+from ztunnel_py.demo import bookinfo_story, scenario
 from ztunnel_py.demo.configdir import ManifestError, apply_paths, delete_paths
 from ztunnel_py.demo.mesh import MeshError, ztunnel
 from ztunnel_py.demo.run import AlreadyUp, DemoError, DemoRun, state_dir_from_env
@@ -35,8 +35,10 @@ def _up(args: argparse.Namespace) -> int:
         if not run.show_request(topo):
             return _err("the demo is up but the cross-node request failed; see `demo status`")
     else:
-        outcome = scenario.tell(topo, run.mesh(topo), run.world, run.config_dir, print)
-        if not outcome.ok:
+        step = scenario.Steps(scenario.STEPS + bookinfo_story.STEPS, print)
+        l4 = scenario.tell(topo, run.mesh(topo), run.world, run.config_dir, print, step)
+        l7 = bookinfo_story.tell(topo, run.world, run.config_dir, step, print)
+        if not (l4.ok and l7.ok):
             return _err(f"the mesh did not behave as the story says; logs in {run.logs_dir}")
     print("\nnext: `ztunnel-py demo status --json`, `ztunnel-py demo ctl node1 workloads`, "
           "then `ztunnel-py demo down`")
@@ -83,11 +85,15 @@ def _status(args: argparse.Namespace) -> int:
         print(f"node {n['name']:<8} netns {n['netns']:<22} ip {n['ip']:<14} "
               f"underlay iface {n['underlay_iface']}  pods {n['pod_cidr']}")  # fmt: skip
     for p in st["pods"]:
-        print(f"pod  {p['namespace'] + '/' + p['name']:<22} node {p['node']:<6} "
+        print(f"pod  {p['namespace'] + '/' + p['name']:<30} node {p['node']:<6} "
               f"ip {p['ip']:<12} netns {p['netns']}  sa {p['service_account']}")  # fmt: skip
     for s in st["services"]:
         ports = ", ".join(f"{sp['port']}->{sp['target_port']}" for sp in s["ports"])
-        print(f"svc  {s['namespace'] + '/' + s['name']:<22} vip {s['vip']:<12} ports {ports}")
+        print(f"svc  {s['namespace'] + '/' + s['name']:<30} vip {s['vip']:<12} ports {ports}")
+    for w in st.get("waypoints", []):
+        print(f"waypoint {w['namespace'] + '/' + w['name']:<18} pod {w['pod']} on {w['node']}, "
+              f"HBONE {w['ip']}:{w['hbone_port']}; used by namespace(s) "
+              f"{', '.join(w['used_by']) or '-'}")
     dead = [p for p in st["processes"] if not p["alive"]]
     if dead:
         print(f"WARNING: {len(dead)} process(es) exited; logs: " + ", ".join(

@@ -82,10 +82,9 @@ class DemoMesh:
                 "--token-file", token_files[node], "--capture", "ebpf",
                 "--bpf-pin-root", str(bpf_pin_dir(self.topo.prefix)),
             ))
-        self.wait_ready(nodes, timeout)
-        for wp in waypoints:
+        for wp in waypoints:  # alongside the agents: a waypoint needs only the controller
             self.start_waypoint(start, wp)
-        self.wait_ready([wp.pod for wp in waypoints], timeout)
+        self.wait_ready([*nodes, *(wp.pod for wp in waypoints)], timeout)
 
     def waypoint_argv(self, wp: DemoWaypoint) -> list[str]:
         """``ztunnel-py waypoint`` as it runs in its pod: identity and config from the

@@ -22,10 +22,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ztunnel_py.demo import httpservice
+from ztunnel_py.config import HBONE_PORT
+from ztunnel_py.demo import bookinfo, httpservice
 from ztunnel_py.demo.configdir import ObjectRef, ref_of, write_objects
 from ztunnel_py.demo.mesh import DemoMesh
-from ztunnel_py.demo.world import DEFAULT_WORLD, DEMO_CLIENT, DEMO_SERVER, World, manifests
+from ztunnel_py.demo.world import (
+    BOOKINFO,
+    DEFAULT_WORLD,
+    DEMO_CLIENT,
+    DEMO_SERVER,
+    DemoPod,
+    World,
+    manifests,
+)
 from ztunnel_py.demo.world import topology_spec as world_topology_spec
 from ztunnel_py.topology import (
     Topology,
@@ -51,6 +60,14 @@ class AlreadyUp(DemoError):
 
 def state_dir_from_env() -> Path:
     return Path(os.environ.get("ZTUNNEL_DEMO_DIR") or DEFAULT_STATE_DIR)
+
+
+def pod_command(world: World, pod: DemoPod) -> list[str]:
+    """What ``pod`` runs: the helloworld service, or its part of bookinfo with its address book."""
+    if pod.program == BOOKINFO:
+        return bookinfo.command(pod.app, pod.name, pod.version, pod.port,
+                                world.address_book(pod))
+    return httpservice.command(pod.name, pod.version, pod.port)
 
 
 class DemoRun:
@@ -130,8 +147,10 @@ class DemoRun:
             self._start_services(topo)
             self._write_config(topo)
             if mesh:
-                say("starting the controller on node1 and an agent (eBPF capture) per node"
-                    + (", then the waypoints" if self.world.waypoints else ""))
+                waypoints = ", ".join(f"{w.namespace}/{w.name} on {w.node}"
+                                      for w in self.world.waypoints)
+                say("starting the controller on node1, an agent (eBPF capture) per node"
+                    + (f" and the waypoint(s) {waypoints}" if waypoints else ""))
                 self.mesh(topo).start(self.start, waypoints=self.world.waypoints)
             self._save_topology(topo, "up")
         except BaseException:
@@ -147,7 +166,7 @@ class DemoRun:
 
     def _start_services(self, topo: Topology) -> None:
         for p in self.world.pods:
-            self.start(topo, p.name, p.name, httpservice.command(p.name, p.version, p.port))
+            self.start(topo, p.name, p.name, pod_command(self.world, p))
         for p in self.world.pods:
             topo.wait_listening(p.name, p.port, timeout=15)
 
@@ -203,6 +222,7 @@ class DemoRun:
         topo = Topology.attach(data["topology"])
         lay = topo.layout
         ports = {p.name: p.port for p in self.world.pods}
+        ports |= {w.pod: HBONE_PORT for w in self.world.waypoints}
         out["underlay"] = {
             "netns": lay.underlay.netns,
             "bridge": lay.underlay.bridge,
@@ -249,6 +269,15 @@ class DemoRun:
                 ],
             }
             for s in self.world.services
+        ]  # fmt: skip
+        out["waypoints"] = [
+            {"name": w.name, "namespace": w.namespace, "node": w.node, "pod": w.pod,
+             "service_account": w.service_account, "ip": lay.pod(w.pod).ip,
+             "hbone_port": HBONE_PORT,
+             "used_by": sorted(ns for ns, labels in self.world.namespaces.items()
+                               if labels.get("istio.io/use-waypoint") == w.name
+                               and ns == w.namespace)}
+            for w in self.world.waypoints
         ]  # fmt: skip
         out["processes"] = [
             {"pid": r.pid, "start": r.start, "target": r.target, "argv": list(r.argv),

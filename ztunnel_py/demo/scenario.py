@@ -8,6 +8,9 @@
 3. An AuthorizationPolicy lets only namespace ``demo`` reach helloworld:
    ``demo/client`` is allowed, ``other/visitor`` is refused.
 4. The metrics those connections produced (Istio's names and labels).
+
+Steps 5-7 (bookinfo behind a waypoint: L7) are ``bookinfo_story``'s; the
+steps of both are numbered by one :class:`Steps`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ from ztunnel_py.topology import Topology
 Say = Callable[[str], None]
 
 POLICY_NAME = "helloworld-allow-demo"
+STEPS = 4
+
+
+class Steps:
+    """Prints numbered step titles: ``[n/total] title``."""
+
+    def __init__(self, total: int, say: Say) -> None:
+        self.total = total
+        self.done = 0
+        self.say = say
+
+    def __call__(self, title: str) -> None:
+        self.done += 1
+        self.say(f"\n[{self.done}/{self.total}] {title}")
 
 
 def ambient_namespace(name: str) -> dict[str, Any]:
@@ -98,13 +115,16 @@ def _retry(fn: Callable[[], tuple[int, str]], ok: Callable[[int, str], bool],
         time.sleep(0.3)
 
 
-def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say) -> Outcome:
+def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say,
+         step: Say | None = None) -> Outcome:
+    """Steps 1-4; ``step`` prints a step's numbered title (default: [n/4])."""
+    step = step or Steps(STEPS, say)
     out = Outcome()
     client, server = topo.pod("client"), topo.pod("helloworld-v1")
     svc = next(s for s in world.services if s.name == "helloworld")
     vip_url = f"http://{svc.vip}:{svc.ports[0].port}/headers"
 
-    say("\n[1/4] before ambient: namespace demo is not in the mesh")
+    step("before ambient: namespace demo is not in the mesh")
     marker = "plaintext-" + secrets.token_hex(4)
     with wire.capture(topo) as cap:
         rc, resp = curl(topo, "client", f"http://{server.ip}:8080/headers", marker)
@@ -114,7 +134,7 @@ def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say
     say(f"  on the underlay: TCP ports {sorted(cap.ports)}; request marker visible on the "
         f"wire: {'YES (plaintext)' if out.plaintext_marker_seen else 'no'}")
 
-    say("\n[2/4] kubectl label namespace demo istio.io/dataplane-mode=ambient")
+    step("kubectl label namespace demo istio.io/dataplane-mode=ambient")
     write_objects(config_dir, [(ref_of(ns, "demo"), ns) for ns in [ambient_namespace("demo")]])
     started = time.monotonic()
     rc, resp = _retry(lambda: curl(topo, "client", vip_url, "warm-up"),
@@ -135,8 +155,7 @@ def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say
     say(f"  on the underlay: TCP ports {sorted(out.mesh_ports)} (HBONE: TLS 1.3 + HTTP/2 "
         f"CONNECT); request marker visible on the wire: {'YES' if out.mesh_marker_seen else 'no'}")
 
-    say(f"\n[3/4] AuthorizationPolicy demo/{POLICY_NAME}: only namespace demo may reach "
-        "helloworld")
+    step(f"AuthorizationPolicy demo/{POLICY_NAME}: only namespace demo may reach helloworld")
     policy = allow_only_namespace("demo", "helloworld", "demo")
     write_objects(config_dir, [(ref_of(policy, "demo"), policy)])
     time.sleep(1.0)  # debounce + push + swap
@@ -151,19 +170,22 @@ def tell(topo: Topology, mesh: DemoMesh, world: World, config_dir: Any, say: Say
     say(f"  other/visitor -> helloworld: "
         f"{'refused (' + resp.strip().splitlines()[-1] + ')' if rc != 0 else 'NOT refused'}")
 
-    say("\n[4/4] metrics: istio_tcp_connections_opened_total on each node's agent")
+    step("metrics: istio_tcp_connections_opened_total on each node's agent")
     for node in (n.name for n in topo.nodes):
         for line in mesh.metrics(node).splitlines():
             if line.startswith("istio_tcp_connections_opened_total{"):
                 out.metrics.append(f"{node}: {line}")
-                say(f"  {node}: {_short_metric(line)}")
+                say(f"  {node}: {short_metric(line, TCP_LABELS_SHOWN)}")
     return out
 
 
-def _short_metric(line: str) -> str:
-    keep = ("reporter=", "source_workload=", "destination_workload=",
-            "connection_security_policy=", "response_flags=")
+TCP_LABELS_SHOWN = ("reporter", "source_workload", "destination_workload",
+                    "connection_security_policy", "response_flags")
+
+
+def short_metric(line: str, keep: tuple[str, ...]) -> str:
+    """A Prometheus sample line with only the ``keep`` labels."""
     head, _, rest = line.partition("{")
     labels, _, value = rest.rpartition("}")
-    parts = [p for p in labels.split(",") if p.startswith(keep)]
+    parts = [p for p in labels.split(",") if p.partition("=")[0] in keep]
     return f"{head}{{{','.join(parts)}}}{value}"

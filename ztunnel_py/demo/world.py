@@ -20,6 +20,9 @@ from ztunnel_py.topology import Layout, NodeSpec, PodSpec, TopologySpec
 
 AMBIENT = MappingProxyType({"istio.io/dataplane-mode": "ambient"})
 APP_PORT = 8080
+BOOKINFO_PORT = 9080
+HTTPSERVICE, BOOKINFO = "httpservice", "bookinfo"  # what a pod runs (ztunnel_py.demo.<it>)
+BOOKINFO_NS, BOOKINFO_WAYPOINT = "bookinfo", "waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 _UID_NAMESPACE = uuid.UUID("6f1d0b0e-3c55-4a8e-9a57-2a7e5b0c9d11")
 
@@ -33,6 +36,8 @@ class DemoPod:
     version: str
     service_account: str
     port: int = APP_PORT
+    program: str = HTTPSERVICE  # the demo module the pod runs: HTTPSERVICE or BOOKINFO
+    calls: tuple[str, ...] = ()  # services (same namespace) whose VIP the pod is told
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,20 @@ class World:
                 return p
         raise KeyError(name)
 
+    def service(self, name: str, namespace: str) -> DemoService:
+        for s in self.services:
+            if (s.name, s.namespace) == (name, namespace):
+                return s
+        raise KeyError(f"{namespace}/{name}")
+
+    def address_book(self, pod: DemoPod) -> dict[str, str]:
+        """What ``pod`` is told about the services it calls: name -> "VIP:port"."""
+        book = {}
+        for name in pod.calls:
+            svc = self.service(name, pod.namespace)
+            book[name] = f"{svc.vip}:{svc.ports[0].port}"
+        return book
+
     def waypoint(self, name: str, namespace: str) -> DemoWaypoint:
         for w in self.waypoints:
             if (w.name, w.namespace) == (name, namespace):
@@ -95,32 +114,45 @@ class World:
         raise KeyError(f"{namespace}/{name}")
 
 
+def _http_service(name: str, namespace: str, vip: str, port: int, target_port: int
+                  ) -> DemoService:
+    return DemoService(name, namespace, vip, MappingProxyType({"app": name}),
+                       (ServicePortDef("http", port, target_port),))
+
+
+def _bookinfo(name: str, node: str, app: str, version: str, *calls: str) -> DemoPod:
+    return DemoPod(name, BOOKINFO_NS, node, app, version, f"bookinfo-{app}",
+                   port=BOOKINFO_PORT, program=BOOKINFO, calls=calls)
+
+
+# Istio's bookinfo, in small, behind its namespace's waypoint (ztunnel_py.demo.bookinfo).
 DEFAULT_WORLD = World(
     # `demo` starts outside the mesh; `demo up` labels it ambient as part of the story.
-    namespaces=MappingProxyType({"demo": MappingProxyType({}), "other": AMBIENT}),
+    namespaces=MappingProxyType({
+        "demo": MappingProxyType({}),
+        "other": AMBIENT,
+        BOOKINFO_NS: MappingProxyType({**AMBIENT, "istio.io/use-waypoint": BOOKINFO_WAYPOINT}),
+    }),
     nodes=("node1", "node2"),
     pods=(
         DemoPod("client", "demo", "node1", "client", "v1", "client"),
         DemoPod("helloworld-v1", "demo", "node2", "helloworld", "v1", "helloworld"),
         DemoPod("helloworld-v2", "demo", "node1", "helloworld", "v2", "helloworld"),
         DemoPod("visitor", "other", "node2", "visitor", "v1", "visitor"),
+        _bookinfo("productpage-v1", "node1", "productpage", "v1", "reviews"),
+        _bookinfo("reviews-v1", "node2", "reviews", "v1"),
+        _bookinfo("reviews-v2", "node1", "reviews", "v2", "ratings"),
+        _bookinfo("reviews-v3", "node2", "reviews", "v3", "ratings"),
+        _bookinfo("ratings-v1", "node1", "ratings", "v1"),
     ),
     services=(
-        DemoService(
-            "helloworld",
-            "demo",
-            "10.96.0.10",
-            MappingProxyType({"app": "helloworld"}),
-            (ServicePortDef("http", 80, APP_PORT),),
-        ),
-        DemoService(
-            "visitor",
-            "other",
-            "10.96.0.11",
-            MappingProxyType({"app": "visitor"}),
-            (ServicePortDef("http", 80, APP_PORT),),
-        ),
+        _http_service("helloworld", "demo", "10.96.0.10", 80, APP_PORT),
+        _http_service("visitor", "other", "10.96.0.11", 80, APP_PORT),
+        _http_service("productpage", BOOKINFO_NS, "10.96.0.20", BOOKINFO_PORT, BOOKINFO_PORT),
+        _http_service("reviews", BOOKINFO_NS, "10.96.0.21", BOOKINFO_PORT, BOOKINFO_PORT),
+        _http_service("ratings", BOOKINFO_NS, "10.96.0.22", BOOKINFO_PORT, BOOKINFO_PORT),
     ),
+    waypoints=(DemoWaypoint(BOOKINFO_WAYPOINT, BOOKINFO_NS, "node2"),),
 )
 
 # The request `demo up` shows: a pod on node1 to a pod on node2.
@@ -195,7 +227,7 @@ def manifests(world: World, layout: Layout) -> list[dict[str, Any]]:
                 "metadata": {"name": sa, "namespace": ns},
             }
         )
-    containers = [(p.name, p.namespace, p.service_account, "ztunnel-py/demo-httpservice",
+    containers = [(p.name, p.namespace, p.service_account, f"ztunnel-py/demo-{p.program}",
                    ("http", p.port)) for p in world.pods]
     containers += [(w.pod, w.namespace, w.service_account, "ztunnel-py", ("hbone", HBONE_PORT))
                    for w in world.waypoints]
