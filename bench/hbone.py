@@ -308,6 +308,7 @@ def _latency(
 
 
 MEASUREMENTS = ("throughput", "rps", "connections", "latency")
+PATHS = ("direct", "agents", "haproxy", "haproxy-mt")
 
 
 def orchestrate(
@@ -315,6 +316,7 @@ def orchestrate(
     rate: float,
     only: frozenset[str] = frozenset(MEASUREMENTS),
     haproxy_mt: bool = True,
+    paths: frozenset[str] = frozenset(PATHS),
 ) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
@@ -419,6 +421,8 @@ def orchestrate(
         cpu: dict[str, dict[str, float]] = {}
         rows: dict[str, dict[str, float]] = {}
         for sc in scenarios:
+            if sc.name not in paths:
+                continue
             print(f"# {sc.name} ...", file=sys.stderr, flush=True)
             ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
             nan = float("nan")
@@ -494,7 +498,7 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float)
     print("-" * len(head))
     nan = float("nan")
     for key, label in metrics:
-        d, a, h = (rows[s][key] for s in ("direct", "agents", "haproxy"))
+        d, a, h = (rows.get(s, {}).get(key, nan) for s in ("direct", "agents", "haproxy"))
         line = f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}"
         if mt:
             line += f"{rows['haproxy-mt'][key]:>12.2f}"
@@ -552,13 +556,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these measurements (repeatable; default: all)")
     parser.add_argument("--no-haproxy-mt", action="store_true",
                         help="skip the HAProxy pair with default threads")
+    parser.add_argument("--path", action="append", choices=PATHS, dest="paths",
+                        help="measure only these paths (repeatable; default: all; the "
+                        "ratios need agents and haproxy)")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
     if args.cmd == "latency":
         return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
     return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
-                       haproxy_mt=not args.no_haproxy_mt)
+                       haproxy_mt=not args.no_haproxy_mt and (
+                           not args.paths or "haproxy-mt" in args.paths),
+                       paths=frozenset(args.paths or PATHS))
 
 
 if __name__ == "__main__":
