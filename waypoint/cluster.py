@@ -172,6 +172,13 @@ class Gate:
         self.retries = 0
         self.overflows = 0
 
+    def try_acquire(self, limits: Limits) -> bool:
+        """A slot at once if one is free (no coroutine on the common path)."""
+        if self.active < limits.max_active and not self.waiting:
+            self.active += 1
+            return True
+        return False
+
     async def acquire(self, limits: Limits) -> None:
         if self.active < limits.max_active and not self.waiting:
             self.active += 1

@@ -703,3 +703,38 @@ spec:
     assert reviews == {"routes": "VirtualService bookinfo/reviews", "http_routes": 1,
                        "destination_rule": "bookinfo/reviews"}
     assert "outbound|9080|v1|reviews.bookinfo.svc.cluster.local" in d["clusters"]  # type: ignore[operator]
+
+
+async def test_a_new_snapshot_replaces_what_was_remembered_per_request_shape(mesh: Mesh) -> None:
+    """Resolution, policies and protocol choice are remembered per routing table: the same
+    request (same address, port and Host) follows a configuration change at once."""
+    await mesh.start()
+    c = Client(mesh.address)
+    try:
+        before = await c.request("/x", host="reviews:9080")
+        assert before.status == 200 and (await c.request("/x", host="nope")).status == 404
+        mesh.apply(SUBSETS + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-x, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: ratings}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/x"]}}]
+""", service("nope", "10.96.0.12", app="reviews"))
+        after = [await c.request("/x", host="reviews:9080") for _ in range(4)]
+        assert {r.headers["x-served-by"] for r in after} == {"reviews-v2"}
+        assert (await c.request("/x", host="ratings:9080")).status == 403
+        assert (await c.request("/x", host="nope")).status == 200
+    finally:
+        await c.close()
