@@ -359,28 +359,35 @@ async def test_refused_and_silent_peers_show_as_unavailable(unused_port: int) ->
         await silent_server.wait_closed()
 
 
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send ``raw`` to 127.0.0.1:port; everything the server sends until it closes."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    class Client(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.put_nowait(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            got.put_nowait(None)
+
+    transport, _ = await loop.create_connection(Client, "127.0.0.1", port)
+    answer = b""
+    try:
+        transport.write(raw)
+        async with asyncio.timeout(5):
+            while (chunk := await got.get()) is not None:
+                answer += chunk
+    finally:
+        transport.close()
+    return answer
+
+
 async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
     async with serving(App("ratings", "ratings-v1", "v1", http_get)) as ratings:
-        loop = asyncio.get_running_loop()
-        got: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        class Client(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                got.put_nowait(data)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                got.put_nowait(None)
-
-        transport, _ = await loop.create_connection(Client, "127.0.0.1", ratings.port)
-        try:
-            transport.write(b"GET /ratings/1 HTTP/1.1\r\nHost: r\r\n\r\n"
-                            b"GET /ratings/2 HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
-            raw = b""
-            async with asyncio.timeout(5):
-                while (chunk := await got.get()) is not None:
-                    raw += chunk
-        finally:
-            transport.close()
+        raw = await exchange(ratings.port, (
+            b"GET /ratings/1 HTTP/1.1\r\nHost: r\r\n\r\n"
+            b"GET /ratings/2 HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"))
     bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in
               raw.split(b"HTTP/1.1 ")[1:]]
     assert [b["id"] for b in bodies] == [1, 2]
@@ -389,25 +396,9 @@ async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
 
 async def test_a_bad_request_gets_400_and_the_connection_closes() -> None:
     async with serving(App("ratings", "ratings-v1", "v1", http_get)) as ratings:
-        reader = ResponseReader()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        class Client(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                reader.feed(data)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                done.set_result(None)
-
-        transport, _ = await loop.create_connection(Client, "127.0.0.1", ratings.port)
-        try:
-            transport.write(b"BROKEN\r\n\r\n")
-            async with asyncio.timeout(5):
-                await done
-        finally:
-            transport.close()
-        assert reader.done and reader.reply().status == 400
+        raw = await exchange(ratings.port, b"BROKEN\r\n\r\n")  # returns: the server closed
+    reader = ResponseReader()
+    assert reader.feed(raw) and reader.reply().status == 400
 
 
 # -- the world and the story's objects ----------------------------------------------------------
