@@ -367,3 +367,215 @@ def test_a_reused_read_buffer_is_never_kept() -> None:
     ref.feed(wire, [])
     assert merged(fast.events) == merged(ref.events)
     assert fast.windows() == ref.windows()
+
+
+# -- header blocks read by hand ---------------------------------------------------------
+
+
+def _connect_block(*fields: tuple[str, str]) -> bytes:
+    return core._request_block(fields)
+
+
+def outcome(side: Side, wire: bytes, cuts: Iterable[int] = ()) -> tuple[object, ...]:
+    """What the server made of ``wire``: events (or h2's error), bytes it queued, states."""
+    try:
+        side.feed(wire, cuts)
+        error = ""
+    except core.ProtocolError as exc:
+        error = str(exc)
+    return merged(side.events), error, side.server.data_to_send(), stream_states(side)
+
+
+def test_connect_takes_the_header_fast_path_like_h2() -> None:
+    def wire_of(side: Side) -> bytes:
+        side.client.data_to_send()
+        sid = side.client.open("10.0.0.7:8080", forwarded="for=10.0.1.1", baggage="a=b",
+                               traceparent=TRACE)
+        side.client.send(sid, b"hello")
+        return side.client.data_to_send()
+
+    for cuts in ([], [5], [9], [20]):
+        fast, ref, wire = _both(wire_of)
+        got, want = outcome(fast, wire, cuts), outcome(ref, wire)
+        assert got == want
+        (req,) = [e for e in fast.events if isinstance(e, core.ConnectRequested)]
+        assert req.authority == "10.0.0.7:8080"
+        assert dict(req.headers) == {":method": "CONNECT", ":authority": "10.0.0.7:8080",
+                                     "forwarded": "for=10.0.1.1", "baggage": "a=b",
+                                     "traceparent": TRACE}
+        # a block split across reads goes to h2; a whole one does not
+        assert fast.server.fast_header_blocks == (1 if not cuts or cuts[0] < 9 else 0)
+        assert ref.server.fast_header_blocks == 0
+        # the stream is h2's as much as the reference's: it answers and carries data
+        for side in (fast, ref):
+            side.server.respond(req.stream_id, core.OK)
+            assert side.server.send(req.stream_id, b"back")
+        assert fast.server.data_to_send() == ref.server.data_to_send()
+
+
+def test_a_huffman_or_indexed_block_goes_to_h2() -> None:
+    """Another implementation's CONNECT (h2's own encoder: Huffman, dynamic table)."""
+    def wire_of(side: Side) -> bytes:
+        raw = _raw_h2(side.client)
+        raw.encoder = hpack.Encoder()  # Huffman on, indexing on
+        side.client.data_to_send()
+        for sid in (3, 5):  # the second block refers to the first one's table entries
+            raw.send_headers(sid, [(":method", "CONNECT"), (":authority", "10.0.0.7:80"),
+                                   ("baggage", "x=y")])
+        return side.client.data_to_send()
+
+    fast, ref, wire = _both(wire_of)
+    assert outcome(fast, wire) == outcome(ref, wire)
+    assert fast.server.fast_header_blocks == 0
+    assert [e.stream_id for e in fast.events if isinstance(e, core.ConnectRequested)] == [3, 5]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param([(":method", "CONNECT")], id="no-authority"),
+        pytest.param([(":method", "GET"), (":authority", "a:1")], id="not-connect"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), (":path", "/")],
+                     id="path"),
+        pytest.param([(":method", "CONNECT"), (":authority", "")], id="empty-authority"),
+        pytest.param([(":method", "CONNECT"), (":method", "CONNECT"), (":authority", "a:1")],
+                     id="twice"),
+        pytest.param([(":method", "CONNECT"), ("x", "1"), (":authority", "a:1")],
+                     id="pseudo-after-regular"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("X-Up", "1")],
+                     id="uppercase"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("connection", "x")],
+                     id="connection"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("te", "trailers")],
+                     id="te"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("host", "b:2")],
+                     id="host"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"),
+                      ("content-length", "0")], id="content-length"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("x", " v")],
+                     id="leading-space"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("x", "v\r\nz: 1")],
+                     id="crlf"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("", "v")],
+                     id="empty-name"),
+        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), (":custom", "v")],
+                     id="custom-pseudo"),
+    ],
+)
+def test_unusual_requests_are_h2s(fields: list[tuple[str, str]]) -> None:
+    fast, ref, wire = _both(lambda s: _frame(0x1, 0x4, 5, _connect_block(*fields)))
+    assert outcome(fast, wire) == outcome(ref, wire)
+    assert fast.server.fast_header_blocks == 0
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(_frame(0x1, 0x5, 5, _connect_block((":method", "CONNECT"),
+                                                        (":authority", "a:1"))),
+                     id="end-stream"),
+        pytest.param(_frame(0x1, 0x4, 4, _connect_block((":method", "CONNECT"),
+                                                        (":authority", "a:1"))),
+                     id="even-stream"),
+        pytest.param(_frame(0x1, 0x4, 1, _connect_block((":method", "CONNECT"),
+                                                        (":authority", "a:1"))),
+                     id="old-stream"),
+        pytest.param(_frame(0x1, 0x4, 5, b"\x82\x86\x84\x41\x03a:1"), id="incremental"),
+        pytest.param(_frame(0x1, 0x4, 5, b"\xbf\x7f"), id="bad-index"),
+        pytest.param(_frame(0x1, 0x4, 5, b"\x02\x05ab"), id="truncated"),
+        pytest.param(_frame(0x1, 0x4, 5, b"\x00\x01\xff\x01a"), id="not-utf8"),
+    ],
+)
+def test_odd_frames_and_blocks_are_h2s(wire: bytes) -> None:
+    fast, ref, wire = _both(lambda s: wire)
+    assert outcome(fast, wire) == outcome(ref, wire)
+    assert fast.server.fast_header_blocks == 0
+
+
+def test_the_stream_limit_is_h2s() -> None:
+    """Past SETTINGS_MAX_CONCURRENT_STREAMS (10): the same refusal either way."""
+    block = _connect_block((":method", "CONNECT"), (":authority", "10.0.0.9:80"))
+    wire = b"".join(_frame(0x1, 0x4, sid, block) for sid in range(3, 3 + 2 * 12, 2))
+    fast, ref, wire = _both(lambda s: wire)
+    got, want = outcome(fast, wire), outcome(ref, wire)
+    assert got == want
+    assert "streams" in str(got[1])
+    assert fast.server.fast_header_blocks > 0
+
+
+class ClientSide:
+    """A client (fast or reference) with a CONNECT sent, and a server to answer it."""
+
+    def __init__(self, fast: bool) -> None:
+        self.client = HboneConnection(Role.CLIENT, CFG, fast_receive=fast)
+        self.server = HboneConnection(Role.SERVER, CFG)
+        self.client.initiate()
+        self.server.initiate()
+        self.server.receive(self.client.data_to_send())
+        self.client.receive(self.server.data_to_send())
+        self.server.receive(self.client.data_to_send())
+        self.sid = self.client.open("10.0.0.2:80", traceparent=TRACE)
+        self.server.receive(self.client.data_to_send())
+
+    def states(self) -> list[object]:
+        raw = _raw_h2(self.client)
+        return [(sid, st.state_machine.state) for sid, st in sorted(raw.streams.items())]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda s: s.server.respond(s.sid, 200), id="200"),
+        pytest.param(lambda s: s.server.respond(s.sid, 401), id="401-ends-stream"),
+        pytest.param(lambda s: s.server.respond(s.sid, 503), id="503"),
+        pytest.param(lambda s: _raw_h2(s.server).send_headers(s.sid, [(":status", "200"),
+                                                                       ("x-a", "1")]),
+                     id="h2-encoded"),
+        pytest.param(lambda s: _raw_h2(s.server).send_headers(s.sid, [(":status", "100")]),
+                     id="informational"),
+        pytest.param(lambda s: _raw_h2(s.server).send_headers(
+            s.sid, [(":status", "200")], end_stream=True), id="200-and-end"),
+    ],
+)
+def test_responses_match_h2(answer: Callable[[ClientSide], None]) -> None:
+    sides = [ClientSide(True), ClientSide(False)]
+    results = []
+    for side in sides:
+        answer(side)
+        wire = side.server.data_to_send()
+        events = side.client.receive(wire)
+        results.append((events, side.client.data_to_send(), side.states(),
+                        side.client.is_open(side.sid)))
+    assert results[0] == results[1]
+    assert sides[1].client.fast_header_blocks == 0
+
+
+def test_our_status_takes_the_fast_path() -> None:
+    side = ClientSide(True)
+    side.server.respond(side.sid, 200)
+    [ev] = side.client.receive(side.server.data_to_send())
+    assert ev == core.ConnectResponse(side.sid, 200)
+    assert side.client.fast_header_blocks == 1
+    # a second status on the stream is not a response: h2 judges it (trailers without
+    # END_STREAM are a protocol error)
+    with pytest.raises(core.ProtocolError):
+        side.client.receive(_frame(0x1, 0x4, side.sid, b"\x88"))
+    assert side.client.fast_header_blocks == 1
+
+
+def test_closed_streams_are_not_counted_by_walking() -> None:
+    """Many short tunnels on one connection: h2's stream table is cleaned up as it fills,
+    and a new stream never trips the limit because of closed ones."""
+    side = Side(True)
+    for _ in range(3 * CFG.max_streams_per_connection):
+        sid = side.client.open("10.0.0.2:80", traceparent=TRACE)
+        side.pump()
+        side.server.respond(sid, core.OK)
+        side.client.end(sid)
+        side.server.end(sid)
+        side.pump()
+        assert not side.client.is_open(sid) and not side.server.is_open(sid)
+    assert len(_raw_h2(side.client).streams) <= CFG.max_streams_per_connection
+    assert len(_raw_h2(side.server).streams) <= CFG.max_streams_per_connection
+    # near the limit h2 takes the CONNECT (and cleans up its table): once in a while only
+    assert side.server.fast_header_blocks > 2 * CFG.max_streams_per_connection

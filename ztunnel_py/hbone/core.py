@@ -22,7 +22,9 @@ machines, settings, validation of the peer's headers, every unusual frame), but
 the per-byte and per-tunnel work happens here, following h2's own bookkeeping:
 DATA frames are written and (on established streams) read by hand, WINDOW_UPDATEs
 come from h2's window managers but are written here, and our few header blocks
-(CONNECT, a status) are encoded here without touching the HPACK dynamic table.
+(CONNECT, a status) are encoded here without touching the HPACK dynamic table;
+received ones of that plain shape (static table, no Huffman) whose fields h2's
+validation would pass unchanged are read here too, every other block by h2.
 ``tests/unit/test_hbone_fastpath.py`` holds each shortcut to h2's behaviour byte
 for byte.
 """
@@ -82,7 +84,7 @@ _CONNECTION_OPEN = frozenset(
 _FRAME_HEADER = 9
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
 _DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
-_END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _WINDOW_UPDATE = b"\x00\x00\x04\x08\x00"  # length 4, type WINDOW_UPDATE, no flags
 _WINDOW_UPDATE_0 = _WINDOW_UPDATE + b"\x00\x00\x00\x00"  # ...on the connection
 
@@ -302,6 +304,119 @@ def _status_block(status: int) -> bytes:
     return _literal(_STATIC_STATUS, str(status))
 
 
+# -- header blocks read by hand (the receive fast path) --------------------------------
+
+_STATIC_TABLE = tuple(
+    (name.decode(), value.decode()) for name, value in hpack.table.HeaderTable.STATIC_TABLE
+)
+_PLAIN_BLOCK_MAX = 4096  # bigger blocks go to h2 (its header list size limit is 64 KiB)
+_REQUEST_PSEUDO = frozenset({":method", ":authority"})  # a CONNECT: no :scheme, no :path
+_RESPONSE_PSEUDO = frozenset({":status"})
+# field names h2 passes through unchanged: lowercase tokens (RFC 9110 §5.6.2)...
+_FIELD_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+# ...except those it checks further (connection-specific fields, RFC 9113 §8.2.2)
+_CHECKED_NAMES = frozenset(
+    {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "te",
+     "host", "content-length", "cookie"}
+)
+# values h2 passes unchanged: no NUL/CR/LF, no surrounding whitespace (RFC 9113 §8.2.1)
+_BAD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
+
+
+class _NotPlain(Exception):
+    """The block needs h2's decoder (dynamic table, Huffman, a size update...)."""
+
+
+def _plain_int(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 §5.1) at ``pos``: (value, next position)."""
+    limit = (1 << prefix_bits) - 1
+    value = block[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if shift > 21:
+            raise _NotPlain  # no field we read is that long
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _plain_str(block: bytes, pos: int) -> tuple[str, int]:
+    if block[pos] & 0x80:
+        raise _NotPlain  # Huffman-coded
+    length, pos = _plain_int(block, pos, 7)
+    end = pos + length
+    if end > len(block):
+        raise _NotPlain
+    return block[pos:end].decode(), end
+
+
+def _plain_fields(data: memoryview) -> list[tuple[str, str]] | None:
+    """The fields of a header block that only uses the static table and plain literals
+    without indexing (what ``_request_block`` / ``_status_block`` write), or None.
+
+    Reading such a block leaves the HPACK decoder's state as it was, so a block this
+    refuses goes to h2 untouched, and one it reads is exactly what h2's decoder would
+    have read (``tests/unit/test_hbone_fastpath.py``)."""
+    block = bytes(data)
+    fields: list[tuple[str, str]] = []
+    pos, n = 0, len(block)
+    try:
+        while pos < n:
+            first = block[pos]
+            if first & 0x80:  # indexed field
+                index, pos = _plain_int(block, pos, 7)
+                if not 0 < index <= len(_STATIC_TABLE):
+                    return None
+                fields.append(_STATIC_TABLE[index - 1])
+                continue
+            if first & 0xE0:  # incremental indexing (01), or a table size update (001)
+                return None
+            index, pos = _plain_int(block, pos, 4)  # without indexing / never indexed
+            if index > len(_STATIC_TABLE):
+                return None
+            if index:
+                name = _STATIC_TABLE[index - 1][0]
+            else:
+                name, pos = _plain_str(block, pos)
+            value, pos = _plain_str(block, pos)
+            fields.append((name, value))
+    except (_NotPlain, IndexError, UnicodeDecodeError):
+        return None
+    return fields
+
+
+def _tunnel_fields(
+    fields: list[tuple[str, str]], pseudo: frozenset[str]
+) -> dict[str, str] | None:
+    """The fields as a dict when they are exactly the ``pseudo`` fields (each once, first)
+    and ordinary fields that h2's validation would pass unchanged; None otherwise."""
+    out: dict[str, str] = {}
+    seen = 0
+    regular = False
+    for name, value in fields:
+        if name[:1] == ":":
+            if regular or name not in pseudo or name in out or not value:
+                return None
+            seen += 1
+        elif (
+            name in _CHECKED_NAMES
+            or not _FIELD_NAME.fullmatch(name)
+        ):
+            return None
+        else:
+            regular = True
+        if _BAD_VALUE.search(value):
+            return None
+        out[name] = value
+    return out if seen == len(pseudo) else None
+
+
 # -- the connection -----------------------------------------------------------------
 
 
@@ -366,6 +481,7 @@ class HboneConnection:
         self._fast_end = False  # the current fast-path frame carries END_STREAM
         self._in_header_block = False  # HEADERS without END_HEADERS: h2 gets all until done
         self.fast_data_frames = 0  # DATA frames taken by the fast path (tests, profiling)
+        self.fast_header_blocks = 0  # CONNECTs and statuses taken by the fast path
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -626,6 +742,25 @@ class HboneConnection:
                         self._end_of_stream(sid, out)
                     continue
             elif ftype in (_HEADERS, _PUSH_PROMISE):
+                if (
+                    ftype == _HEADERS
+                    and flags & _END_HEADERS
+                    and not flags & (_PADDED | _PRIORITY)
+                    and not self._in_header_block
+                    and n - pos >= length
+                ):
+                    # a whole header block in this read: maybe a tunnel's CONNECT or status
+                    if run:
+                        self._emit(out, run_sid, run)
+                        run = []
+                    if batch:
+                        self._receive_h2(b"".join(batch), out)
+                        batch = []
+                    sid = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
+                    block = view[pos : pos + length]
+                    if self._fast_headers(sid, bool(flags & _END_STREAM), block, out):
+                        pos += length
+                        continue
                 self._in_header_block = not flags & _END_HEADERS
             elif ftype == _CONTINUATION and flags & _END_HEADERS:
                 self._in_header_block = False
@@ -636,6 +771,67 @@ class HboneConnection:
         if batch:
             self._receive_h2(b"".join(batch), out)
         return out
+
+    def _fast_headers(
+        self, sid: int, end_stream: bool, block: memoryview, out: list[Event]
+    ) -> bool:
+        """A tunnel's header block without h2's HEADERS machinery: a CONNECT opening a new
+        stream (server) or the final status of one of our CONNECTs (client), when the
+        block is plain (``_plain_fields``) and its fields are exactly what h2 would let
+        through unchanged (``_tunnel_fields``). h2's connection and stream state machines
+        take the same inputs as in ``_receive_headers_frame``. False: h2 reads the frame."""
+        h2c = self._h2
+        if h2c.state_machine.state not in _CONNECTION_OPEN or len(block) > _PLAIN_BLOCK_MAX:
+            return False
+        fields = _plain_fields(block)
+        if fields is None:
+            return False
+        if self.role is Role.SERVER:
+            if (
+                end_stream
+                or sid in h2c.streams
+                or not sid & 1
+                or sid <= h2c.highest_inbound_stream_id
+                # h2 counts open streams exactly (walking them) only near the limit
+                or len(h2c.streams) >= h2c.local_settings.max_concurrent_streams
+            ):
+                return False
+            headers = _tunnel_fields(fields, _REQUEST_PSEUDO)
+            if headers is None or headers.get(":method") != "CONNECT":
+                return False
+            h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+            new = h2c._get_or_create_stream(sid, h2.connection.AllowedStreamIDs.ODD)
+            new.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+            self.fast_header_blocks += 1
+            self._streams[sid] = _Stream()
+            out.append(ConnectRequested(sid, headers[":authority"], headers))
+            return True
+        stream = h2c.streams.get(sid)
+        if (
+            sid not in self._streams
+            or stream is None
+            or stream.state_machine.state not in _RECEIVABLE
+            or stream.state_machine.headers_received
+        ):
+            return False
+        headers = _tunnel_fields(fields, _RESPONSE_PSEUDO)
+        if headers is None:
+            return False
+        status = headers[":status"]
+        if not (len(status) == 3 and status.isascii() and status.isdigit()) or status[0] == "1":
+            return False  # informational responses (and nonsense) are h2's
+        h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+        self.fast_header_blocks += 1
+        code = int(status)
+        out.append(ConnectResponse(sid, code))
+        if code != OK:
+            self.reset(sid)
+        if end_stream:
+            self._remote_end(sid, out)
+        return True
 
     def _emit(self, out: list[Event], stream_id: int, run: list[memoryview]) -> None:
         """One ``Data`` event for consecutive fast-path payload of one stream (one copy)."""
@@ -774,7 +970,8 @@ class HboneConnection:
             return False
         if stream_id not in h2c.streams:
             limit = h2c.remote_settings.max_concurrent_streams
-            if h2c.open_outbound_streams + 1 > limit:
+            # h2's count walks every stream; there are never more open than h2 holds
+            if len(h2c.streams) >= limit and h2c.open_outbound_streams + 1 > limit:
                 raise h2.exceptions.TooManyStreamsError(f"max outbound streams is {limit}")
         h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
         stream = h2c._get_or_create_stream(
