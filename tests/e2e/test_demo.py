@@ -76,7 +76,7 @@ def test_demo_up_status_request_apply_down(demo_env: dict[str, str], tmp_path: P
     assert "as jason:  reviews-v2/v2 x10 [★★★★★ ★★★★☆ (black)]" in story
     assert "anonymous: reviews-v3/v3 x10 [★★★★★ ★★★★☆ (red)]" in story
     # [7/7] the fault: jason's page says ratings are unavailable, others' pages do not
-    assert "    | Ratings service is currently unavailable" in story
+    assert "    | Reviewer1: Ratings service is currently unavailable" in story
     assert "as jason, 3 more: reviews-v2/v2 x3 [ratings unavailable]" in story
     assert "anonymous, 3:     reviews-v3/v3 x3 [★★★★★ ★★★★☆ (red)]" in story
     # ... and the waypoint counts the aborts with response flag FI

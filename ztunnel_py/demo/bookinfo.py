@@ -198,10 +198,13 @@ def productpage_reply(user: str, view: ReviewsView) -> Reply:
         lines.append(f"<p>reviews served by: {e(view.served_by)}</p>")
         for reviewer, text, rating in view.reviews:
             lines.append(f"<blockquote><p>{e(text)}</p><small>{e(reviewer)}</small>"
-                         + (f" <span>{e(rating)}</span>" if rating else "") + "</blockquote>")
+                         + (f": <span>{e(rating)}</span>" if rating else "") + "</blockquote>")
     lines.append("</body></html>")
     return Reply(200, ("\n".join(lines) + "\n").encode(), "text/html; charset=utf-8",
                  (("x-reviews", view.served_by or "unavailable"), ("x-ratings", view.ratings)))
+
+
+_BLOCKS = frozenset({"p", "h1", "h2", "blockquote", "title"})
 
 
 class _Text(HTMLParser):
@@ -211,11 +214,11 @@ class _Text(HTMLParser):
         self.current: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("p", "h1", "h2", "blockquote", "small", "title"):
+        if tag in _BLOCKS:
             self._flush()
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("p", "h1", "h2", "blockquote", "small", "title"):
+        if tag in _BLOCKS:
             self._flush()
 
     def handle_data(self, data: str) -> None:

@@ -168,8 +168,10 @@ class Bookinfo:
         argv = ["curl", "-sS", "--max-time", "10", "-H", f"end-user: {user}", self.url]
         return page_text(self.topo.run(CLIENT, argv, timeout=20).stdout)
 
-    def apply(self, *objs: dict[str, Any]) -> None:
-        write_objects(self.config_dir, [(ref_of(o, "demo"), o) for o in objs])
+    def apply(self, *objs: dict[str, Any]) -> bool:
+        """Write ``objs`` into the config dir (kubectl apply); True if any changed."""
+        lines = write_objects(self.config_dir, [(ref_of(o, "demo"), o) for o in objs])
+        return any(not line.endswith(" unchanged") for line in lines)
 
     def config_dump(self) -> dict[str, Any]:
         done = self.topo.run(self.waypoint_pod, [
@@ -181,14 +183,24 @@ class Bookinfo:
             return {}
         return dumped
 
-    def wait_routes(self, vs: dict[str, Any], dr: dict[str, Any] | None = None) -> float | None:
-        """Seconds until the waypoint serves ``vs`` (and ``dr``); None if it never did."""
+    def apply_and_wait(self, vs: dict[str, Any], dr: dict[str, Any] | None = None
+                       ) -> float | None:
+        """Apply ``dr`` and ``vs``; seconds until the waypoint serves them, None if it never did.
+
+        Served: a configuration newer than the one before the write, in which the host's
+        routes come from ``vs`` (as many as it has) and it has a DestinationRule if
+        ``dr`` is given.
+        """
         host = f"{vs['spec']['hosts'][0]}.{BOOKINFO_NS}.svc.cluster.local"
         want_source = f"VirtualService {BOOKINFO_NS}/{vs['metadata']['name']}"
+        before = self.config_dump().get("version")
         started = time.monotonic()
+        changed = self.apply(*[o for o in (dr, vs) if o is not None])
         while time.monotonic() - started < ROUTES_TIMEOUT:
-            svc = self.config_dump().get("services", {}).get(host, {})
-            if (svc.get("routes") == want_source
+            dumped = self.config_dump()
+            svc = dumped.get("services", {}).get(host, {})
+            if ((dumped.get("version") != before or not changed)
+                    and svc.get("routes") == want_source
                     and svc.get("http_routes") == len(vs["spec"]["http"])
                     and (dr is None or svc.get("destination_rule"))):
                 return time.monotonic() - started
@@ -217,11 +229,11 @@ def _applied(b: Bookinfo, say: Say, vs: dict[str, Any], dr: dict[str, Any] | Non
     else:
         say("  applied:")
     _yaml(vs, say)
-    b.apply(*[o for o in (dr, vs) if o is not None])
-    took = b.wait_routes(vs, dr)
+    took = b.apply_and_wait(vs, dr)
     if took is None:
-        say(f"  FAILED: the waypoint did not take the routes within {ROUTES_TIMEOUT:.0f}s "
-            f"(see `ztunnel-py demo status` for its log)")
+        say(f"  FAILED: the waypoint did not serve these routes within {ROUTES_TIMEOUT:.0f}s "
+            f"(its /config_dump on 127.0.0.1:{ADMIN_PORT} in pod {b.waypoint_pod}; its log "
+            f"and the controller's are in the demo's logs/)")
         return False
     say(f"  the waypoint serves the new routes {took:.1f}s later")
     return True

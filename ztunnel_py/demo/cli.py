@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 
@@ -23,6 +24,8 @@ def _run(args: argparse.Namespace) -> DemoRun:
 
 
 def _up(args: argparse.Namespace) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):  # the story draws stars: never die on them
+        sys.stdout.reconfigure(errors="replace")
     run = _run(args)
     try:
         topo = run.up(mesh=not args.no_mesh)
