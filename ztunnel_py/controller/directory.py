@@ -11,6 +11,7 @@ objects (with a problem saying so); a deleted file takes its objects away.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,6 +150,8 @@ async def watch(
             on_change(objects, problems)
 
     reload()
+    # watchfiles logs every batch at INFO through stdlib logging; ours says it at debug
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     async for changes in watchfiles.awatch(
         loader.root, watch_filter=_is_yaml, debounce=debounce_ms, step=10, recursive=True,
         rust_timeout=int(rescan_s * 1000), yield_on_timeout=True,

@@ -109,6 +109,7 @@ class Controller:
                 await task
         self._tasks.clear()
         if self._server is not None:
+            self.service.close()
             await self._server.stop(grace)
             self._server = None
         await self.admin.close()

@@ -29,6 +29,7 @@ def _log() -> Any:
     return log.get("controller.server")
 
 SERVICE_NAME = "ztunnel.mesh.v1.MeshConfig"
+_END = b""  # queued by close(): the stream ends (an encoded update is never empty)
 _NODE_KINDS: dict[int, NodeKind] = {
     mesh_pb2.NODE_KIND_AGENT: "agent",
     mesh_pb2.NODE_KIND_WAYPOINT: "waypoint",
@@ -76,6 +77,12 @@ class MeshConfigService:
             self._enqueue(stream_id, update)
         latest = self._core.latest
         return latest.version if latest else None
+
+    def close(self) -> None:
+        """End every open stream with OK (the controller is stopping): the handlers return
+        on their own, so the server's stop does not have to cancel them mid-send."""
+        for queue in self._queues.values():
+            queue.put_nowait(_END)
 
     # -- per stream ----------------------------------------------------------------
 
@@ -153,6 +160,8 @@ class MeshConfigService:
                     break  # the agent went away
                 data = get.result()
                 get = None
+                if data is _END:
+                    break
                 self.bytes_sent += len(data)
                 self.updates_sent += 1
                 yield data
