@@ -133,6 +133,10 @@ def test_the_page_escapes_what_the_user_sent() -> None:
     page = bookinfo.productpage_reply("<script>x</script>", ReviewsView.of(
         reviews_answer("v1", None)))
     assert b"<script>" not in page.body and b"&lt;script&gt;" in page.body
+    sneaky = Reply(200, json.dumps({"reviews": [{"reviewer": "R", "text": "t", "rating": {
+        "stars": 9, "color": "red\r\nset-cookie: x=1"}}]}).encode())
+    page = bookinfo.productpage_reply("", ReviewsView.of(sneaky))
+    assert page.header("x-ratings") == "unknown 5"  # stars clamped, the color kept out
 
 
 def test_peer_addresses_and_app_wiring_are_checked() -> None:

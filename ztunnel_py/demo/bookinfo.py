@@ -172,10 +172,11 @@ class ReviewsView:
                 shown.append((reviewer, text, str(rating["error"])))
             elif isinstance(rating, dict) and isinstance(rating.get("stars"), int):
                 n = max(0, min(5, rating["stars"]))
+                color = str(rating.get("color", "black"))
+                color = color if color.isalpha() and color.isascii() else "unknown"  # a header
                 stars.append(str(n))
-                colors.add(str(rating.get("color", "black")))
-                shown.append((reviewer, text, "\u2605" * n + "\u2606" * (5 - n)
-                               + f" ({rating.get('color', 'black')})"))
+                colors.add(color)
+                shown.append((reviewer, text, "\u2605" * n + "\u2606" * (5 - n) + f" ({color})"))
             else:
                 shown.append((reviewer, text, ""))
         summary = ("unavailable" if unavailable
@@ -201,7 +202,8 @@ def productpage_reply(user: str, view: ReviewsView) -> Reply:
                          + (f": <span>{e(rating)}</span>" if rating else "") + "</blockquote>")
     lines.append("</body></html>")
     return Reply(200, ("\n".join(lines) + "\n").encode(), "text/html; charset=utf-8",
-                 (("x-reviews", view.served_by or "unavailable"), ("x-ratings", view.ratings)))
+                 (("x-reviews", view.served_by or ("unavailable" if view.error else "unknown")),
+                  ("x-ratings", view.ratings)))
 
 
 _BLOCKS = frozenset({"p", "h1", "h2", "blockquote", "title"})
