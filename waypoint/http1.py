@@ -163,12 +163,11 @@ class H1Server:
         self._fresh = False
         self._partial = 0
         self._url = b""
+        self._raw: list[tuple[bytes, bytes]] = []
         self._headers: list[tuple[str, str]] = []
         self._authority = ""
         self._connection = ""
         self._upgrade_hdrs: list[tuple[str, str]] = []
-        self._expect = False
-        self._head_size = 0
         self._body: list[bytes] = []
         self._body_len = 0
         self._keep = True
@@ -226,12 +225,7 @@ class H1Server:
         self._fresh = True
         self._partial = 0
         self._url = b""
-        self._headers = []
-        self._authority = ""
-        self._connection = ""
-        self._upgrade_hdrs = []
-        self._expect = False
-        self._head_size = 0
+        self._raw = []
         self._body = []
         self._body_len = 0
 
@@ -239,32 +233,40 @@ class H1Server:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # request trailers: not forwarded over HTTP/1.1
-        self._head_size += len(name) + len(value) + 4
-        k = name.decode("latin-1").lower()
-        v = value.decode("latin-1")
-        if k not in HOP_BY_HOP:
-            if k == "expect":
-                self._expect = v.lower() == "100-continue"
-                return
-            self._headers.append((k, v))
-        elif k == "host":
-            self._authority = v
-        elif k == "connection":
-            self._connection = f"{self._connection},{v}" if self._connection else v
-            self._upgrade_hdrs.append((k, v))
-        elif k == "upgrade":
-            self._upgrade_hdrs.append((k, v))
+        if self._in_head:  # (request trailers are not forwarded over HTTP/1.1)
+            self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._head_size + len(self._url) > MAX_HEAD:
-            raise _Reject(431)
         if len(self._queue) >= MAX_PIPELINED:
             raise _Reject(503)
+        size = len(self._url)
+        headers: list[tuple[str, str]] = []
+        authority = connection = ""
+        upgrade: list[tuple[str, str]] = []
+        expect = False
+        for name, value in self._raw:
+            size += len(name) + len(value) + 4
+            k = name.decode("latin-1").lower()
+            v = value.decode("latin-1")
+            if k not in HOP_BY_HOP:
+                if k == "expect":
+                    expect = v.lower() == "100-continue"
+                else:
+                    headers.append((k, v))
+            elif k == "host":
+                authority = v
+            elif k == "connection":
+                connection = f"{connection},{v}" if connection else v
+                upgrade.append((k, v))
+            elif k == "upgrade":
+                upgrade.append((k, v))
+        if size > MAX_HEAD:
+            raise _Reject(431)
+        self._headers, self._authority, self._connection = headers, authority, connection
+        self._upgrade_hdrs = upgrade
         self._keep = self.parser.should_keep_alive()
-        if self._expect and not self._queue and not self._busy:
+        if expect and not self._queue and not self._busy:
             # The client waits for this before it sends the body; we want the body.
             self.pipe.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -448,13 +450,13 @@ class H1Client:
         self.answered = False  # any byte of a response to the current request
         self._waiter: asyncio.Future[None] | None = None
         self._status = 0
+        self._raw: list[tuple[bytes, bytes]] = []
         self._headers: list[tuple[str, str]] = []
         self._trailers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._body_len = 0
         self._in_head = False
         self._interim = False
-        self._framed = False
         self._head_only = False
         self._done = False
         self._keep = False
@@ -495,7 +497,8 @@ class H1Client:
         if self.raw_eof is not None:
             self.raw_eof()
             return
-        if self._status and not self._in_head and not self._done and not self._framed:
+        if self._status and not self._in_head and not self._done and not any(
+                k == "content-length" or k == "transfer-encoding" for k, _ in self._headers):
             self._done = True  # a body delimited by the end of the connection
             self._keep = False
             self._wake()
@@ -516,20 +519,17 @@ class H1Client:
     def on_message_begin(self) -> None:
         self._in_head = True
         self._interim = False
-        self._framed = False
+        self._raw = []
         self._headers = []
         self._trailers = []
         self._body = []
         self._body_len = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        k = name.decode("latin-1").lower()
-        if not self._in_head:
-            self._trailers.append((k, value.decode("latin-1")))
-            return
-        if k == "content-length" or k == "transfer-encoding":
-            self._framed = True
-        self._headers.append((k, value.decode("latin-1")))
+        if self._in_head:
+            self._raw.append((name, value))
+        else:
+            self._trailers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -538,6 +538,8 @@ class H1Client:
             self._interim = True  # 100 Continue and friends: the answer follows
             return
         self._status = status
+        self._headers = [(k.decode("latin-1").lower(), v.decode("latin-1"))
+                         for k, v in self._raw]
         if self._head_only:
             self._done = True
             self._keep = self.parser.should_keep_alive()
