@@ -43,8 +43,8 @@ CANARY_WEIGHTS = {"v1": 80, "v3": 20}
 ROUTED_REQUESTS = 10
 USER = "jason"
 STEPS = 3
-HTTP_LABELS_SHOWN = ("source_workload", "destination_service_name", "destination_workload",
-                     "response_code", "response_flags")
+HTTP_LABELS_SHOWN = ("reporter", "source_workload", "destination_service_name",
+                     "destination_workload", "response_code", "response_flags")
 ROUTES_TIMEOUT = 15.0  # the controller's debounce, push and the waypoint's swap, on a busy host
 
 
@@ -298,7 +298,7 @@ def tell(topo: Topology, world: World, config_dir: Path, step: Say, say: Say
     if RATINGS_UNAVAILABLE not in " ".join(out.fault_user_page):
         say(f"  FAILED: {USER}'s page does not say {RATINGS_UNAVAILABLE!r}")
     out.waypoint_metrics = b.metrics()
-    say(f"  the waypoint's istio_requests_total (reporter=\"waypoint\"), from {where.pod}:")
+    say(f"  the waypoint's istio_requests_total, from {where.pod}:{METRICS_PORT}/metrics:")
     for line in sorted(out.waypoint_metrics, key=lambda m: short_metric(m, ("source_workload",
                                                                          "destination_service_name"))):
         say(f"    {short_metric(line, HTTP_LABELS_SHOWN)}")
