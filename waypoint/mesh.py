@@ -40,6 +40,7 @@ from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.manager import CertificateSource
 from ztunnel_py.identity.tls import ALPN_H2, peer_identity
 from ztunnel_py.proxy.pool import ConnectionPool, ContextCache, PoolError, PoolKey
+from ztunnel_py.state.model import WaypointRef
 from ztunnel_py.state.snapshot import Snapshot
 
 
@@ -50,16 +51,24 @@ def _log() -> Any:
 
 def serves(snapshot: Snapshot, authority: str, namespace: str, name: str) -> str | None:
     """Why a CONNECT to ``authority`` is refused, or None when the waypoint serves it:
-    a service VIP or a workload IP of the mesh. Pure."""
+    a service VIP or a workload IP of the mesh bound to this waypoint (by
+    ``istio.io/use-waypoint``), as Istio's waypoint serves only what uses it. Pure."""
     try:
         ip, port = core.parse_authority(authority)
     except core.BadRequest as exc:
         return str(exc)
-    if snapshot.service_for(ip, port) is not None:
-        return None
+    me = WaypointRef(name, namespace)
+    svc = snapshot.service_for(ip, port)
+    if svc is not None:
+        if svc.waypoint == me:
+            return None
+        return (f"service {svc.namespace}/{svc.name} does not use the waypoint "
+                f"{namespace}/{name}")
     w = snapshot.by_ip.get(ip)
     if w is not None and not w.is_waypoint:
-        return None
+        if w.waypoint == me:
+            return None
+        return f"workload {w.namespace}/{w.name} does not use the waypoint {namespace}/{name}"
     return f"{authority} is neither a service nor a workload the waypoint {namespace}/{name} serves"
 
 

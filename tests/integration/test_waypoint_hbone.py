@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from cryptography import x509
@@ -43,20 +43,23 @@ from ztunnel_py.state.model import (
     Service,
     ServicePort,
     Source,
+    WaypointRef,
     Workload,
 )
 from ztunnel_py.state.snapshot import Snapshot
 
 NS = "bookinfo"
+WAYPOINT = WaypointRef("waypoint", NS)
 VIP = "10.96.0.10"
 TD = "cluster.local"
 
 
 def _w(name: str, ip: str, node: str, labels: dict[str, str], *, sa: str = "",
        enrolled: bool = True, waypoint: bool = False) -> Workload:
+    # every workload but the waypoint itself uses it (istio.io/use-waypoint on the namespace)
     return Workload(uid=f"{NS}/{name}", name=name, namespace=NS, service_account=sa or name,
                     node=node, ips=(ip,), labels=FrozenMap(labels), enrolled=enrolled,
-                    is_waypoint=waypoint)
+                    is_waypoint=waypoint, waypoint=None if waypoint else WAYPOINT)
 
 
 @dataclass
@@ -119,7 +122,8 @@ async def world() -> AsyncIterator[World]:
         backends[w.name] = b
     svc = Service("reviews", NS, f"reviews.{NS}.svc.cluster.local", (VIP,),
                   (ServicePort(9080, port, "http"),),
-                  tuple(Endpoint(w.uid, w.ips[0], FrozenMap({9080: port})) for w in (v1, v2)))
+                  tuple(Endpoint(w.uid, w.ips[0], FrozenMap({9080: port})) for w in (v1, v2)),
+                  waypoint=WAYPOINT)
     base = Snapshot(version="2", workloads=(client, v1, v2, wp), services=(svc,))
     mesh.store.swap(base)
     certs = CaCertificates(ca)
@@ -195,6 +199,14 @@ async def test_connect_to_an_address_the_waypoint_does_not_serve_is_refused(
     assert world.listener.refused == 1
     assert serves(world.base, f"{world.waypoint.ips[0]}:15008", NS, "waypoint") is not None
     assert serves(world.base, f"{VIP}:9080", NS, "waypoint") is None
+    # Only what uses this waypoint: not another namespace's waypoint's service, nor a
+    # workload that uses none.
+    assert "does not use the waypoint other/waypoint" in (
+        serves(world.base, f"{VIP}:9080", "other", "waypoint") or "")
+    unbound = replace(world.base, workloads=tuple(
+        replace(w, waypoint=None) for w in world.base.workloads))
+    assert "workload bookinfo/reviews-v1 does not use" in (
+        serves(unbound, f"{world.prefix}11:8080", NS, "waypoint") or "")
 
 
 async def test_client_from_another_trust_domain_is_refused(world: World) -> None:
