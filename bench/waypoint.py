@@ -13,7 +13,8 @@ and v2. In front of them, on loopback:
 Each target gets, in turn:
 
 1. saturation: ``wrk`` with N keep-alive connections -> requests/s (and
-   its latency percentiles at saturation);
+   its latency percentiles at saturation), and the proxy process's CPU time
+   (utime + stime from /proc) per request over that run;
 2. fixed rate: ``h2load --h1 --rps`` at ``--rate`` requests/s over 10
    connections, per-request times from ``--log-file`` -> p50 / p99.
 
@@ -93,7 +94,7 @@ def serve_waypoint(port: int, v1: int, v2: int) -> None:
     from ztunnel_py import log
     from ztunnel_py.config import LogConfig
     from ztunnel_py.controller.translate import KubeObject, translate
-    from ztunnel_py.state.snapshot import StateStore
+    from ztunnel_py.state.snapshot import StateStore, settle_heap
 
     log.configure(LogConfig(level="warning"))
     pods = {"10.1.0.1": v1, "10.1.0.2": v2}
@@ -113,6 +114,7 @@ def serve_waypoint(port: int, v1: int, v2: int) -> None:
                   trust_domain="cluster.local", root_namespace="istio-system")
     if t.errors:
         raise SystemExit("; ".join(map(str, t.errors)))
+    settle_heap()  # as the waypoint's ConfigClient does after a full snapshot
 
     async def main() -> None:
         proxy = WaypointProxy(
@@ -134,6 +136,7 @@ def serve_waypoint(port: int, v1: int, v2: int) -> None:
 @dataclass
 class Result:
     rps: float = 0.0
+    cpu_us: float = 0.0  # the proxy's CPU time per request at saturation
     sat_p50_ms: float = 0.0
     sat_p99_ms: float = 0.0
     fixed_rps: float = 0.0
@@ -149,7 +152,14 @@ def _ms(text: str) -> float:
     return float(text)
 
 
-def run_wrk(port: int, duration: int, connections: int, out: Result) -> None:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port: int, duration: int, connections: int, out: Result, pid: int) -> None:
+    cpu0 = cpu_seconds(pid)
     proc = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Host: {HOST}",
          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True,
@@ -164,6 +174,8 @@ def run_wrk(port: int, duration: int, connections: int, out: Result) -> None:
             out.sat_p99_ms = _ms(parts[1])
         elif "Non-2xx" in line or "Socket errors" in line:
             out.errors += sum(int(p.strip(",")) for p in parts if p.strip(",").isdigit())
+    if out.rps:
+        out.cpu_us = (cpu_seconds(pid) - cpu0) / (out.rps * duration) * 1e6
 
 
 def run_fixed_rate(port: int, duration: int, rate: int, out: Result) -> None:
@@ -209,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod,
                  "--version", version, "--host", "127.0.0.1", "--port", str(port)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen(
+        waypoint = subprocess.Popen(
             [sys.executable, "-m", "bench.waypoint", "--serve-waypoint", str(wp_port), str(v1),
-             str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO))
+             str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO)
+        procs.append(waypoint)
         cfg = Path(tmp.name) / "haproxy.cfg"
         cfg.write_text(f"""global
   maxconn 4096
@@ -230,14 +243,16 @@ backend be
   server v1 127.0.0.1:{v1} weight 90
   server v2 127.0.0.1:{v2} weight 10
 """)
-        procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(haproxy)
         for port in (v1, v2, wp_port, ha_port):
             _wait_port(port)
         results: dict[str, Result] = {}
-        for name, port in (("haproxy", ha_port), ("waypoint", wp_port)):
+        for name, port, pid in (("haproxy", ha_port, haproxy.pid),
+                                ("waypoint", wp_port, waypoint.pid)):
             r = Result()
-            run_wrk(port, args.duration, args.connections, r)
+            run_wrk(port, args.duration, args.connections, r, pid)
             run_fixed_rate(port, args.duration, args.rate, r)
             results[name] = r
     finally:
@@ -252,20 +267,21 @@ backend be
         tmp.cleanup()
     ha, wp = results["haproxy"], results["waypoint"]
     print(f"\nwaypoint vs haproxy, 90/10 split, HTTP/1.1 keep-alive on loopback, "
-          f"{args.duration}s per run, {os.cpu_count()} CPUs")
-    head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{args.duration}s per run, {os.cpu_count()} CPUs; haproxy: nbthread 1; "
+          f"waypoint: 1 process (uvloop); wrk -t1 -c{args.connections}")
+    head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
             f"{'@rate req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
-        print(f"{name:10} {r.rps:12.0f} {r.sat_p50_ms:8.2f} {r.sat_p99_ms:8.2f} "
+        print(f"{name:10} {r.rps:12.0f} {r.sat_p50_ms:8.2f} {r.sat_p99_ms:8.2f} {r.cpu_us:11.1f} "
               f"{r.fixed_rps:12.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d}")
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "n/a"
 
     print(f"{'ratio':10} {ratio(wp.rps, ha.rps):>12} {ratio(wp.sat_p50_ms, ha.sat_p50_ms):>8} "
-          f"{ratio(wp.sat_p99_ms, ha.sat_p99_ms):>8} {'':>12} "
+          f"{ratio(wp.sat_p99_ms, ha.sat_p99_ms):>8} {ratio(wp.cpu_us, ha.cpu_us):>11} {'':>12} "
           f"{ratio(wp.p50_ms, ha.p50_ms):>8} {ratio(wp.p99_ms, ha.p99_ms):>8}")
     print(f"\ngoals: req/s >= 0.70x haproxy (got {ratio(wp.rps, ha.rps)}); "
           f"p99 at {args.rate} req/s <= 2x haproxy (got {ratio(wp.p99_ms, ha.p99_ms)})")
