@@ -41,8 +41,8 @@ def plain_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
 
 
 def plain_upstream(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    # non-blocking from birth: no separate syscall to clear blocking mode
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -72,21 +72,33 @@ def family_of(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 async def _connect(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    family: int,
+    address: tuple[str, int],
+    timeout: float,  # noqa: ASYNC109
 ) -> None:
-    """A non-blocking connect to a literal IP address.
+    """A non-blocking connect to a literal IP address, TimeoutError after ``timeout``.
 
     ``loop.sock_connect`` on uvloop resolves even a literal address with a
     ``getaddrinfo`` on libuv's thread pool (a thread hand-off and two wake-ups per
     upstream connection); the data path only ever connects to IP literals, so the
     connect is done here as asyncio's own loop does it: ``connect`` (EINPROGRESS),
-    wait for writability, read ``SO_ERROR``. Anything that is not an IP literal goes
-    to ``sock_connect``."""
+    wait for writability, read ``SO_ERROR``. The timeout is a timer on that wait, not
+    ``asyncio.timeout`` (a context manager, the current task and a timer) or
+    ``wait_for`` (a task more). Anything that is not an IP literal goes to
+    ``sock_connect`` under ``asyncio.timeout``."""
     try:
-        socket.inet_pton(sock.family, address[0])
+        socket.inet_pton(family, address[0])
     except OSError:
-        await loop.sock_connect(sock, address)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
         return
     err = sock.connect_ex(address)
     if err == 0:
@@ -101,9 +113,11 @@ async def _connect(
             writable.set_result(None)
 
     loop.add_writer(fd, ready)
+    timer = loop.call_later(timeout, _expire, writable)
     try:
         await writable
     finally:
+        timer.cancel()
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
@@ -113,16 +127,12 @@ async def _connect(
 async def connect(
     factory: UpstreamFactory, address: tuple[str, int], timeout: float  # noqa: ASYNC109
 ) -> socket.socket:
-    """A connected non-blocking socket from ``factory``; closed on failure.
-
-    The timeout is ``asyncio.timeout`` (a timer on the current task), not ``wait_for``
-    (a task and a future more per upstream connection)."""
-    # (the connect itself: see ``_connect``)
+    """A connected non-blocking socket from ``factory``; closed on failure."""
     loop = asyncio.get_running_loop()
-    sock = factory(family_of(address[0]))
+    family = family_of(address[0])
+    sock = factory(family)
     try:
-        async with asyncio.timeout(timeout):
-            await _connect(loop, sock, address)
+        await _connect(loop, sock, family, address, timeout)
     except TimeoutError:
         sock.close()
         raise UpstreamError(
