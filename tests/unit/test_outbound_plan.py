@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from ztunnel_py.proxy import outbound
 from ztunnel_py.proxy.inbound import Accept, Refuse, decide, guess_service
 from ztunnel_py.proxy.outbound import Local, Passthrough, Reject, Tunnel, plan
 from ztunnel_py.state.model import (
@@ -158,3 +161,26 @@ def test_guess_service_is_the_first_service_targeting_the_port_and_follows_swaps
     assert guess_service(swapped, SERVER1, 8080) is WAYPOINTED
     assert guess_service(swapped, SERVER2, 9090) is SVC
     assert guess_service(SNAP, SERVER1, 8080) is SVC
+
+
+def test_facts_are_the_workloads_and_follow_a_new_object() -> None:
+    labelled = wl("api", "10.0.5.1", "n2", labels=FrozenMap({"app": "api", "version": "v7"}))
+    f = outbound.facts(labelled)
+    assert (f.identity, f.app, f.version) == (labelled.identity, "api", "v7")
+    assert f.baggage == ("k8s.namespace.name=ns,k8s.pod.name=api,service.name=api,"
+                         "service.version=v7")
+    assert outbound.facts(labelled) is f  # remembered
+    peer = outbound.peer_of(labelled, "10.0.5.1:80", SVC)
+    assert (peer.workload, peer.namespace, peer.principal, peer.app, peer.version,
+            peer.service) == ("api", "ns", labelled.identity, "api", "v7", SVC.hostname)
+    # the next snapshot's object for the same uid (relabelled): facts made afresh
+    relabelled = wl("api", "10.0.5.1", "n2", labels=FrozenMap({"app": "api", "version": "v8"}))
+    assert outbound.facts(relabelled).version == "v8"
+    assert outbound.facts(relabelled).workload is relabelled
+
+
+def test_facts_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbound, "_FACTS_MAX", 8)
+    for i in range(50):
+        outbound.facts(wl(f"w{i}", f"10.0.6.{i}", "n1"))
+        assert len(outbound._facts) <= 8

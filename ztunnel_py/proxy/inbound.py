@@ -30,7 +30,7 @@ from ztunnel_py.identity.manager import CertificateSource
 from ztunnel_py.identity.tls import ALPN_H2, peer_identity
 from ztunnel_py.policy.types import Connection
 from ztunnel_py.proxy.guard import RelaySet
-from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
+from ztunnel_py.proxy.outbound import Authorizer, allow_all, facts, peer_of
 from ztunnel_py.proxy.pool import ContextCache
 from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, TcpLeg
 from ztunnel_py.proxy.sockets import (
@@ -107,10 +107,11 @@ def decide(
     w = local_workload(snapshot, ip, node)
     if w is None:
         return Refuse(core.BAD_REQUEST, f"{authority} is not a mesh workload on node {node!r}")
-    if w.identity != served_identity:
+    identity = facts(w).identity
+    if identity != served_identity:
         return Refuse(
             core.BAD_REQUEST,
-            f"{authority} is {w.identity}, but this connection was made to {served_identity}",
+            f"{authority} is {identity}, but this connection was made to {served_identity}",
         )
     return Accept(w, (ip, port))
 
@@ -249,13 +250,13 @@ class Inbound:
         peer: tuple[str, int] | None,
     ) -> None:
         snapshot = self.store.current
-        result = ConnectionResult("inbound", security="mutual_tls")
-        result.hbone_target = leg.authority
         peer_ip = str(peer[0]) if peer else ""
         src_ip = core.parse_forwarded_for(leg.headers.get("forwarded", "")) or peer_ip
         src_w = snapshot.by_ip.get(src_ip)
-        result.src = peer_of(src_w, src_ip)
-        result.src.principal = client_id
+        src = peer_of(src_w, src_ip)
+        src.principal = client_id
+        result = ConnectionResult("inbound", src, security="mutual_tls",
+                                  hbone_target=leg.authority)
         decision = decide(leg.authority, snapshot, self.node, served)
         if isinstance(decision, Refuse):
             result.dst = Peer(address=leg.authority)

@@ -21,6 +21,7 @@ import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ztunnel_py import log
 from ztunnel_py.config import HBONE_PORT, HboneConfig
@@ -184,35 +185,62 @@ def plan(
             wp_ip, wp = waypoint
             # the waypoint gets the address the client asked for (the VIP, or the pod)
             return Tunnel(
-                (wp_ip, hbone_port), format_authority(ip, port), source.identity, wp.identity,
-                wp, service, via_waypoint=True,
+                (wp_ip, hbone_port), format_authority(ip, port), facts(source).identity,
+                facts(wp).identity, wp, service, via_waypoint=True,
             )
     if dst.node == node:
         return Local(dst_addr, dst, service)
     return Tunnel(
-        (dst_addr[0], hbone_port), format_authority(*dst_addr), source.identity, dst.identity,
-        dst, service,
+        (dst_addr[0], hbone_port), format_authority(*dst_addr), facts(source).identity,
+        facts(dst).identity, dst, service,
     )
+
+
+class Facts(NamedTuple):
+    """What the data path says about a workload on every connection, derived once."""
+
+    workload: Workload  # the object these facts are of (snapshots swap whole objects)
+    identity: str
+    app: str  # canonical service name
+    version: str  # canonical revision
+    baggage: str
+
+
+# by uid; an entry counts only for the very Workload object it was made from
+_facts: dict[str, Facts] = {}
+_FACTS_MAX = 16_384  # more workloads than that: start over rather than grow without end
+
+
+def facts(w: Workload) -> Facts:
+    """``w``'s identity, canonical name and revision and HBONE baggage, remembered while
+    the snapshot keeps the same object (each is a format or three label lookups)."""
+    f = _facts.get(w.uid)
+    if f is not None and f.workload is w:
+        return f
+    if len(_facts) >= _FACTS_MAX:
+        _facts.clear()
+    app, version = w.canonical_name, w.canonical_revision
+    baggage = ",".join([
+        f"k8s.namespace.name={w.namespace}",
+        f"k8s.pod.name={w.name}",
+        f"service.name={app}",
+        f"service.version={version}",
+    ])
+    f = _facts[w.uid] = Facts(w, w.identity, app, version, baggage)
+    return f
 
 
 def baggage_for(w: Workload) -> str:
     """Istio's HBONE baggage: who is calling (names as in ztunnel)."""
-    return ",".join([
-        f"k8s.namespace.name={w.namespace}",
-        f"k8s.pod.name={w.name}",
-        f"service.name={w.canonical_name}",
-        f"service.version={w.canonical_revision}",
-    ])
+    return facts(w).baggage
 
 
 def peer_of(w: Workload | None, address: str, service: Service | None = None) -> Peer:
+    hostname = service.hostname if service is not None else ""
     if w is None:
-        return Peer(address=address, service=service.hostname if service else "")
-    return Peer(
-        address=address, workload=w.name, namespace=w.namespace, principal=w.identity,
-        app=w.canonical_name, version=w.canonical_revision,
-        service=service.hostname if service else "",
-    )
+        return Peer(address, service=hostname)
+    f = facts(w)
+    return Peer(address, w.name, w.namespace, f.identity, f.app, f.version, hostname)
 
 
 def _addr(a: tuple[str, int]) -> str:
@@ -286,8 +314,7 @@ class Outbound:
         route = plan(
             dst, source, snapshot, self.node, rr=next(self._rr), hbone_port=self.hbone_port
         )
-        result = ConnectionResult("outbound")
-        result.src = peer_of(source, _addr(src))
+        result = ConnectionResult("outbound", peer_of(source, _addr(src)))
         if isinstance(route, Reject):
             result.dst = Peer(address=_addr(dst))
             _log.info("outbound connection rejected", src=_addr(src), dst=_addr(dst),
@@ -317,7 +344,7 @@ class Outbound:
                 if isinstance(route, Local):
                     assert source is not None
                     authorized = Connection(src[0], route.address[0], route.address[1],
-                                            route.destination, source.identity, src[1])
+                                            route.destination, facts(source).identity, src[1])
                     verdict = self.authorizer(authorized, snapshot)
                     if not verdict.allowed:
                         leg.reset()
