@@ -199,3 +199,22 @@ def test_failing_health_source_does_not_break_the_scrape() -> None:
     text = m.render().decode()
     assert "ztunnel_config_version_info" not in text
     assert value(m, "ztunnel_certificates", {}) == 1
+
+
+def test_labels_made_at_open_serve_the_close_unless_the_flags_changed(
+    metrics: Metrics,
+) -> None:
+    kept, revoked = record(sent=5), record(sent=7)
+    kept.open()
+    revoked.open()
+    kept.close()
+    revoked.revoke("foo/deny-all")
+    revoked.close()
+    plain, deny = labels(), labels(response_flags="DENY")
+    assert value(metrics, "istio_tcp_connections_opened_total", plain) == 2
+    assert value(metrics, "istio_tcp_connections_closed_total", plain) == 1
+    assert value(metrics, "istio_tcp_received_bytes_total", plain) == 5
+    # the revoked connection closes on its own series (as before: labels at close)
+    assert value(metrics, "istio_tcp_connections_closed_total", deny) == 1
+    assert value(metrics, "istio_tcp_received_bytes_total", deny) == 7
+    assert not metrics.tcp._live  # nothing kept for closed connections

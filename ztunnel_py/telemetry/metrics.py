@@ -135,6 +135,9 @@ class TcpCollector(Collector):
     def __init__(self, cluster: str = DEFAULT_CLUSTER) -> None:
         self.cluster = cluster
         self._values: dict[tuple[str, ...], list[int]] = {}
+        # open connections: their row and the response flags it was labelled with (the
+        # labels are computed once per connection, unless a revocation changes the flags)
+        self._live: dict[int, tuple[list[int], str]] = {}
 
     def _row(self, rec: ConnectionResult) -> list[int]:
         key = tcp_labels(rec, self.cluster)
@@ -144,10 +147,13 @@ class TcpCollector(Collector):
         return row
 
     def opened(self, rec: ConnectionResult) -> None:
-        self._row(rec)[_OPENED] += 1
+        row = self._row(rec)
+        row[_OPENED] += 1
+        self._live[id(rec)] = (row, rec.response_flags)
 
     def closed(self, rec: ConnectionResult, *, count_open: bool) -> None:
-        row = self._row(rec)
+        live = self._live.pop(id(rec), None)
+        row = live[0] if live is not None and live[1] == rec.response_flags else self._row(rec)
         if count_open:
             row[_OPENED] += 1
         row[_CLOSED] += 1
