@@ -1,4 +1,4 @@
-"""The agent's composition root: ``ztunnel-py agent``. Wiring only, no logic.
+"""The agent's composition root (``ztunnel-py agent``, see ``agent_cli``). Wiring only.
 
 One gRPC channel to the controller (TLS, bootstrap or service-account token)
 carries the config stream (-> ``StateStore``) and certificate requests (->
@@ -12,117 +12,36 @@ telemetry sinks (metrics, access log) see every connection at close; admin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
-import uvloop
 
 from ztunnel_py import config, log, policy
 from ztunnel_py.config import AgentConfig
 from ztunnel_py.identity.manager import GrpcCaClient, SecretManager, wanted_identities
 from ztunnel_py.proxy.server import Proxy
 from ztunnel_py.proxy.sockets import plain_listener
-from ztunnel_py.redirect import AGENT_MARK, Capture, CaptureError
+from ztunnel_py.redirect import AGENT_MARK, Capture
 from ztunnel_py.redirect.sockets import transparent_listener
 from ztunnel_py.state.client import GRPC_OPTIONS, ConfigClient
 from ztunnel_py.state.codec import snapshot_to_json
 from ztunnel_py.state.snapshot import Snapshot, StateStore
 from ztunnel_py.telemetry.accesslog import AccessLog, connection_json
-from ztunnel_py.telemetry.admin import AdminError, AdminServer
+from ztunnel_py.telemetry.admin import AdminServer
 from ztunnel_py.telemetry.http import (
     AGENT_CONDITIONS,
     CAPTURE,
     CERTIFICATES,
     CONFIG,
-    EndpointError,
     Readiness,
     TelemetryServer,
 )
 from ztunnel_py.telemetry.metrics import CertificateExpiry, Metrics
 
 _log = log.get("agent")
-
-_FLAGS = {
-    "node": "node",
-    "controller": "controller",
-    "controller_ca": "controller_ca",
-    "token_file": "token_file",
-    "admin_address": "admin_address",
-    "trust_domain": "trust_domain",
-    "capture": "capture",
-    "bpf_pin_root": "bpf_pin_root",
-    "log_level": "log.level",
-    "log_format": "log.format",
-}
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "agent",
-        help="run the node agent: eBPF capture, HBONE tunnel, L4 policy, telemetry",
-        description=(
-            "The per-node agent (run it in the node's host network, as root). It keeps the "
-            "mesh state pushed by the controller (TLS gRPC, bootstrap or service-account "
-            "token), holds the certificates of this node's enrolled workloads, captures their "
-            "traffic with eBPF (--capture ebpf) into :15001 (outbound), :15008 (HBONE) and "
-            ":15006 (inbound plaintext), carries it between nodes in HBONE (mTLS HTTP/2 "
-            "CONNECT), enforces AuthorizationPolicy and PeerAuthentication, and serves "
-            "metrics on :15020, readiness on :15021 and admin on 127.0.0.1:15000 "
-            "(/config_dump, /certs, /connections). SIGTERM drains open connections."
-        ),
-        epilog=config.settings_epilog(AgentConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--node", help="the node this agent serves")
-    p.add_argument("--controller", help="controller gRPC address HOST:PORT")
-    p.add_argument("--controller-ca", type=Path, help="PEM root to verify the controller")
-    p.add_argument("--token-file", type=Path, help="this node's bootstrap token")
-    p.add_argument("--admin-address", help="admin HTTP address (loopback)")
-    p.add_argument("--trust-domain")
-    p.add_argument("--capture", help="ebpf, or none")
-    p.add_argument("--bpf-pin-root", type=Path, help="bpffs directory for pins")
-    p.add_argument("--config", type=Path, help="YAML settings file")
-    p.add_argument("--uninstall", action="store_true",
-                   help="remove this node's eBPF programs, pins and policy route, and exit")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.load_args(AgentConfig, args, _FLAGS)
-    except config.ConfigError as exc:
-        print(f"ztunnel-py agent: {exc}")
-        return 2
-    log.configure(cfg.log)
-    if args.uninstall:
-        if not cfg.node:
-            print("ztunnel-py agent --uninstall: give --node (or NODE_NAME)")
-            return 2
-        from ztunnel_py.redirect import uninstall
-
-        uninstall(cfg.node, pin_root=cfg.bpf_pin_root)
-        print(f"capture for node {cfg.node} removed")
-        return 0
-    missing = [f for f, v in (("--node", cfg.node), ("--controller-ca", cfg.controller_ca),
-                              ("--token-file", cfg.token_file)) if not v]
-    if missing:
-        print(f"ztunnel-py agent: missing {', '.join(missing)} (see --help for the "
-              "environment variables)")
-        return 2
-    try:
-        uvloop.run(serve(cfg))
-    except (AdminError, EndpointError, CaptureError, OSError) as exc:
-        _log.error("agent cannot start", error=str(exc))
-        return 1
-    return 0
-
 
 def controller_channel(cfg: AgentConfig) -> grpc.aio.Channel:
     assert cfg.controller_ca is not None

@@ -18,7 +18,7 @@ from ztunnel_py import __version__
 SUBCOMMAND_MODULES = (
     "ztunnel_py.demo.cli",
     "ztunnel_py.controller.cli",
-    "ztunnel_py.app",
+    "ztunnel_py.agent_cli",
     "ztunnel_py.waypoint_cli",
     "ztunnel_py.controller.analyze",
     "ztunnel_py.ctl",

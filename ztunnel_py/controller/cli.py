@@ -14,15 +14,13 @@ import contextlib
 import signal
 import socket
 from pathlib import Path
-from typing import Any
-
-import grpc
-import uvloop
+from typing import TYPE_CHECKING, Any
 
 from ztunnel_py import config, log
 from ztunnel_py.config import ControllerConfig
-from ztunnel_py.controller.runtime import Controller, ControllerError
-from ztunnel_py.state.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def _log() -> Any:
@@ -93,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         print("ztunnel-py controller: give --config-dir DIR (or ZTUNNEL_CONFIG_DIR), "
               "or --kubernetes")
         return 2
+    # Imported here so that building the CLI (every subcommand's parser) stays cheap.
+    import uvloop
+
+    from ztunnel_py.controller.runtime import ControllerError
+
     try:
         uvloop.run(_serve(cfg, args.tls_san))
     except ControllerError as exc:
@@ -141,9 +144,13 @@ def _serving_names(cfg: ControllerConfig, extra: list[str]) -> tuple[list[str], 
 
 
 async def _serve(cfg: ControllerConfig, tls_san: list[str]) -> None:
+    import grpc
+
     from ztunnel_py.controller.ca.auth import BootstrapTokens
     from ztunnel_py.controller.ca.authority import CertificateAuthority
     from ztunnel_py.controller.ca.service import add_certificate_service
+    from ztunnel_py.controller.runtime import Controller
+    from ztunnel_py.state.snapshot import Snapshot
 
     kube_mode: Any = None
     if cfg.kubernetes:
