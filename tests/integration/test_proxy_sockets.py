@@ -94,3 +94,40 @@ async def test_connect_to_a_name_goes_through_the_loop_resolver() -> None:
         sock.close()
     finally:
         listener.close()
+
+
+async def test_connect_waits_when_the_handshake_is_not_done_at_once() -> None:
+    # a local upstream usually completes inside connect(); a full accept queue makes the
+    # SYN go unanswered until there is room again: the connect waits and then succeeds
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()[:2]
+    fillers: list[socket.socket] = []
+    factory = Tracking()
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(address)
+            fillers.append(s)
+        await asyncio.sleep(0.05)
+        task = asyncio.get_running_loop().create_task(connect(factory, address, 10.0))
+        await asyncio.sleep(0.2)
+        assert not task.done()  # waiting for the handshake
+        for s in fillers:  # make room: the retransmitted SYN gets through
+            s.close()
+        listener.setblocking(False)
+        deadline = asyncio.get_running_loop().time() + 8.0
+        while not task.done() and asyncio.get_running_loop().time() < deadline:
+            try:
+                listener.accept()[0].close()
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        sock = await asyncio.wait_for(task, 1.0)
+        assert sock.getpeername()[:2] == address
+        sock.close()
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -105,6 +105,14 @@ async def _connect(
         return
     if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
         raise OSError(err, os.strerror(err))
+    # To a workload on this node (the inbound path's only kind of upstream) the kernel
+    # has usually finished the handshake inside that very syscall (the SYN-ACK comes back
+    # over the veth before connect returns): ask once more before paying for a wait
+    err = sock.connect_ex(address)
+    if err in (0, errno.EISCONN):
+        return
+    if err not in (errno.EALREADY, errno.EINPROGRESS):
+        raise OSError(err, os.strerror(err))
     fd = sock.fileno()
     writable: asyncio.Future[None] = loop.create_future()
 
