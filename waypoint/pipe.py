@@ -56,10 +56,12 @@ class _Buffering:
         early, self._early = self._early, []
         for chunk in early:
             sink.on_data(chunk)
-        if self._early_eof:
+        eof, lost = self._early_eof, self._early_lost
+        self._early_eof, self._early_lost = False, None  # told once, to the first sink
+        if eof:
             sink.on_eof()
-        if self._early_lost is not None:
-            sink.on_lost(self._early_lost[0])
+        if lost is not None:
+            sink.on_lost(lost[0])
 
     def _data(self, data: bytes) -> None:
         if self.sink is None:

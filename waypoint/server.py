@@ -45,6 +45,7 @@ class Sniff:
 
     def _choose(self, server: H1Server | H2Server) -> None:
         self.chosen = server
+        self.pipe.set_sink(server)  # from now on the pipe feeds the server directly
         buf, self.buf = self.buf, b""
         server.on_data(buf)
 

@@ -376,3 +376,42 @@ async def test_client_upgrade_returns_the_101_and_the_bytes_after_it() -> None:
     resp, trailing = await asyncio.wait_for(task, 1)
     assert resp.status == 101 and ("upgrade", "websocket") in resp.headers
     assert trailing == b"HELLO AGAIN" and not client.recycle()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def on_data(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def on_eof(self) -> None:
+        self.events.append("eof")
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self.events.append("lost")
+
+
+def test_a_pipe_replays_what_came_early_to_its_first_sink_only() -> None:
+    from waypoint.pipe import TcpPipe
+
+    pipe = TcpPipe()
+    pipe.data_received(b"early")
+    pipe.eof_received()
+    first, second = _Sink(), _Sink()
+    pipe.set_sink(first)
+    pipe.set_sink(second)  # the sniffer hands the pipe to the server it chose
+    pipe.data_received(b"late")
+    assert first.events == [b"early", "eof"] and second.events == [b"late"]
+
+
+async def test_the_sniffer_hands_the_pipe_to_the_http1_server() -> None:
+    from waypoint.server import Sniff
+
+    pipe, rec = MemPipe(), Recorder()
+    sniff = Sniff(pipe, INFO, rec)
+    sniff.on_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(pipe.sink, H1Server)
+    pipe.sink.on_data(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _settle()
+    assert [r.path for r, _ in rec.requests] == ["/a", "/b"]
