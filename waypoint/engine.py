@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from waypoint.request import Headers, Request, remove_header, set_header
@@ -133,11 +133,37 @@ def first_route(
 
 @dataclass(frozen=True)
 class Target:
-    """Where a request (or its mirror) goes: a service host, a subset and a port."""
+    """Where a request (or its mirror) goes: a service host, a subset and a port.
+
+    The proxy keys its per-target memos by it several times per request: the hash is
+    computed once, and ``decide`` hands out one object per (host, port, subset) so that
+    those lookups mostly end at an identity check."""
 
     host: str
     port: int
     subset: str | None = None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.subset)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+_TARGETS: dict[tuple[str, int, str | None], Target] = {}
+TARGETS_REMEMBERED = 4096
+
+
+def target(host: str, port: int, subset: str | None = None) -> Target:
+    """The one ``Target`` for these fields (remembered; bounded)."""
+    key = (host, port, subset)
+    t = _TARGETS.get(key)
+    if t is None:
+        if len(_TARGETS) >= TARGETS_REMEMBERED:
+            _TARGETS.clear()
+        t = _TARGETS[key] = Target(host, port, subset)
+    return t
 
 
 @dataclass(frozen=True)
@@ -365,7 +391,7 @@ def _target(d: r.Destination, service: Service, req_port: int) -> Target:
         # Same port as the request when the destination is the service itself, else the
         # destination service's only port (resolved by the caller if ambiguous).
         port = req_port
-    return Target(d.host, port, d.subset)
+    return target(d.host, port, d.subset)
 
 
 def _grpc_abort(code: str) -> str:
@@ -378,7 +404,7 @@ def _grpc_abort(code: str) -> str:
 def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> Decision:
     service = service_routes.service
     if not service_routes.routes:
-        return Forward(Target(service.hostname, req.port), req, route="default")
+        return Forward(target(service.hostname, req.port), req, route="default")
     found = first_route(service_routes.routes, req)
     if found is None:
         return Respond(404, b"", flags=NO_ROUTE, reason="no route matched")

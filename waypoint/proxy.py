@@ -310,7 +310,7 @@ class WaypointProxy:
         req = req.with_headers(headers)
         if svc is None:  # a pod addressed directly: no service routes apply
             rec.route = "workload"
-            return req, Forward(Target(req.dst, req.port), req, route="workload")
+            return req, Forward(engine.target(req.dst, req.port), req, route="workload")
         routes: ServiceRoutes = self.table.routes_for(svc, req.port)
         decision = engine.decide(req, routes, self.rng)
         rec.route = decision.route

@@ -573,3 +573,14 @@ spec:
     assert d.retry.status_codes == frozenset({503, 504})
     assert engine.should_retry(d.retry, Outcome(504)) and not engine.should_retry(
         d.retry, Outcome(500))
+
+
+def test_targets_are_handed_out_once_and_hash_like_their_fields() -> None:
+    from waypoint import engine as eng
+
+    a = eng.target("reviews.bookinfo.svc.cluster.local", 9080, "v1")
+    assert eng.target("reviews.bookinfo.svc.cluster.local", 9080, "v1") is a
+    fresh = eng.Target("reviews.bookinfo.svc.cluster.local", 9080, "v1")
+    assert fresh == a and hash(fresh) == hash(a) and {a: 1}[fresh] == 1
+    assert eng.target("reviews.bookinfo.svc.cluster.local", 9080) != a
+    assert eng.target("reviews.bookinfo.svc.cluster.local", 9081, "v1") != a
