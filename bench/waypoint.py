@@ -196,11 +196,22 @@ def run_fixed_rate(port: int, duration: int, rate: int, out: Result) -> None:
         out.fixed_rps = len(times) / duration
 
 
+def median_result(rounds: list[Result]) -> Result:
+    """Each figure's median over the rounds (errors: summed)."""
+    out = Result()
+    for f in ("rps", "cpu_us", "sat_p50_ms", "sat_p99_ms", "fixed_rps", "p50_ms", "p99_ms"):
+        setattr(out, f, statistics.median(getattr(r, f) for r in rounds))
+    out.errors = sum(r.errors for r in rounds)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     p.add_argument("--rate", type=int, default=1000, help="fixed request rate (requests/s)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds (haproxy and waypoint alternating); the table shows medians")
     p.add_argument("--serve-waypoint", nargs=3, type=int, metavar=("PORT", "V1", "V2"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -248,13 +259,15 @@ backend be
         procs.append(haproxy)
         for port in (v1, v2, wp_port, ha_port):
             _wait_port(port)
-        results: dict[str, Result] = {}
-        for name, port, pid in (("haproxy", ha_port, haproxy.pid),
-                                ("waypoint", wp_port, waypoint.pid)):
-            r = Result()
-            run_wrk(port, args.duration, args.connections, r, pid)
-            run_fixed_rate(port, args.duration, args.rate, r)
-            results[name] = r
+        rounds: dict[str, list[Result]] = {"haproxy": [], "waypoint": []}
+        for _ in range(max(1, args.repeat)):
+            for name, port, pid in (("haproxy", ha_port, haproxy.pid),
+                                    ("waypoint", wp_port, waypoint.pid)):
+                r = Result()
+                run_wrk(port, args.duration, args.connections, r, pid)
+                run_fixed_rate(port, args.duration, args.rate, r)
+                rounds[name].append(r)
+        results = {name: median_result(rs) for name, rs in rounds.items()}
     finally:
         for proc in procs:
             proc.terminate()
@@ -267,7 +280,8 @@ backend be
         tmp.cleanup()
     ha, wp = results["haproxy"], results["waypoint"]
     print(f"\nwaypoint vs haproxy, 90/10 split, HTTP/1.1 keep-alive on loopback, "
-          f"{args.duration}s per run, {os.cpu_count()} CPUs; haproxy: nbthread 1; "
+          f"{args.duration}s per run, {args.repeat} round(s) (medians), {os.cpu_count()} CPUs; "
+          f"haproxy: nbthread 1; "
           f"waypoint: 1 process (uvloop); wrk -t1 -c{args.connections}")
     head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
             f"{'@rate req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")

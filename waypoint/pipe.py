@@ -98,7 +98,11 @@ class TcpPipe(_Buffering, asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        self._data(data)
+        sink = self.sink  # (``_data`` inlined: this runs for every read)
+        if sink is None:
+            self._early.append(data)
+        else:
+            sink.on_data(data)
 
     def eof_received(self) -> bool:
         self._eof()
