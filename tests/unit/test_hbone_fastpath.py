@@ -579,3 +579,22 @@ def test_closed_streams_are_not_counted_by_walking() -> None:
     assert len(_raw_h2(side.server).streams) <= CFG.max_streams_per_connection
     # near the limit h2 takes the CONNECT (and cleans up its table): once in a while only
     assert side.server.fast_header_blocks > 2 * CFG.max_streams_per_connection
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_connect_blocks_carry_every_field_in_order(resized: bool) -> None:
+    """The encoded-once fields, the trace and extra fields; the same through h2 (when the
+    encoder owes a table size update)."""
+    side = Side(True)
+    if resized:
+        _raw_h2(side.server).update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+        side.pump()
+    decoder = hpack.Decoder()
+    for authority in ("10.0.0.9:80", "10.0.0.9:80", "10.0.0.10:81"):  # cached, then not
+        side.client.open(authority, forwarded="for=10.0.1.1", baggage="a=b",
+                         traceparent=TRACE, extra=[("x-one", "1"), ("x-two", "2")])
+        [(_, _, block)] = _header_blocks(side.client.data_to_send())
+        assert decoder.decode(block, raw=False) == [
+            (":method", "CONNECT"), (":authority", authority), ("forwarded", "for=10.0.1.1"),
+            ("baggage", "a=b"), ("traceparent", TRACE), ("x-one", "1"), ("x-two", "2"),
+        ]

@@ -209,6 +209,7 @@ def canonical_ip(text: str) -> str:
     return str(ipaddress.ip_address(text))
 
 
+@functools.lru_cache(maxsize=4096)  # the same few destinations, tunnel after tunnel
 def parse_authority(authority: str) -> tuple[str, int]:
     """An HBONE ``:authority`` must be a literal ``ip:port``; anything else is a 400."""
     host, sep, port_text = authority.rpartition(":")
@@ -236,6 +237,7 @@ def forwarded_for(client_ip: str) -> str:
     return f'for="[{client_ip}]"' if ":" in client_ip else f"for={client_ip}"
 
 
+@functools.lru_cache(maxsize=4096)  # the same few clients, tunnel after tunnel
 def parse_forwarded_for(value: str) -> str | None:
     """The first ``for=`` address of a ``forwarded`` header, or None."""
     for element in value.split(","):
@@ -297,6 +299,21 @@ def _request_block(headers: Iterable[tuple[str, str]]) -> bytes:
     return b"".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
+def _connect_fields(authority: str, forwarded: str, baggage: str) -> bytes:
+    """The CONNECT block's fields that repeat from tunnel to tunnel (destination, client
+    address, caller), encoded once per combination."""
+    fields = [(":method", "CONNECT"), (":authority", authority)]
+    if forwarded:
+        fields.append(("forwarded", forwarded))
+    if baggage:
+        fields.append(("baggage", baggage))
+    return _request_block(fields)
+
+
+_TRACEPARENT_NAME = _literal("traceparent", "", never_indexed=True)[:-1]  # name, no value
+
+
 def _status_block(status: int) -> bytes:
     index = _STATIC_STATUS_FIELD.get(status)
     if index is not None:
@@ -319,8 +336,17 @@ _CHECKED_NAMES = frozenset(
     {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "te",
      "host", "content-length", "cookie"}
 )
-# values h2 passes unchanged: no NUL/CR/LF, no surrounding whitespace (RFC 9113 §8.2.1)
-_BAD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
+# names seen to pass (the few every CONNECT carries), so that each is matched once
+_GOOD_NAMES: set[str] = set()
+_GOOD_NAMES_MAX = 256
+
+
+def _value_ok(value: str) -> bool:
+    """What h2 passes unchanged: no NUL/CR/LF, no surrounding whitespace (RFC 9113
+    §8.2.1); empty is allowed."""
+    if "\r" in value or "\n" in value or "\x00" in value:
+        return False
+    return not value or (value[0] not in " \t" and value[-1] not in " \t")
 
 
 class _NotPlain(Exception):
@@ -347,9 +373,13 @@ def _plain_int(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
 
 
 def _plain_str(block: bytes, pos: int) -> tuple[str, int]:
-    if block[pos] & 0x80:
+    length = block[pos]
+    if length & 0x80:
         raise _NotPlain  # Huffman-coded
-    length, pos = _plain_int(block, pos, 7)
+    if length == 0x7F:
+        length, pos = _plain_int(block, pos, 7)
+    else:
+        pos += 1
     end = pos + length
     if end > len(block):
         raise _NotPlain
@@ -377,7 +407,11 @@ def _plain_fields(data: memoryview) -> list[tuple[str, str]] | None:
                 continue
             if first & 0xE0:  # incremental indexing (01), or a table size update (001)
                 return None
-            index, pos = _plain_int(block, pos, 4)  # without indexing / never indexed
+            index = first & 0x0F  # without indexing / never indexed
+            if index == 0x0F:
+                index, pos = _plain_int(block, pos, 4)
+            else:
+                pos += 1
             if index > len(_STATIC_TABLE):
                 return None
             if index:
@@ -404,14 +438,14 @@ def _tunnel_fields(
             if regular or name not in pseudo or name in out or not value:
                 return None
             seen += 1
-        elif (
-            name in _CHECKED_NAMES
-            or not _FIELD_NAME.fullmatch(name)
-        ):
-            return None
         else:
+            if name not in _GOOD_NAMES:
+                if name in _CHECKED_NAMES or not _FIELD_NAME.fullmatch(name):
+                    return None
+                if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+                    _GOOD_NAMES.add(name)
             regular = True
-        if _BAD_VALUE.search(value):
+        if not _value_ok(value):
             return None
         out[name] = value
     return out if seen == len(pseudo) else None
@@ -553,17 +587,21 @@ class HboneConnection:
         if self.ended:
             raise HboneError("connection is closing; open a new one")
         stream_id = self._h2.get_next_available_stream_id()
-        headers = [(":method", "CONNECT"), (":authority", authority)]
-        if forwarded:
-            headers.append(("forwarded", forwarded))
-        if baggage:
-            headers.append(("baggage", baggage))
         # unique per request: never worth a slot in the peer's HPACK table
         trace = traceparent or new_traceparent()
-        headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
-        headers.extend(extra)
-        if not self._send_header_block(stream_id, _request_block(headers), end_stream=False,
-                                       authority=authority):
+        extra = list(extra)
+        block = b"".join((
+            _connect_fields(authority, forwarded, baggage), _TRACEPARENT_NAME, _hpack_str(trace),
+            _request_block(extra) if extra else b"",
+        ))
+        if not self._send_header_block(stream_id, block, end_stream=False, authority=authority):
+            headers = [(":method", "CONNECT"), (":authority", authority)]
+            if forwarded:
+                headers.append(("forwarded", forwarded))
+            if baggage:
+                headers.append(("baggage", baggage))
+            headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
+            headers.extend(extra)
             self._h2.send_headers(stream_id, headers)
         self._streams[stream_id] = _Stream()
         return stream_id
