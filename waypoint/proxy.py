@@ -328,8 +328,9 @@ class WaypointProxy:
             for t in d.mirrors:
                 self._mirror(t, d.request, body)
         try:
-            if d.timeout_s:
-                result = await asyncio.wait_for(self._tries(d, body), d.timeout_s)
+            if d.timeout_s:  # (asyncio.timeout: no task per request, unlike wait_for)
+                async with asyncio.timeout(d.timeout_s):
+                    result = await self._tries(d, body)
             else:
                 result = await self._tries(d, body)
         except TimeoutError:
@@ -412,7 +413,11 @@ class WaypointProxy:
                         max_requests_per_connection=limits.max_requests_per_connection,
                         stream=http2)
                     per_try = retry.per_try_timeout_s if retry is not None else None
-                    resp = await (asyncio.wait_for(call, per_try) if per_try else call)
+                    if per_try:
+                        async with asyncio.timeout(per_try):
+                            resp = await call
+                    else:
+                        resp = await call
                     outcome = Outcome(resp.status, resp.grpc_status if req.grpc else None)
                     cluster.record(ep, resp.status, eps)
                 except UpstreamError as exc:

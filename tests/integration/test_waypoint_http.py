@@ -738,3 +738,46 @@ spec:
         assert (await c.request("/x", host="nope")).status == 200
     finally:
         await c.close()
+
+
+def _slow_first(n: int, _m: str, _p: str) -> tuple[int, float]:
+    return 200, (2.0 if n == 1 else 0.0)
+
+
+@pytest.mark.parametrize(("timeout", "want"), [("3s", 200), ("300ms", 504)])
+async def test_per_try_timeout_retries_within_the_route_timeout(timeout: str, want: int) -> None:
+    """perTryTimeout 200ms: the first (slow) try is abandoned and retried; a route timeout
+    shorter than the slow try ends the whole request first."""
+    m = Mesh()
+    await m.add("ratings-v1", {"app": "ratings", "version": "v1"}, _slow_first)
+    try:
+        await m.start()
+        m.apply(f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: bookinfo}}
+spec:
+  hosts: [ratings]
+  http:
+  - timeout: {timeout}
+    retries: {{attempts: 2, perTryTimeout: {"200ms" if timeout == "3s" else "1s"},
+               retryOn: gateway-error}}
+    route: [{{destination: {{host: ratings}}}}]
+""")
+        c = Client(m.address)
+        try:
+            t0 = time.monotonic()
+            r = await c.request(host="ratings:9080")
+            elapsed = time.monotonic() - t0
+        finally:
+            await c.close()
+    finally:
+        await m.stop()
+    assert r.status == want
+    if want == 200:
+        assert 0.19 <= elapsed < 1.5, elapsed
+        assert len(m.backends["ratings-v1"].seen) == 2
+        assert m.metrics.count(response_code="200") == 1
+    else:
+        assert 0.29 <= elapsed < 0.9, elapsed
+        assert m.metrics.count(response_code="504", response_flags="UT") == 1
