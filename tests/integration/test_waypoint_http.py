@@ -744,8 +744,9 @@ def _slow_first(n: int, _m: str, _p: str) -> tuple[int, float]:
     return 200, (2.0 if n == 1 else 0.0)
 
 
-@pytest.mark.parametrize(("timeout", "want"), [("3s", 200), ("300ms", 504)])
-async def test_per_try_timeout_retries_within_the_route_timeout(timeout: str, want: int) -> None:
+@pytest.mark.parametrize(("route_timeout", "want"), [("3s", 200), ("300ms", 504)])
+async def test_per_try_timeout_retries_within_the_route_timeout(
+        route_timeout: str, want: int) -> None:
     """perTryTimeout 200ms: the first (slow) try is abandoned and retried; a route timeout
     shorter than the slow try ends the whole request first."""
     m = Mesh()
@@ -759,8 +760,8 @@ metadata: {{name: ratings, namespace: bookinfo}}
 spec:
   hosts: [ratings]
   http:
-  - timeout: {timeout}
-    retries: {{attempts: 2, perTryTimeout: {"200ms" if timeout == "3s" else "1s"},
+  - timeout: {route_timeout}
+    retries: {{attempts: 2, perTryTimeout: {"200ms" if route_timeout == "3s" else "1s"},
                retryOn: gateway-error}}
     route: [{{destination: {{host: ratings}}}}]
 """)
