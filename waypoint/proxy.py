@@ -67,6 +67,8 @@ class _Result:
 
 
 def _flags(*parts: str) -> str:
+    if len(parts) == 1:
+        return parts[0] or "-"
     out = [p for p in parts if p and p != "-"]
     return ",".join(dict.fromkeys(out)) or "-"
 
@@ -80,6 +82,17 @@ def speaks_http2(svc: Service, port: int) -> bool:
     proto = (sp.app_protocol or sp.name).lower()
     return proto.split("-", 1)[0] in ("grpc", "http2", "h2c", "grpc-web") or \
         proto in ("kubernetes.io/h2c",)
+
+
+_OUTCOMES: dict[int, Outcome] = {}
+
+
+def _status_outcome(status: int) -> Outcome:
+    """The (immutable) outcome of a plain HTTP answer, one per status code."""
+    out = _OUTCOMES.get(status)
+    if out is None:
+        out = _OUTCOMES[status] = Outcome(status)
+    return out
 
 
 def _request_id(rng: random.Random) -> str:
@@ -418,7 +431,8 @@ class WaypointProxy:
                             resp = await call
                     else:
                         resp = await call
-                    outcome = Outcome(resp.status, resp.grpc_status if req.grpc else None)
+                    outcome = Outcome(resp.status, resp.grpc_status) if req.grpc else \
+                        _status_outcome(resp.status)
                     cluster.record(ep, resp.status, eps)
                 except UpstreamError as exc:
                     error = exc
