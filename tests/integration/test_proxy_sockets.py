@@ -1,5 +1,6 @@
-"""The socket seams: listeners hand out TCP_NODELAY sockets; upstream connects fail
-with ``UpstreamError`` (refused, timed out) and never leak the socket."""
+"""The socket seams: listeners hand out TCP_NODELAY sockets, upstream sockets get it with
+their transport; upstream connects fail with ``UpstreamError`` (refused, timed out) and
+never leak the socket."""
 
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ async def test_connect_succeeds_and_refusal_is_an_upstream_error() -> None:
     try:
         sock = await connect(factory, address, 2.0)
         assert sock.getpeername()[:2] == address
+        # relayed bytes never wait for Nagle: the transport sets TCP_NODELAY
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            asyncio.Protocol, sock=sock)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        sock.close()
+        transport.close()
     finally:
         listener.close()
     with pytest.raises(UpstreamError, match="failed"):

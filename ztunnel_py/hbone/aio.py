@@ -248,6 +248,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.core = HboneConnection(role, config)
         self.role = role
         self.transport: asyncio.Transport | None = None
+        # the loop we run on, kept: on Python 3.11 every asyncio.get_running_loop() is a
+        # getpid() syscall, and flush() runs several times per tunnel
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[int, StreamLeg] = {}
         self.writing_paused = False
         self.lost = False
@@ -264,6 +267,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(TLS_HIGH_WATER, TLS_LOW_WATER)
+        self.loop = asyncio.get_running_loop()
         if self._started:
             self.core.initiate()
             self.flush()
@@ -340,11 +344,12 @@ class HboneProtocol(asyncio.BufferedProtocol):
         syscall instead of one each."""
         if self._flush_pending or self.lost:
             return
-        self._flush_pending = True
-        try:
-            asyncio.get_running_loop().call_soon(self.flush_now)
-        except RuntimeError:  # no loop (closing down): write at once
+        loop = self.loop
+        if loop is None or not loop.is_running():  # not running (closing down): write at once
             self.flush_now()
+            return
+        self._flush_pending = True
+        loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
         self._flush_pending = False
@@ -378,7 +383,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             authority, forwarded=forwarded, baggage=baggage, traceparent=traceparent
         )
         leg = StreamLeg(self, sid, authority)
-        leg.response = asyncio.get_running_loop().create_future()
+        leg.response = (self.loop or asyncio.get_running_loop()).create_future()
         self.streams[sid] = leg
         self.flush()
         return leg

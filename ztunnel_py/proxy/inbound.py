@@ -144,8 +144,10 @@ class Inbound:
         self.relays = RelaySet()
         self.upstream_attempts = 0  # connections tried towards workloads (tests: never for 400s)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        task = (loop or asyncio.get_running_loop()).create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -232,7 +234,8 @@ class Inbound:
         if proto.lost:
             return True
         proto.set_connect_handler(
-            lambda leg: self._spawn(self._stream(proto, leg, client_id, w.identity, peer))
+            lambda leg: self._spawn(self._stream(proto, leg, client_id, w.identity, peer),
+                                    proto.loop)
         )
         self.connections.add(proto)
         proto.start()
@@ -275,13 +278,14 @@ class Inbound:
             result.close(f"denied: {verdict.reason}", "DENY")
             return
         self.upstream_attempts += 1
+        loop = conn.loop or asyncio.get_running_loop()
         try:
-            sock = await connect(self.upstream, decision.address, self.config.connect_timeout_s)
+            sock = await connect(self.upstream, decision.address, self.config.connect_timeout_s,
+                                 loop=loop)
         except UpstreamError as exc:
             conn.respond(leg, core.SERVICE_UNAVAILABLE)
             result.close(str(exc), "UF")
             return
-        loop = asyncio.get_running_loop()
         try:
             _, upstream = await loop.create_connection(TcpLeg, sock=sock)
         except OSError as exc:

@@ -284,6 +284,9 @@ class Outbound:
         self.hbone_port = hbone_port
         self._rr = itertools.count()
         self.tasks: set[asyncio.Task[None]] = set()
+        # the loop the listener runs on (``Proxy.start`` sets it): saves a getpid() per
+        # connection on Python 3.11, where get_running_loop() makes one
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.relays = RelaySet()
 
     def protocol(self) -> TcpLeg:
@@ -300,7 +303,7 @@ class Outbound:
             leg.reset()
             return
         src_ip = _normalise(str(peer[0]))
-        task = asyncio.get_running_loop().create_task(
+        task = (self.loop or asyncio.get_running_loop()).create_task(
             self._serve(leg, (src_ip, int(peer[1])), (_normalise(dst[0]), dst[1]))
         )
         self.tasks.add(task)

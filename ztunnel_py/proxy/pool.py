@@ -141,7 +141,7 @@ class ConnectionPool:
             assert response is not None
             # a plain timer, not wait_for(shield(...)): two futures and their callbacks
             # fewer per tunnel
-            timer = asyncio.get_running_loop().call_later(
+            timer = response.get_loop().call_later(
                 self.config.connect_timeout_s * 2, _give_up, response
             )
             try:

@@ -67,8 +67,8 @@ class TcpLeg(Leg, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(TCP_HIGH_WATER, TCP_LOW_WATER)
-        # TCP_NODELAY: uvloop and asyncio set it on every TCP transport, and our
-        # listeners and upstream sockets carry it already (no syscall per connection here)
+        # TCP_NODELAY: uvloop and asyncio set it on every TCP transport (accepted
+        # sockets also inherit it from our listeners): no syscall for it here
         if self._start_paused:
             self.pause_source()
         on_made, self._on_made = self._on_made, None

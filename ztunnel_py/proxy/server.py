@@ -124,6 +124,7 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.outbound.loop = loop
         factories = {
             "outbound": self.outbound.protocol,
             "inbound_plaintext": self.plaintext.protocol,

@@ -41,10 +41,10 @@ def plain_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
 
 
 def plain_upstream(family: int) -> socket.socket:
-    # non-blocking from birth: no separate syscall to clear blocking mode
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    """An unconnected TCP socket, non-blocking from birth (no syscall to make it so).
+    TCP_NODELAY comes with the transport: uvloop and asyncio set it on every TCP
+    transport, and every upstream socket becomes one before any byte is relayed."""
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
 
 def marked_upstream(mark: int) -> UpstreamFactory:
@@ -133,10 +133,15 @@ async def _connect(
 
 
 async def connect(
-    factory: UpstreamFactory, address: tuple[str, int], timeout: float  # noqa: ASYNC109
+    factory: UpstreamFactory,
+    address: tuple[str, int],
+    timeout: float,  # noqa: ASYNC109
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> socket.socket:
-    """A connected non-blocking socket from ``factory``; closed on failure."""
-    loop = asyncio.get_running_loop()
+    """A connected non-blocking socket from ``factory``; closed on failure. ``loop``: the
+    running loop, when the caller has it at hand (saves a getpid() on Python 3.11)."""
+    loop = loop or asyncio.get_running_loop()
     family = family_of(address[0])
     sock = factory(family)
     try:
