@@ -457,6 +457,14 @@ def _every_other(n: int, _m: str, _p: str) -> tuple[int, float]:
     return (503 if n % 2 == 1 else 200), 0.0
 
 
+def ratings_route(**fields: str) -> str:
+    """A VirtualService sending ratings to ratings, its one http route with ``fields``."""
+    return ("apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            "metadata: {name: ratings, namespace: bookinfo}\n"
+            "spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\n"
+            + "".join(f"    {k}: {v}\n" for k, v in fields.items()))
+
+
 @pytest.mark.parametrize(("retries", "want_failures"), [("{attempts: 3}", False),
                                                         ("{attempts: 0}", True)])
 async def test_retries_over_a_backend_failing_every_other_request(
@@ -465,16 +473,7 @@ async def test_retries_over_a_backend_failing_every_other_request(
     await m.add("ratings-v1", {"app": "ratings", "version": "v1"}, _every_other)
     try:
         await m.start()
-        m.apply(f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: ratings, namespace: bookinfo}}
-spec:
-  hosts: [ratings]
-  http:
-  - retries: {retries}
-    route: [{{destination: {{host: ratings}}}}]
-""")
+        m.apply(ratings_route(retries=retries))
         replies = await many(m, 40, clients=1, host="ratings:9080")
     finally:
         await m.stop()
@@ -753,18 +752,9 @@ async def test_per_try_timeout_retries_within_the_route_timeout(
     await m.add("ratings-v1", {"app": "ratings", "version": "v1"}, _slow_first)
     try:
         await m.start()
-        m.apply(f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: ratings, namespace: bookinfo}}
-spec:
-  hosts: [ratings]
-  http:
-  - timeout: {route_timeout}
-    retries: {{attempts: 2, perTryTimeout: {"200ms" if route_timeout == "3s" else "1s"},
-               retryOn: gateway-error}}
-    route: [{{destination: {{host: ratings}}}}]
-""")
+        per_try = "200ms" if route_timeout == "3s" else "1s"
+        m.apply(ratings_route(timeout=route_timeout, retries="{attempts: 2, perTryTimeout: "
+                              f"{per_try}, retryOn: gateway-error}}"))
         c = Client(m.address)
         try:
             t0 = time.monotonic()

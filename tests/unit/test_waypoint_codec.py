@@ -26,6 +26,7 @@ class MemPipe:
         self.sink = sink
 
     def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
         self.out += data
 
     def write_eof(self) -> None:
@@ -75,7 +76,7 @@ async def _settle() -> None:
 
 async def test_h1_pipelined_requests_are_answered_in_order() -> None:
     pipe, rec = MemPipe(), Recorder()
-    server = H1Server(pipe, INFO, rec, _spawn)  # type: ignore[arg-type]
+    server = H1Server(pipe, INFO, rec, _spawn)
     server.on_data(b"GET /a HTTP/1.1\r\nHost: reviews:9080\r\nX-Trace: 1\r\n\r\n"
                    b"POST /b?q=1 HTTP/1.1\r\nHost: reviews\r\nContent-Length: 3\r\n"
                    b"Connection: keep-alive\r\n\r\nxyz")
@@ -95,7 +96,7 @@ async def test_h1_pipelined_requests_are_answered_in_order() -> None:
 
 async def test_h1_garbage_gets_400_and_close() -> None:
     pipe, rec = MemPipe(), Recorder()
-    server = H1Server(pipe, INFO, rec, _spawn)  # type: ignore[arg-type]
+    server = H1Server(pipe, INFO, rec, _spawn)
     server.on_data(b"NOT HTTP AT ALL\r\n\r\n")
     await _settle()
     assert pipe.out.startswith(b"HTTP/1.1 400")
@@ -104,7 +105,7 @@ async def test_h1_garbage_gets_400_and_close() -> None:
 
 async def test_h1_connection_close_is_honoured() -> None:
     pipe, rec = MemPipe(), Recorder()
-    server = H1Server(pipe, INFO, rec, _spawn)  # type: ignore[arg-type]
+    server = H1Server(pipe, INFO, rec, _spawn)
     server.on_data(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await _settle()
     assert b"200" in pipe.out and pipe.closed

@@ -11,34 +11,9 @@ from collections.abc import Awaitable
 
 import pytest
 
+from tests.unit.test_waypoint_codec import MemPipe
 from waypoint.http1 import MAX_BODY, MAX_HEAD, BadHead, ConnInfo, H1Client, H1Server, request_head
 from waypoint.request import Body, Peer, Request, Response, UpstreamError
-
-
-class MemPipe:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-        self.sink: object = None
-
-    def set_sink(self, sink: object) -> None:
-        self.sink = sink
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.out += data
-
-    def write_eof(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def peer_address(self) -> tuple[str, int] | None:
-        return None
 
 
 class Recorder:
