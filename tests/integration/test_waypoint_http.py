@@ -684,17 +684,17 @@ spec:
     assert mesh.backends["reviews-v1"].connections >= 5
 
 
+def reviews_to(subset: str) -> str:
+    """A VirtualService sending everything for reviews to one subset (after ``SUBSETS``)."""
+    return ("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            "metadata: {name: reviews, namespace: bookinfo}\n"
+            "spec:\n  hosts: [reviews]\n  http:\n"
+            f"  - route: [{{destination: {{host: reviews, subset: {subset}}}}}]\n")
+
+
 async def test_describe_for_the_admin_port(mesh: Mesh) -> None:
     await mesh.start()
-    mesh.apply(SUBSETS + """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v1}}]
-""")
+    mesh.apply(SUBSETS + reviews_to("v1"))
     await many(mesh, 2, clients=1)
     assert mesh.proxy is not None
     d = mesh.proxy.describe()
@@ -712,15 +712,7 @@ async def test_a_new_snapshot_replaces_what_was_remembered_per_request_shape(mes
     try:
         before = await c.request("/x", host="reviews:9080")
         assert before.status == 200 and (await c.request("/x", host="nope")).status == 404
-        mesh.apply(SUBSETS + """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v2}}]
+        mesh.apply(SUBSETS + reviews_to("v2") + """
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
