@@ -9,7 +9,14 @@ import socket
 
 import pytest
 
-from ztunnel_py.proxy.sockets import UpstreamError, connect, plain_listener, plain_upstream
+from ztunnel_py.proxy.sockets import (
+    UpstreamError,
+    accepted_original_dst,
+    connect,
+    plain_listener,
+    plain_upstream,
+    sockname_original_dst,
+)
 
 
 def test_plain_listener_sockets_carry_nodelay_to_accepted_connections() -> None:
@@ -135,3 +142,33 @@ async def test_connect_waits_when_the_handshake_is_not_done_at_once() -> None:
         for s in fillers:
             s.close()
         listener.close()
+
+
+async def test_original_dst_of_an_accepted_transport() -> None:
+    """The default seam answers from the transport's record, another seam gets the socket."""
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.set_result(transport)
+
+    listener = plain_listener("127.0.0.1", 0)
+    server = await loop.create_server(Accepted, sock=listener)
+    address = listener.getsockname()[:2]
+    try:
+        client, _ = await loop.create_connection(asyncio.Protocol, *address)
+        transport = await made
+        assert accepted_original_dst(sockname_original_dst, transport) == address
+        seen: list[socket.socket] = []
+
+        def seam(sock: socket.socket) -> tuple[str, int]:
+            seen.append(sock)
+            return ("10.0.0.1", 80)
+
+        assert accepted_original_dst(seam, transport) == ("10.0.0.1", 80)
+        assert seen[0].getpeername() == client.get_extra_info("sockname")
+        client.close()
+        transport.close()
+    finally:
+        server.close()

@@ -10,7 +10,6 @@ connected to.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 from ztunnel_py import log
@@ -25,6 +24,7 @@ from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
     UpstreamFactory,
+    accepted_original_dst,
     connect,
     plain_upstream,
     sockname_original_dst,
@@ -69,10 +69,9 @@ class InboundPlaintext:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        sock: socket.socket = leg.transport.get_extra_info("socket")
         peer = leg.transport.get_extra_info("peername")
         try:
-            dst = self.original_dst(sock)
+            dst = accepted_original_dst(self.original_dst, leg.transport)
         except OSError:
             leg.reset()
             return

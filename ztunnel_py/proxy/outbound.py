@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,6 +34,7 @@ from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
     UpstreamFactory,
+    accepted_original_dst,
     connect,
     plain_upstream,
     sockname_original_dst,
@@ -294,10 +294,9 @@ class Outbound:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        sock: socket.socket = leg.transport.get_extra_info("socket")
         peer = leg.transport.get_extra_info("peername")
         try:
-            dst = self.original_dst(sock)
+            dst = accepted_original_dst(self.original_dst, leg.transport)
         except OSError as exc:
             _log.warning("no original destination; resetting", error=str(exc))
             leg.reset()
