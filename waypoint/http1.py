@@ -356,11 +356,19 @@ class H1Server:
         item = self._current
         keep = item is not None and item.keep_alive
         body = resp.body
-        parts = [status_line(resp.status)]
+        status = resp.status
+        head_only = item is not None and item.request.method == "HEAD"
+        parts = [status_line(status)]
         for k, v in resp.headers:
             if k not in HOP_BY_HOP:
                 parts.append(f"{k}: {v}\r\n")
-        parts.append(f"content-length: {len(body)}\r\n")
+        if status == 204 or status == 304 or status < 200:
+            body = b""  # no body, and no length to announce (RFC 9110 8.6)
+        elif head_only and not body:  # the length a GET would get, as the upstream said
+            length = next((v for k, v in resp.headers if k == "content-length"), "0")
+            parts.append(f"content-length: {length}\r\n")
+        else:
+            parts.append(f"content-length: {len(body)}\r\n")
         if not keep:
             parts.append("connection: close\r\n")
         elif item is not None and item.http10:
@@ -372,7 +380,7 @@ class H1Server:
             _log().warning("response not sent", error=str(exc), status=resp.status)
             self._fail(502)
             return
-        if item is not None and item.request.method == "HEAD":
+        if head_only:
             self.pipe.write(head)
         else:
             self.pipe.write(head + body if body else head)

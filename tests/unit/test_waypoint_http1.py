@@ -390,3 +390,26 @@ async def test_the_sniffer_hands_the_pipe_to_the_http1_server() -> None:
     pipe.sink.on_data(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
     await _settle()
     assert [r.path for r, _ in rec.requests] == ["/a", "/b"]
+
+
+@pytest.mark.parametrize(("method", "upstream", "want_head", "want_body"), [
+    ("GET", Response(204, (("x-a", "1"),), b""), b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n",
+     b""),
+    ("GET", Response(304, (("etag", '"v1"'),), b""),
+     b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\n\r\n', b""),
+    ("HEAD", Response(200, (("content-length", "100"),), b""),
+     b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", b""),
+    ("GET", Response(200, (("content-length", "100"),), b"abc"),
+     b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", b"abc"),
+])
+async def test_response_framing_follows_status_and_method(
+        method: str, upstream: Response, want_head: bytes, want_body: bytes) -> None:
+    pipe, rec, server = _server()
+
+    async def answer(req: Request, body: Body) -> Response:
+        return upstream
+
+    rec.handle = answer  # type: ignore[method-assign]
+    server.on_data(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await _settle()
+    assert bytes(pipe.out) == want_head + want_body and not pipe.closed
