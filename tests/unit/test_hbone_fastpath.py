@@ -598,3 +598,18 @@ def test_connect_blocks_carry_every_field_in_order(resized: bool) -> None:
             (":method", "CONNECT"), (":authority", authority), ("forwarded", "for=10.0.1.1"),
             ("baggage", "a=b"), ("traceparent", TRACE), ("x-one", "1"), ("x-two", "2"),
         ]
+
+
+def test_small_acks_on_an_exhausted_window_match_h2() -> None:
+    """The whole window in flight, then acks too small for half a window: h2's rule for an
+    exhausted window (update after 1024 bytes) must still fire at the same ack."""
+    ours, theirs = Side(True), Side(True)
+    for side in (ours, theirs):
+        side.client.send(side.sid, b"x" * 65_535)
+        side.feed(side.client.data_to_send(), [])
+        assert side.windows()[0] == 0 and side.windows()[2] == 0
+    for n in (300, 500, 300, 10, 2000, 30_000, 1, 1, 16_000):
+        ours.server.ack(ours.sid, n)
+        _raw_h2(theirs.server).acknowledge_received_data(n, theirs.sid)
+        assert ours.server.data_to_send() == theirs.server.data_to_send(), n
+        assert ours.windows() == theirs.windows(), n

@@ -302,7 +302,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         for ev in events:
             self._dispatch(ev)
-        self.flush()
+        if self.core.wants_write:  # acks may have made a WINDOW_UPDATE, events replies
+            self.flush()
 
     def eof_received(self) -> bool:
         return False  # TLS: close; connection_lost fails the streams

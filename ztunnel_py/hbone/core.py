@@ -49,6 +49,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import h2.windows
 import hpack
 import hyperframe.frame
 
@@ -451,6 +452,17 @@ def _tunnel_fields(
     return out if seen == len(pseudo) else None
 
 
+def _credit(window: h2.windows.WindowManager, n: int) -> int | None:
+    """``window.process_bytes(n)``, h2's decision whether a WINDOW_UPDATE is due, without
+    its two method calls while none can be: below half the window processed, and the
+    window not exhausted (its rule, in ``_maybe_update_window``)."""
+    processed = window._bytes_processed + n
+    if processed < window.max_window_size // 2 and window.current_window_size:
+        window._bytes_processed = processed
+        return 0  # what h2 answers then
+    return window.process_bytes(n)
+
+
 # -- the connection -----------------------------------------------------------------
 
 
@@ -545,6 +557,11 @@ class HboneConnection:
             self.ended = True
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(error_code)
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether ``chunks_to_send`` has anything."""
+        return bool(self._out or self._h2._data_to_send)
 
     @property
     def open_streams(self) -> int:
@@ -674,12 +691,12 @@ class HboneConnection:
         # window managers decide when a WINDOW_UPDATE is due (half a window, or an
         # exhausted one), we write the frames
         h2c = self._h2
-        increment = h2c._inbound_flow_control_window_manager.process_bytes(flow_length)
+        increment = _credit(h2c._inbound_flow_control_window_manager, flow_length)
         if increment:
             h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
         stream = h2c.streams.get(stream_id)
         if stream is not None and stream.open:  # closed streams' windows are moot
-            increment = stream._inbound_window_manager.process_bytes(flow_length)
+            increment = _credit(stream._inbound_window_manager, flow_length)
             if increment:
                 h2c._data_to_send += (
                     _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
