@@ -256,6 +256,26 @@ def retry_policy(retries: r.HTTPRetry | None) -> RetryPolicy | None:
     return RetryPolicy(retries.attempts, per_try, frozenset(words), frozenset(codes))
 
 
+# route -> (timeout, retry policy), by identity: the route is kept in the entry so that
+# its id cannot be reused while the entry lives (bounded: cleared when full).
+_ROUTE_SETTINGS: dict[int, tuple[r.HTTPRoute, float | None, RetryPolicy | None]] = {}
+ROUTES_REMEMBERED = 4096
+
+
+def route_settings(route: r.HTTPRoute) -> tuple[float | None, RetryPolicy | None]:
+    """The route's ``timeout`` (seconds, None: none) and retry policy, parsed once per
+    route object (parsing ``retryOn`` and durations cost microseconds per request)."""
+    hit = _ROUTE_SETTINGS.get(id(route))
+    if hit is not None and hit[0] is route:
+        return hit[1], hit[2]
+    timeout = (r.parse_duration(route.timeout) if route.timeout else None) or None
+    retry = retry_policy(route.retries)
+    if len(_ROUTE_SETTINGS) >= ROUTES_REMEMBERED:
+        _ROUTE_SETTINGS.clear()
+    _ROUTE_SETTINGS[id(route)] = (route, timeout, retry)
+    return timeout, retry
+
+
 @dataclass(frozen=True)
 class Respond:
     """The waypoint answers the request itself."""
@@ -451,13 +471,13 @@ def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> D
     for m in route.mirrors:
         if _hit(_pct(m.percentage), rng):
             mirrors.append(_target(m.destination, service, req.port))
-    timeout = r.parse_duration(route.timeout) if route.timeout else None
+    timeout, retry = route_settings(route)
     return Forward(
         target=_target(dest.destination, service, req.port),
         request=out,
         response_ops=tuple(response_ops),
-        timeout_s=timeout or None,
-        retry=retry_policy(route.retries),
+        timeout_s=timeout,
+        retry=retry,
         delay_s=delay_s,
         mirrors=tuple(mirrors),
         route=name,

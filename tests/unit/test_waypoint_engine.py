@@ -584,3 +584,19 @@ def test_targets_are_handed_out_once_and_hash_like_their_fields() -> None:
     assert fresh == a and hash(fresh) == hash(a) and {a: 1}[fresh] == 1
     assert eng.target("reviews.bookinfo.svc.cluster.local", 9080) != a
     assert eng.target("reviews.bookinfo.svc.cluster.local", 9081, "v1") != a
+
+
+def test_route_timeout_and_retries_are_parsed_once_per_route_object() -> None:
+    t = table(_vs("""  - timeout: 1500ms
+    retries: {attempts: 2, perTryTimeout: 500ms, retryOn: "5xx,409"}
+    route: [{destination: {host: reviews}}]"""))
+    first, again = fwd(decide(t, req("/a"))), fwd(decide(t, req("/b")))
+    assert first.timeout_s == 1.5 and first.retry is not None
+    assert (first.retry.attempts, first.retry.per_try_timeout_s) == (2, 0.5)
+    assert first.retry.retry_on == frozenset({"5xx"}) and first.retry.status_codes == {409}
+    assert again.retry is first.retry  # remembered
+    # A new configuration (new route objects) is parsed afresh.
+    t2 = table(_vs("""  - timeout: 2s
+    route: [{destination: {host: reviews}}]"""))
+    d2 = fwd(decide(t2, req("/a")))
+    assert d2.timeout_s == 2.0 and d2.retry is engine.DEFAULT_RETRY
