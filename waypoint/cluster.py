@@ -286,6 +286,7 @@ class Cluster:
     health: dict[str, _Health] = field(default_factory=dict)
     _rr: int = 0
     _limits: tuple[ClusterPolicy, Limits, Limits] | None = None
+    _outlier: tuple[ClusterPolicy, OutlierSettings | None] | None = None
 
     def limits(self, http2: bool) -> Limits:
         """The connection-pool limits (remembered per policy: a policy is immutable)."""
@@ -308,7 +309,11 @@ class Cluster:
         self, ep: EndpointRef, status: int | None, endpoints: tuple[EndpointRef, ...]
     ) -> None:
         """One response (``status``) or connection failure (None) from ``ep``."""
-        settings = OutlierSettings.of(self.policy.outlier_detection)
+        cached = self._outlier
+        if cached is None or cached[0] is not self.policy:  # parsed once per policy
+            cached = self._outlier = (self.policy,
+                                      OutlierSettings.of(self.policy.outlier_detection))
+        settings = cached[1]
         if settings is None:
             return
         h = self.health.setdefault(ep.key, _Health())

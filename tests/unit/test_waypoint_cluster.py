@@ -149,7 +149,7 @@ def test_consistent_hash_is_sticky(ch: r.ConsistentHashLB, a: dict[str, object],
     others = tuple(e for e in EPS if e != first and e != EPS[-1]) + ((first,) if first else ())
     if first != EPS[-1]:
         assert c.pick(others, req(**a)) == first  # type: ignore[arg-type]
-    assert c.pick(EPS, req(**b)) in EPS  # type: ignore[arg-type]
+    assert c.pick(EPS, req(**b)) in EPS  # type: ignore[arg-type,operator]
 
 
 def test_outlier_ejection_and_return_after_base_time() -> None:
@@ -237,3 +237,19 @@ async def test_gate_cancelled_waiter_frees_its_place() -> None:
     await asyncio.wait_for(other, 1)
     gate.release()
     assert gate.active == 0 and not gate.waiting
+
+
+def test_outlier_settings_follow_a_new_policy() -> None:
+    from waypoint.cluster import ClusterPolicy
+
+    c = _cluster()
+    for _ in range(5):
+        c.record(EPS[0], 500, EPS)
+    assert not c.is_ejected(EPS[0])
+    c.policy = ClusterPolicy(outlier_detection=r.OutlierDetection(
+        consecutive_5xx_errors=1, max_ejection_percent=100))  # a new configuration
+    c.record(EPS[1], 500, EPS)
+    assert c.is_ejected(EPS[1])
+    c.policy = ClusterPolicy()  # and its removal
+    c.record(EPS[2], 500, EPS)
+    assert not c.is_ejected(EPS[2])
