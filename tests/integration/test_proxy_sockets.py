@@ -64,21 +64,27 @@ async def test_connect_succeeds_and_refusal_is_an_upstream_error() -> None:
     assert factory.made[-1].fileno() == -1
 
 
-async def test_connect_timeout_is_an_upstream_error_and_closes_the_socket() -> None:
-    # a listener that never accepts, with its queue full: further SYNs are dropped
+async def full_listener() -> tuple[socket.socket, tuple[str, int], list[socket.socket]]:
+    """A listener that never accepts, with its queue full (further SYNs are dropped), and
+    the connecting sockets that fill it."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     address = listener.getsockname()[:2]
     fillers: list[socket.socket] = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(address)
+        fillers.append(s)
+    await asyncio.sleep(0.05)
+    return listener, address, fillers
+
+
+async def test_connect_timeout_is_an_upstream_error_and_closes_the_socket() -> None:
+    listener, address, fillers = await full_listener()
     factory = Tracking()
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(address)
-            fillers.append(s)
-        await asyncio.sleep(0.05)
         with pytest.raises(UpstreamError, match=r"timed out after 0\.3s"):
             await connect(factory, address, 0.3)
         assert factory.made[-1].fileno() == -1
@@ -110,19 +116,9 @@ async def test_connect_to_a_name_goes_through_the_loop_resolver() -> None:
 async def test_connect_waits_when_the_handshake_is_not_done_at_once() -> None:
     # a local upstream usually completes inside connect(); a full accept queue makes the
     # SYN go unanswered until there is room again: the connect waits and then succeeds
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()[:2]
-    fillers: list[socket.socket] = []
+    listener, address, fillers = await full_listener()
     factory = Tracking()
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(address)
-            fillers.append(s)
-        await asyncio.sleep(0.05)
         task = asyncio.get_running_loop().create_task(connect(factory, address, 10.0))
         await asyncio.sleep(0.2)
         assert not task.done()  # waiting for the handshake

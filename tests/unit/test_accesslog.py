@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 
-import pytest
-import structlog
-
-from ztunnel_py import log
-from ztunnel_py.config import LogConfig
+from tests.unit.test_log import json_log, lines  # noqa: F401 (json_log: the "stream" fixture)
 from ztunnel_py.telemetry.accesslog import AccessLog, access_fields, connection_json
 from ztunnel_py.telemetry.connection import ConnectionResult, Peer
 
@@ -18,18 +13,6 @@ SLEEP = "spiffe://cluster.local/ns/bar/sa/sleep"
 HTTPBIN = "spiffe://cluster.local/ns/foo/sa/httpbin"
 
 
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    log.configure(LogConfig(format="json", level="info"), stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
-
-
-def lines(stream: io.StringIO) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
 def record() -> ConnectionResult:
@@ -43,17 +26,17 @@ def record() -> ConnectionResult:
     )
 
 
-def test_one_json_line_per_connection_at_close(json_log: io.StringIO) -> None:
+def test_one_json_line_per_connection_at_close(stream: io.StringIO) -> None:
     with AccessLog():
         recs = [record() for _ in range(3)]
         for i, rec in enumerate(recs):
             rec.open()
             rec.bytes_sent, rec.bytes_received = 10 * (i + 1), 1000 * (i + 1)
-        assert lines(json_log) == []  # nothing while open
+        assert lines(stream) == []  # nothing while open
         for rec in recs:
             rec.close()
             rec.close()  # a second close is ignored: still one line
-    out = lines(json_log)
+    out = lines(stream)
     assert len(out) == 3
     first = out[0]
     assert first["event"] == "connection complete"
@@ -77,23 +60,23 @@ def test_one_json_line_per_connection_at_close(json_log: io.StringIO) -> None:
     assert [o["bytes_recv"] for o in out] == [1000, 2000, 3000]
 
 
-def test_failure_carries_the_reason(json_log: io.StringIO) -> None:
+def test_failure_carries_the_reason(stream: io.StringIO) -> None:
     with AccessLog():
         rec = record()
         rec.close("denied: no ALLOW policy matched: foo/allow-bar", "DENY")
-    (line,) = lines(json_log)
+    (line,) = lines(stream)
     assert line["event"] == "connection failed"
     assert line["level"] == "warning"
     assert line["error"] == "denied: no ALLOW policy matched: foo/allow-bar"
     assert line["response_flags"] == "DENY"
 
 
-def test_detached_log_is_silent(json_log: io.StringIO) -> None:
+def test_detached_log_is_silent(stream: io.StringIO) -> None:
     access = AccessLog()
     access.attach()
     access.detach()
     record().close()
-    assert lines(json_log) == []
+    assert lines(stream) == []
 
 
 def test_unknown_fields_are_left_out() -> None:

@@ -430,36 +430,33 @@ def test_a_huffman_or_indexed_block_goes_to_h2() -> None:
     assert [e.stream_id for e in fast.events if isinstance(e, core.ConnectRequested)] == [3, 5]
 
 
+CONNECT_A = [(":method", "CONNECT"), (":authority", "a:1")]
+
+
 @pytest.mark.parametrize(
     "fields",
     [
         pytest.param([(":method", "CONNECT")], id="no-authority"),
         pytest.param([(":method", "GET"), (":authority", "a:1")], id="not-connect"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), (":path", "/")],
-                     id="path"),
         pytest.param([(":method", "CONNECT"), (":authority", "")], id="empty-authority"),
-        pytest.param([(":method", "CONNECT"), (":method", "CONNECT"), (":authority", "a:1")],
-                     id="twice"),
+        pytest.param([(":method", "CONNECT"), *CONNECT_A], id="twice"),
         pytest.param([(":method", "CONNECT"), ("x", "1"), (":authority", "a:1")],
                      id="pseudo-after-regular"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("X-Up", "1")],
-                     id="uppercase"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("connection", "x")],
-                     id="connection"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("te", "trailers")],
-                     id="te"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("host", "b:2")],
-                     id="host"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"),
-                      ("content-length", "0")], id="content-length"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("x", " v")],
-                     id="leading-space"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("x", "v\r\nz: 1")],
-                     id="crlf"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), ("", "v")],
-                     id="empty-name"),
-        pytest.param([(":method", "CONNECT"), (":authority", "a:1"), (":custom", "v")],
-                     id="custom-pseudo"),
+        *(
+            pytest.param([*CONNECT_A, extra], id=name)
+            for name, extra in [
+                ("path", (":path", "/")),
+                ("uppercase", ("X-Up", "1")),
+                ("connection", ("connection", "x")),
+                ("te", ("te", "trailers")),
+                ("host", ("host", "b:2")),
+                ("content-length", ("content-length", "0")),
+                ("leading-space", ("x", " v")),
+                ("crlf", ("x", "v\r\nz: 1")),
+                ("empty-name", ("", "v")),
+                ("custom-pseudo", (":custom", "v")),
+            ]
+        ),
     ],
 )
 def test_unusual_requests_are_h2s(fields: list[tuple[str, str]]) -> None:

@@ -18,8 +18,9 @@ PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49\n-----END P
 FIELDS = {"src.addr": "10.0.0.1:4000", "bytes_sent": 10, "duration_ms": 1.5, "result": "ok"}
 
 
-@pytest.fixture
-def stream() -> Iterator[io.StringIO]:
+@pytest.fixture(name="stream")
+def json_log() -> Iterator[io.StringIO]:
+    """``log.configure``'s JSON set-up, writing to a string (test_accesslog uses it too)."""
     out = io.StringIO()
     log.configure(LogConfig(format="json", level="info"), stream=out)
     try:
@@ -29,7 +30,7 @@ def stream() -> Iterator[io.StringIO]:
 
 
 def lines(out: io.StringIO) -> list[dict[str, object]]:
-    return [json.loads(line) for line in out.getvalue().splitlines()]
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
 
 
 def test_emitter_writes_the_line_structlog_writes(stream: io.StringIO) -> None:
