@@ -413,3 +413,17 @@ async def test_response_framing_follows_status_and_method(
     server.on_data(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await _settle()
     assert bytes(pipe.out) == want_head + want_body and not pipe.closed
+
+
+async def test_pipelining_is_bounded() -> None:
+    from waypoint.http1 import MAX_PIPELINED
+
+    pipe, rec, server = _server()
+    server.on_data(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                   + b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n" * (MAX_PIPELINED + 5))
+    await _settle()
+    rec.release.set()
+    for _ in range(10):
+        await _settle()
+    statuses = _statuses(bytes(pipe.out))
+    assert statuses == [200] * MAX_PIPELINED + [503] and pipe.closed
