@@ -85,10 +85,6 @@ _TCP_FAMILIES = (
 )
 
 
-def _v(value: str) -> str:
-    return value or UNKNOWN
-
-
 def _service_name_namespace(hostname: str) -> tuple[str, str]:
     """``httpbin.foo.svc.cluster.local`` -> (httpbin, foo)."""
     parts = hostname.split(".")
@@ -98,34 +94,37 @@ def _service_name_namespace(hostname: str) -> tuple[str, str]:
 
 
 def tcp_labels(rec: ConnectionResult, cluster: str = DEFAULT_CLUSTER) -> tuple[str, ...]:
-    """Istio's label values for ``rec``, in ``TCP_LABELS`` order."""
+    """Istio's label values for ``rec``, in ``TCP_LABELS`` order; an empty value is
+    ``unknown``."""
     src: Peer = rec.src
     dst: Peer = rec.dst
     svc_name, svc_ns = _service_name_namespace(dst.service) if dst.service else (UNKNOWN, UNKNOWN)
+    src_app, src_version = src.app or UNKNOWN, src.version or UNKNOWN
+    dst_app, dst_version = dst.app or UNKNOWN, dst.version or UNKNOWN
     return (
         "source" if rec.direction == "outbound" else "destination",
-        _v(src.workload),
-        _v(src.namespace),
-        _v(src.principal),
-        _v(src.app),
-        _v(src.version),
-        _v(src.app),
-        _v(src.version),
+        src.workload or UNKNOWN,
+        src.namespace or UNKNOWN,
+        src.principal or UNKNOWN,
+        src_app,
+        src_version,
+        src_app,
+        src_version,
         cluster,
-        _v(dst.workload),
-        _v(dst.namespace),
-        _v(dst.principal),
-        _v(dst.app),
-        _v(dst.version),
-        _v(dst.service),
+        dst.workload or UNKNOWN,
+        dst.namespace or UNKNOWN,
+        dst.principal or UNKNOWN,
+        dst_app,
+        dst_version,
+        dst.service or UNKNOWN,
         svc_name,
         svc_ns,
-        _v(dst.app),
-        _v(dst.version),
+        dst_app,
+        dst_version,
         cluster,
-        _v(rec.protocol),
+        rec.protocol or UNKNOWN,
         rec.response_flags or "-",
-        _v(rec.security),
+        rec.security or UNKNOWN,
     )
 
 
