@@ -65,7 +65,8 @@ class InboundPlaintext:
         self.relays = RelaySet()
 
     def protocol(self) -> TcpLeg:
-        return TcpLeg(start_paused=True, on_made=self._accepted)
+        # not started paused: the client's first bytes wait in the leg (up to EARLY_LIMIT)
+        return TcpLeg(on_made=self._accepted)
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None

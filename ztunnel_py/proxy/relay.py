@@ -31,6 +31,10 @@ from ztunnel_py.telemetry.connection import ConnectionResult
 # Write-buffer limits for TCP legs: big enough for throughput, bounded for memory.
 TCP_HIGH_WATER = 1 << 20
 TCP_LOW_WATER = 256 << 10
+# What a leg keeps of its source before its peer leg exists (a client's first request
+# while the tunnel is set up) before it pauses reading: a usual request never pauses, so
+# reading is neither stopped nor restarted per connection (two syscalls each)
+EARLY_LIMIT = 64 << 10
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
@@ -57,9 +61,10 @@ class TcpLeg(Leg, asyncio.Protocol):
         self._on_made = on_made
         self._source_paused = False
         self._closing = False
-        # uvloop may deliver data before a pause in connection_made takes hold: keep it
-        # until the peer leg exists (reading is paused again at once, so this is bounded)
+        # data that arrives before the peer leg exists, kept for it: up to EARLY_LIMIT,
+        # then reading pauses (so this is bounded by the limit and one read)
         self._early: list[bytes] = []
+        self._early_bytes = 0
         self._early_eof = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -82,7 +87,9 @@ class TcpLeg(Leg, asyncio.Protocol):
             peer.send(data)
         else:
             self._early.append(data)
-            self.pause_source()
+            self._early_bytes += len(data)
+            if self._early_bytes >= EARLY_LIMIT:
+                self.pause_source()
 
     def eof_received(self) -> bool:
         self.read_done = True
@@ -98,13 +105,16 @@ class TcpLeg(Leg, asyncio.Protocol):
         peer = self.peer
         assert peer is not None
         early, self._early = self._early, []
+        self._early_bytes = 0
         for data in early:
             peer.send(data)
         if self._early_eof:
             self._early_eof = False
             peer.send_eof()
             self._maybe_close()
-        if not peer.sink_blocked():
+        if peer.sink_blocked():
+            self.pause_source()
+        else:
             self.resume_source()
 
     def sink_blocked(self) -> bool:
