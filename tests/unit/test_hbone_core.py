@@ -296,3 +296,9 @@ def test_parse_authority_rejects_lookalikes(authority: str) -> None:
     # non-ASCII digits and octal-looking octets never pass as an address or a port
     with pytest.raises(core.BadRequest):
         core.parse_authority(authority)
+
+
+def test_traceparent_ids_are_never_all_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter([0, 1, 1 << 64, (5 << 64) | 7])  # zero, zero trace, zero span, good
+    monkeypatch.setattr(core, "_random_bits", lambda bits: next(draws))
+    assert core.new_traceparent() == f"00-{5:032x}-{7:016x}-00"

@@ -35,8 +35,8 @@ import contextlib
 import enum
 import functools
 import ipaddress
+import random
 import re
-import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -197,6 +197,9 @@ def format_authority(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+# trace ids: unique, not secret (see new_traceparent); seeded from the OS
+_random_bits = random.Random().getrandbits  # noqa: S311
+
 # A canonical dotted quad (no leading zeros): exactly the IPv4 strings that
 # ``ipaddress`` accepts and prints back unchanged, so they need no parsing.
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # ASCII digits only
@@ -228,9 +231,16 @@ def parse_authority(authority: str) -> tuple[str, int]:
 
 
 def new_traceparent() -> str:
-    """A fresh W3C ``traceparent`` (version 00, random trace and span ids, not sampled)."""
-    ids = secrets.token_hex(24)  # one call to the kernel's random source, not two
-    return f"00-{ids[:32]}-{ids[32:]}-00"
+    """A fresh W3C ``traceparent`` (version 00, random trace and span ids, not sampled).
+
+    Trace ids need to be unique, not secret: they come from ``random`` (as OpenTelemetry's
+    default id generator does), not a getrandom() syscall per tunnel. All-zero ids are
+    invalid (W3C Trace Context §3.2.2.3, §3.2.2.4) and are drawn again."""
+    ids = _random_bits(192)
+    while not ids >> 64 or not ids & 0xFFFF_FFFF_FFFF_FFFF:
+        ids = _random_bits(192)
+    text = f"{ids:048x}"
+    return f"00-{text[:32]}-{text[32:]}-00"
 
 
 def forwarded_for(client_ip: str) -> str:
