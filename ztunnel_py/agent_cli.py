@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         uninstall(cfg.node, pin_root=cfg.bpf_pin_root)
         print(f"capture for node {cfg.node} removed")
         return 0
-    missing = [f for f, v in (("--node", cfg.node), ("--controller-ca", cfg.controller_ca),
-                              ("--token-file", cfg.token_file)) if not v]
+    missing = cfg.missing_bootstrap()
     if missing:
         print(f"ztunnel-py agent: missing {', '.join(missing)} (see --help for the "
               "environment variables)")

@@ -115,6 +115,12 @@ class AgentConfig:
     hbone: HboneConfig = field(default_factory=HboneConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def missing_bootstrap(self) -> list[str]:
+        """The flags an agent or waypoint needs to reach the controller and are unset."""
+        return [flag for flag, value in (("--node", self.node),
+                                         ("--controller-ca", self.controller_ca),
+                                         ("--token-file", self.token_file)) if not value]
+
 
 @dataclass(frozen=True)
 class ControllerConfig:

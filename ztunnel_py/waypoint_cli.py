@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"ztunnel-py waypoint: {exc}")
         return 2
-    missing = [f for f, v in (("--node", cfg.node), ("--controller-ca", cfg.controller_ca),
-                              ("--token-file", cfg.token_file)) if not v]
+    missing = cfg.missing_bootstrap()
     if missing:
         print(f"ztunnel-py waypoint: missing {', '.join(missing)} (see --help)")
         return 2
