@@ -56,6 +56,8 @@ MAX_MIRRORS_IN_FLIGHT = 1024
 MIRROR_TIMEOUT_S = 30.0
 RESOLVED_CACHE_SIZE = 4096
 TEXT = (("content-type", "text/plain"),)
+# Envoy marks a 503 that circuit breaking produced (clients and tests look for it)
+OVERLOADED = (*TEXT, ("x-envoy-overloaded", "true"))
 
 
 @dataclass
@@ -415,8 +417,8 @@ class WaypointProxy:
                         await cluster.gate.acquire(limits)
                 except Overflow:
                     return _Result(
-                        _error_response(503, "upstream connect error or disconnect/reset "
-                                        "before headers. reset reason: overflow"),
+                        Response(503, OVERLOADED, b"upstream connect error or disconnect/"
+                                 b"reset before headers. reset reason: overflow"),
                         ["UO"], ep, attempt)
                 cluster.begin(ep)
                 resp, error, timed_out = None, None, False

@@ -504,6 +504,9 @@ spec:
     statuses = Counter(r.status for r in replies)
     assert statuses[503] > 0 and statuses[200] >= 2, statuses
     assert statuses[200] + statuses[503] == 20
+    # Envoy's mark on a circuit-breaker 503, on those only
+    assert all((r.headers.get("x-envoy-overloaded") == "true") == (r.status == 503)
+               for r in replies)
     assert slow.max_active == 1
     assert mesh.metrics.count(response_code="503", response_flags="UO") == statuses[503]
 
