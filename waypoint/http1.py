@@ -40,6 +40,7 @@ from waypoint.request import (
     Request,
     Response,
     UpstreamError,
+    make_request,
 )
 from ztunnel_py import log
 
@@ -113,6 +114,22 @@ def encode_head(parts: list[str]) -> bytes:
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
                                       "PATCH", "TRACE", "CONNECT")}
+
+
+# Header names as they come off the wire -> lower-case text. A proxy sees the same few
+# dozen names over and over: one dict lookup instead of a decode and a lower() each
+# (bounded: cleared when full, so odd names cannot grow it without limit).
+_NAMES: dict[bytes, str] = {}
+NAME_CACHE_SIZE = 1024
+
+
+def header_name(raw: bytes) -> str:
+    name = _NAMES.get(raw)
+    if name is None:
+        if len(_NAMES) >= NAME_CACHE_SIZE:
+            _NAMES.clear()
+        name = _NAMES[raw] = raw.decode("latin-1").lower()
+    return name
 
 
 class _Reject(Exception):
@@ -247,7 +264,7 @@ class H1Server:
         expect = False
         for name, value in self._raw:
             size += len(name) + len(value) + 4
-            k = name.decode("latin-1").lower()
+            k = _NAMES.get(name) or header_name(name)
             v = value.decode("latin-1")
             if k not in HOP_BY_HOP:
                 if k == "expect":
@@ -296,8 +313,8 @@ class H1Server:
         info = self.info
         body = self._body
         self._queue.append(_Incoming(
-            Request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
-                    info.dst[1], "http", info.source, grpc, info.dst[0]),
+            make_request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
+                         info.dst[1], "http", info.source, grpc, info.dst[0], False),
             body[0] if len(body) == 1 else b"".join(body),
             self._keep, parser.get_http_version() == "1.0", upgrade,
         ))
@@ -546,7 +563,8 @@ class H1Client:
             self._interim = True  # 100 Continue and friends: the answer follows
             return
         self._status = status
-        self._headers = [(k.decode("latin-1").lower(), v.decode("latin-1"))
+        names = _NAMES
+        self._headers = [(names.get(k) or header_name(k), v.decode("latin-1"))
                          for k, v in self._raw]
         if self._head_only:
             self._done = True

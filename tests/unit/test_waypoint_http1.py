@@ -427,3 +427,15 @@ async def test_pipelining_is_bounded() -> None:
         await _settle()
     statuses = _statuses(bytes(pipe.out))
     assert statuses == [200] * MAX_PIPELINED + [503] and pipe.closed
+
+
+def test_header_names_are_lower_cased_once_and_the_cache_is_bounded() -> None:
+    from waypoint import http1
+
+    assert http1.header_name(b"X-Served-By") == "x-served-by"
+    assert http1.header_name(b"X-Served-By") == "x-served-by"  # from the cache now
+    assert http1.header_name(b"\xe9-Odd") == "\xe9-odd"  # latin-1: any byte round-trips
+    for i in range(http1.NAME_CACHE_SIZE + 10):
+        http1.header_name(f"X-N{i}".encode())
+    assert len(http1._NAMES) <= http1.NAME_CACHE_SIZE
+    assert http1.header_name(b"Content-Type") == "content-type"
