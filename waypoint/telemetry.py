@@ -19,7 +19,6 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -231,26 +230,27 @@ class WaypointMetrics:
                    if all(key[idx[k]] == v for k, v in labels.items()))
 
 
-# (structlog set-up it was made for, logger, whether INFO is on)
-_access: tuple[tuple[object, object], Any, bool] | None = None
+# (structlog set-up it was decided for, whether INFO is on)
+_access: tuple[tuple[object, object], bool] | None = None
 
 
-def _access_logger() -> tuple[Any, bool]:
-    """The access logger, re-resolved whenever ``log.configure`` changed the set-up
-    (a new logger factory or level), not on every request."""
+def _access_enabled() -> bool:
+    """Whether access-log lines are kept, re-decided whenever ``log.configure`` changed
+    the set-up (a new logger factory or level), not on every request."""
     global _access
     cfg = structlog.get_config()
     key = (cfg["wrapper_class"], cfg["logger_factory"])
     if _access is None or _access[0][0] is not key[0] or _access[0][1] is not key[1]:
-        logger = log.get("waypoint.access")
-        enabled = getattr(logger, "is_enabled_for", None)
-        _access = (key, logger, enabled is None or bool(enabled(logging.INFO)))
-    return _access[1], _access[2]
+        enabled = getattr(log.get("waypoint.access"), "is_enabled_for", None)
+        _access = (key, enabled is None or bool(enabled(logging.INFO)))
+    return _access[1]
+
+
+_ACCESS = log.emitter("waypoint.access")
 
 
 def access_log(rec: RequestRecord) -> None:
-    logger, enabled = _access_logger()
-    if not enabled:
+    if not _access_enabled():
         return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,
@@ -274,7 +274,9 @@ def access_log(rec: RequestRecord) -> None:
         "traceparent": rec.traceparent,
         "mirrored_to": ",".join(rec.mirrored_to),
     }
-    logger.info("request complete", **{k: v for k, v in fields.items() if v not in ("", 0)})
+    # Through log's emitter: under the JSON set-up the same line as structlog's chain
+    # writes, at a fraction of its cost (one line per request); structlog otherwise.
+    _ACCESS.info("request complete", {k: v for k, v in fields.items() if v not in ("", 0)})
 
 
 # -- W3C trace context --------------------------------------------------------------------

@@ -128,3 +128,57 @@ def test_label_cache_is_bounded() -> None:
         m.record(_rec(source=Peer(f"10.0.{i // 250}.{i % 250}", f"spiffe://td/ns/n/sa/{i}")))
     assert len(m.http._labels) <= telemetry.LABEL_CACHE_SIZE
     assert sum(s.count for s in m.http.series.values()) == telemetry.LABEL_CACHE_SIZE + 10
+
+
+def _json_lines(out: object) -> list[dict[str, object]]:
+    import io
+    import json
+
+    assert isinstance(out, io.StringIO)
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_access_log_line_per_request_under_json(level: str) -> None:
+    import io
+
+    import structlog
+
+    from waypoint.telemetry import access_log
+    from ztunnel_py import log
+    from ztunnel_py.config import LogConfig
+
+    out = io.StringIO()
+    log.configure(LogConfig(format="json", level=level), stream=out)
+    try:
+        rec = _rec(method="GET", path="/r", authority="reviews:9080", route="canary",
+                   upstream="10.1.0.2:8080", attempts=1, traceparent="00-" + "a" * 32 + "-"
+                   + "b" * 16 + "-01", mirrored_to=("reviews-v3",))
+        access_log(rec)
+        structlog.get_logger().bind(component="waypoint.access").info(
+            "request complete", **{"src.addr": "10.0.0.1"})  # the chain's own line, to compare
+    finally:
+        structlog.reset_defaults()
+    lines = _json_lines(out)
+    if level == "warning":
+        assert lines == []  # not built, not written
+        return
+    line, chain = lines
+    assert list(line)[:1] == ["component"] and list(line)[-3:] == ["event", "level", "timestamp"]
+    assert line["component"] == chain["component"] == "waypoint.access"
+    assert line["event"] == "request complete" and line["level"] == "info"
+    assert line["src.addr"] == "10.0.0.1" and line["dst.workload"] == "reviews-v2"
+    assert line["response_code"] == 200 and line["route"] == "canary"
+    assert line["mirrored_to"] == "reviews-v3" and line["bytes_sent"] == 2000
+    assert "grpc_status" not in line  # empty fields are left out
+
+
+def test_access_log_goes_through_structlog_when_logs_are_captured() -> None:
+    import structlog
+
+    from waypoint.telemetry import access_log
+
+    with structlog.testing.capture_logs() as captured:
+        access_log(_rec(method="DELETE", path="/admin"))
+    assert [(c["component"], c["event"], c["method"], c["path"]) for c in captured] == [
+        ("waypoint.access", "request complete", "DELETE", "/admin")]
