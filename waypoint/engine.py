@@ -305,6 +305,28 @@ class Forward:
 
 Decision = Respond | Forward
 
+_new = object.__new__
+
+
+def make_forward(target: Target, request: Request, response_ops: tuple[r.HeaderOperations, ...],
+                 timeout_s: float | None, retry: RetryPolicy | None, delay_s: float,
+                 mirrors: tuple[Target, ...], route: str, flags: str) -> Forward:
+    """``Forward(...)`` with every field given, for ``decide`` (once per request): as
+    ``request.make_request``, the frozen value filled through its ``__dict__`` (a unit
+    test holds it equal to the dataclass's own, field for field)."""
+    fwd = _new(Forward)
+    d = fwd.__dict__
+    d["target"] = target
+    d["request"] = request
+    d["response_ops"] = response_ops
+    d["timeout_s"] = timeout_s
+    d["retry"] = retry
+    d["delay_s"] = delay_s
+    d["mirrors"] = mirrors
+    d["route"] = route
+    d["flags"] = flags
+    return fwd
+
 
 # -- header operations and rewrites -----------------------------------------------------
 
@@ -472,17 +494,8 @@ def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> D
         if _hit(_pct(m.percentage), rng):
             mirrors.append(_target(m.destination, service, req.port))
     timeout, retry = route_settings(route)
-    return Forward(
-        target=_target(dest.destination, service, req.port),
-        request=out,
-        response_ops=tuple(response_ops),
-        timeout_s=timeout,
-        retry=retry,
-        delay_s=delay_s,
-        mirrors=tuple(mirrors),
-        route=name,
-        flags=flags,
-    )
+    return make_forward(_target(dest.destination, service, req.port), out,
+                        tuple(response_ops), timeout, retry, delay_s, tuple(mirrors), name, flags)
 
 
 def shadow_authority(authority: str) -> str:

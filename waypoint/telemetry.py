@@ -290,7 +290,7 @@ def next_traceparent(incoming: str | None, rng: random.Random) -> str:
     span = f"{rng.getrandbits(64):016x}"
     if span == "0" * 16:
         span = "0" * 15 + "1"
-    m = _TRACEPARENT.match((incoming or "").strip().lower())
+    m = _TRACEPARENT.match(incoming.strip().lower()) if incoming else None
     if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
         return f"00-{m.group(2)}-{span}-{m.group(4)}"
     trace = f"{rng.getrandbits(128):032x}"
