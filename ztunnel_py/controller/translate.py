@@ -26,7 +26,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ztunnel_py.state import routing
 from ztunnel_py.state.codec import Issue, Schema
@@ -55,6 +55,7 @@ from ztunnel_py.state.snapshot import Snapshot
 Severity = Literal["error", "warning"]
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+_T = TypeVar("_T")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -599,6 +600,18 @@ def _spec(r: _Reader, body: Mapping[str, Any]) -> Mapping[str, Any]:
     return spec
 
 
+def _decode_spec(r: _Reader, body: Mapping[str, Any], cls: type[_T],
+                 given: Mapping[str, Any] | None = None) -> _T | None:
+    """The object's ``spec`` decoded as ``cls``; None (the problems reported) if it fails."""
+    issues: list[Issue] = []
+    value = _YAML.decode_fields(cls, _spec(r, body), "spec", issues, given=given)
+    r.issues(issues)
+    if r.failed:
+        return None
+    assert isinstance(value, cls)
+    return value
+
+
 def _parse_namespace(r: _Reader, body: Mapping[str, Any], name: str, _ns: str, _api: str,
                      parsed: _Parsed) -> None:
     labels = r.labels(body["metadata"], "metadata.labels")
@@ -774,12 +787,9 @@ def _parse_service_account(r: _Reader, body: Mapping[str, Any], _name: str, _ns:
 
 def _parse_authorization_policy(r: _Reader, body: Mapping[str, Any], name: str, ns: str,
                                 _api: str, parsed: _Parsed) -> None:
-    issues: list[Issue] = []
-    spec = _YAML.decode_fields(_AuthorizationPolicySpec, _spec(r, body), "spec", issues)
-    r.issues(issues)
-    if r.failed:
+    spec = _decode_spec(r, body, _AuthorizationPolicySpec)
+    if spec is None:
         return
-    assert isinstance(spec, _AuthorizationPolicySpec)
     action = spec.action or Action.ALLOW
     if action is Action.CUSTOM and not (spec.provider and spec.provider.name):
         r.error("spec.provider", "action CUSTOM needs a provider", "set spec.provider.name")
@@ -810,12 +820,9 @@ def _parse_authorization_policy(r: _Reader, body: Mapping[str, Any], name: str, 
 
 def _parse_peer_authentication(r: _Reader, body: Mapping[str, Any], name: str, ns: str,
                                _api: str, parsed: _Parsed) -> None:
-    issues: list[Issue] = []
-    spec = _YAML.decode_fields(_PeerAuthenticationSpec, _spec(r, body), "spec", issues)
-    r.issues(issues)
-    if r.failed:
+    spec = _decode_spec(r, body, _PeerAuthenticationSpec)
+    if spec is None:
         return
-    assert isinstance(spec, _PeerAuthenticationSpec)
     if spec.port_level_mtls and spec.selector is None:
         r.error("spec.portLevelMtls", "portLevelMtls needs a workload selector",
                 "add spec.selector.matchLabels")
@@ -835,10 +842,8 @@ def _routing_parser(cls: type) -> Any:
         given: dict[str, Any] = {"name": name, "namespace": ns}
         if cls is routing.KubernetesGateway:
             given["labels"] = r.labels(body["metadata"], "metadata.labels")
-        issues: list[Issue] = []
-        value = _YAML.decode_fields(cls, _spec(r, body), "spec", issues, given=given)
-        r.issues(issues)
-        if not r.failed:
+        value = _decode_spec(r, body, cls, given)
+        if value is not None:
             parsed.routing.append((r.obj.origin, value))
 
     return parse
