@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ztunnel_py.config import CONTROLLER_GRPC_PORT, READINESS_PORT
+from ztunnel_py.config import CONTROLLER_GRPC_PORT, METRICS_PORT, READINESS_PORT
 from ztunnel_py.demo.world import DemoWaypoint
 from ztunnel_py.topology import Topology
 from ztunnel_py.topology.sweep import bpf_pin_dir
@@ -34,11 +34,6 @@ def ztunnel(*args: str) -> list[str]:
     return [sys.executable, "-m", "ztunnel_py", *args]
 
 
-def _process_name(target: str) -> str:
-    """The log name of what runs at ``target``: a waypoint's pod name is its process name."""
-    return target if target.startswith("waypoint-") else f"agent-{target}"
-
-
 class DemoMesh:
     def __init__(self, topo: Topology, state_dir: Path, config_dir: Path, logs_dir: Path) -> None:
         self.topo = topo
@@ -50,9 +45,6 @@ class DemoMesh:
     @property
     def controller_address(self) -> str:
         return f"{self.topo.node(CONTROLLER_NODE).underlay_ip}:{CONTROLLER_GRPC_PORT}"
-
-    def token_file(self, node: str) -> Path:
-        return self.controller_state / "tokens" / node
 
     def start(self, start: Start, timeout: float = 60.0,
               waypoints: Sequence[DemoWaypoint] = ()) -> None:
@@ -97,7 +89,7 @@ class DemoMesh:
         )
 
     def start_waypoint(self, start: Start, wp: DemoWaypoint) -> None:
-        start(self.topo, wp.pod, f"waypoint-{wp.namespace}-{wp.name}", self.waypoint_argv(wp))
+        start(self.topo, wp.pod, wp.pod, self.waypoint_argv(wp))  # logs/<pod>.log
 
     def ready(self, target: str) -> bool:
         """The readiness endpoint of the agent (a node) or a waypoint (its pod)."""
@@ -107,20 +99,27 @@ class DemoMesh:
         ], timeout=10)
         return done.stdout.strip() == "200"
 
-    def wait_ready(self, nodes: Sequence[str], timeout: float) -> None:
+    def wait_ready(self, targets: Sequence[str], timeout: float) -> None:
+        """Until every agent (by node) and waypoint (by pod) is ready."""
         deadline = time.monotonic() + timeout
-        pending = list(nodes)
+        pending = list(targets)
         while pending:
             pending = [n for n in pending if not self.ready(n)]
             if not pending:
                 return
             if time.monotonic() > deadline:
-                logs = ", ".join(str(self.logs_dir / f"{_process_name(n)}.log") for n in pending)
+                logs = ", ".join(str(self.logs_dir / f"{self._process_name(n)}.log")
+                                 for n in pending)
                 raise MeshError(f"{', '.join(pending)} not ready after "
                                 f"{timeout:.0f}s; see {logs}")
             time.sleep(0.3)
 
+    def _process_name(self, target: str) -> str:
+        """What runs at ``target``, as its log is named: a node's agent, or a waypoint
+        (named after its pod)."""
+        return f"agent-{target}" if target in {n.name for n in self.topo.nodes} else target
+
     def metrics(self, target: str) -> str:
         done = self.topo.run(target, ["curl", "-s", "--max-time", "3",
-                                    "http://127.0.0.1:15020/metrics"], timeout=10)
+                                    f"http://127.0.0.1:{METRICS_PORT}/metrics"], timeout=10)
         return done.stdout
