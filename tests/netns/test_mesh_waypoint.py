@@ -35,6 +35,7 @@ import pytest
 from tests.conftest import require_root
 from tests.netns.mesh_fixtures import Mesh, eventually, metric_sum, running_mesh, world_of
 from tests.netns.waypoint_tools import http_command, tool
+from ztunnel_py.demo import istio
 from ztunnel_py.demo.configdir import ObjectRef
 from ztunnel_py.demo.world import AMBIENT, DemoPod, DemoService, DemoWaypoint, ServicePortDef
 
@@ -178,38 +179,18 @@ class BackendLog:
 
 
 def subsets(host: str, name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"host": host, "subsets": [{"name": "v1", "labels": {"version": "v1"}},
-                                           {"name": "v2", "labels": {"version": "v2"}}]},
-    }
+    return istio.destination_rule(name, NS, host, versions=("v1", "v2"))
 
 
 def destination_rule(host: str, name: str, traffic_policy: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"host": host, "trafficPolicy": traffic_policy},
-    }
+    return istio.destination_rule(name, NS, host, traffic_policy=traffic_policy)
 
 
 def virtual_service(host: str, name: str, http: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"hosts": [host], "http": http},
-    }
+    return istio.virtual_service(name, NS, [host], http)
 
 
-def to(host: str, subset: str | None = None, weight: int | None = None) -> dict[str, Any]:
-    dest: dict[str, Any] = {"destination": {"host": host, **({"subset": subset} if subset else {})}}
-    if weight is not None:
-        dest["weight"] = weight
-    return dest
+to = istio.route_to
 
 
 # -- routing: splits and matches -----------------------------------------------------------------

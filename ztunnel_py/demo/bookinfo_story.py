@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ztunnel_py.config import ADMIN_PORT, METRICS_PORT
+from ztunnel_py.demo import istio
 from ztunnel_py.demo.bookinfo import RATINGS_UNAVAILABLE, page_text
 from ztunnel_py.demo.configdir import dump, ref_of, write_objects
 from ztunnel_py.demo.scenario import short_metric
@@ -49,29 +50,14 @@ ROUTES_TIMEOUT = 15.0  # the controller's debounce, push and the waypoint's swap
 
 
 def destination_rule(host: str, versions: tuple[str, ...]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": host, "namespace": BOOKINFO_NS},
-        "spec": {"host": host,
-                 "subsets": [{"name": v, "labels": {"version": v}} for v in versions]},
-    }
+    return istio.destination_rule(host, BOOKINFO_NS, host, versions=versions)
 
 
 def virtual_service(host: str, http: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": host, "namespace": BOOKINFO_NS},
-        "spec": {"hosts": [host], "http": http},
-    }
+    return istio.virtual_service(host, BOOKINFO_NS, [host], http)
 
 
-def _to(host: str, subset: str | None = None, weight: int | None = None) -> dict[str, Any]:
-    dest: dict[str, Any] = {"host": host}
-    if subset:
-        dest["subset"] = subset
-    return {"destination": dest} if weight is None else {"destination": dest, "weight": weight}
+_to = istio.route_to
 
 
 def _for_user(user: str) -> list[dict[str, Any]]:
