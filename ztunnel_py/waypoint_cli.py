@@ -19,15 +19,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import grpc
-import uvloop
-
 from ztunnel_py import config, log
 from ztunnel_py.config import HBONE_PORT, AgentConfig
-from ztunnel_py.state.client import GRPC_OPTIONS, ConfigClient
-from ztunnel_py.state.model import spiffe_id
-from ztunnel_py.state.snapshot import StateStore
-from ztunnel_py.telemetry.admin import AdminError
 
 _FLAGS = {
     "node": "node",
@@ -89,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"ztunnel-py waypoint: missing {', '.join(missing)} (see --help)")
         return 2
     log.configure(cfg.log)
+    # Imported here so that building the CLI (every subcommand's parser) stays cheap.
+    import uvloop
+
+    from ztunnel_py.telemetry.admin import AdminError
+
     try:
         uvloop.run(serve(cfg, args.namespace, args.name, args.service_account or args.name,
                          listen))
@@ -101,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: str,
                 listen: tuple[str, int]) -> None:
     # Imported here so that building the CLI (every subcommand's parser) stays cheap.
+    import grpc
+
     from waypoint.mesh import HboneConnector, HboneListener
     from waypoint.proxy import WaypointProxy
     from waypoint.telemetry import WaypointMetrics
@@ -108,6 +108,9 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     from ztunnel_py.identity.errors import IdentityError
     from ztunnel_py.identity.manager import GrpcCaClient, SecretManager
     from ztunnel_py.proxy.pool import ConnectionPool
+    from ztunnel_py.state.client import GRPC_OPTIONS, ConfigClient
+    from ztunnel_py.state.model import spiffe_id
+    from ztunnel_py.state.snapshot import StateStore
     from ztunnel_py.telemetry.admin import AdminServer
     from ztunnel_py.telemetry.http import CERTIFICATES, CONFIG, Readiness, TelemetryServer
 

@@ -7,7 +7,6 @@ import io
 import json
 import sys
 
-from ztunnel_py.demo import bookinfo_story, scenario
 from ztunnel_py.demo.configdir import ManifestError, apply_paths, delete_paths
 from ztunnel_py.demo.mesh import MeshError, ztunnel
 from ztunnel_py.demo.run import AlreadyUp, DemoError, DemoRun, state_dir_from_env
@@ -38,6 +37,8 @@ def _up(args: argparse.Namespace) -> int:
         if not run.show_request(topo):
             return _err("the demo is up but the cross-node request failed; see `demo status`")
     else:
+        from ztunnel_py.demo import bookinfo_story, scenario  # the story: only for `up`
+
         step = scenario.Steps(scenario.STEPS + bookinfo_story.STEPS, print)
         l4 = scenario.tell(topo, run.mesh(topo), run.world, run.config_dir, print, step)
         l7 = bookinfo_story.tell(topo, run.world, run.config_dir, step, print)
