@@ -123,8 +123,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo = subparsers.add_parser(
         "demo",
         help="run the demo: nodes and pods in network namespaces on this machine",
-        description="Two nodes, a few pods running a helloworld HTTP service, "
-        "all in network namespaces on this machine (root).",
+        description="Two nodes and their pods (helloworld, and a small bookinfo behind a "
+        "waypoint), all in network namespaces on this machine (root). `up` starts the "
+        "controller, an agent per node and the waypoint, then shows the mesh at work: "
+        "capture and encryption, policy, metrics, a canary split, request routing and a "
+        "fault.",
     )
     demo.add_argument(
         "--state-dir",
@@ -134,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = demo.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="bring the demo up and show the mesh at work")
     up.add_argument("--no-mesh", action="store_true",
-                    help="only the nodes, pods and services: no controller, no agents")
+                    help="only the nodes, pods and services: no controller, agents or waypoint")
     up.set_defaults(func=_up)
     ctl = sub.add_parser("ctl", help="run `ztunnel-py ctl ARGS` inside a node (its admin port)")
     ctl.add_argument("node", help="node1, node2, ...")
