@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import require_root
-from ztunnel_py.demo import httpservice
+from ztunnel_py.demo import httpservice, wire
 from ztunnel_py.redirect import Capture, uninstall
 from ztunnel_py.redirect.capture import DEFAULT_POLICY_ROUTE
 from ztunnel_py.redirect.sockets import IP_TRANSPARENT, SO_MARK, marked_socket, transparent_listener
@@ -302,8 +302,7 @@ def test_fail_closed_when_the_agent_is_gone_and_restart_reuses_pins(
                                 str(pcap), "tcp port 8080"], stderr=subprocess.PIPE,
                       stdout=subprocess.DEVNULL)
     try:
-        assert dump.stderr is not None
-        assert b"listening on" in dump.stderr.readline()
+        wire.wait_started(dump)
         failed = curl(topo, client, f"http://{server.ip}:8080/marker-7f3a", max_time=1.5)
         assert failed.returncode != 0
         assert "Hello" not in failed.stdout

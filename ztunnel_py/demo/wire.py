@@ -66,7 +66,7 @@ def capture(topo: Topology, ignore: tuple[int, ...] = (CONTROLLER_GRPC_PORT,)
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
-            _wait_started(proc, pcap)
+            wait_started(proc)
             _wait_live(topo, pcap)
             result = WireCapture(pcap)
             yield result
@@ -92,8 +92,9 @@ def capture(topo: Topology, ignore: tuple[int, ...] = (CONTROLLER_GRPC_PORT,)
                         result.packets_by_port[port] += 1
 
 
-def _wait_started(proc: subprocess.Popen[bytes], pcap: Path, timeout: float = 5.0) -> None:
-    """Until tcpdump says it is listening (the capture is live only from then on)."""
+def wait_started(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Until tcpdump (stderr piped) says it is listening: the capture is live only from
+    then on. Other lines before it (a library's noise after fork) are passed over."""
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     seen = b""
