@@ -1,6 +1,6 @@
 """HBONE data-path benchmark: direct vs two agents vs two HAProxy mTLS (TCP mode).
 
-    sudo .venv/bin/python -m bench.hbone [--duration 10] [--rate 2000]
+    sudo .venv/bin/python -m bench.hbone [--duration 10] [--rate 2000] [--repeat 3]
 
 One namespace topology (``ztunnel_py.topology``): node1 with a client pod,
 node2 with a server pod, joined by the underlay. The server pod runs iperf3
@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import signal
@@ -320,6 +321,7 @@ def orchestrate(
     only: frozenset[str] = frozenset(MEASUREMENTS),
     haproxy_mt: bool = True,
     paths: frozenset[str] = frozenset(PATHS),
+    repeat: int = 1,
 ) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
@@ -421,12 +423,12 @@ def orchestrate(
                      haproxy_pids[name])
             for name, _nbthread, offset in variants
         ]
-        cpu: dict[str, dict[str, float]] = {}
-        rows: dict[str, dict[str, float]] = {}
-        for sc in scenarios:
+        cpu_rounds: dict[str, list[dict[str, float]]] = {}
+        row_rounds: dict[str, list[dict[str, float]]] = {}
+        for rnd, sc in ((rnd, sc) for rnd in range(repeat) for sc in scenarios):
             if sc.name not in paths:
                 continue
-            print(f"# {sc.name} ...", file=sys.stderr, flush=True)
+            print(f"# round {rnd + 1}/{repeat}: {sc.name} ...", file=sys.stderr, flush=True)
             ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
             nan = float("nan")
             r: dict[str, float] = dict.fromkeys(
@@ -462,10 +464,10 @@ def orchestrate(
                 # at a fixed rate requests come a few at a time: each pays its own
                 # wakeups and syscalls, unlike under wrk's saturation (rps_16)
                 c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
-            cpu[sc.name] = c
-            rows[sc.name] = r
-        print_table(rows, duration, rate)
-        print_cpu(cpu)
+            cpu_rounds.setdefault(sc.name, []).append(c)
+            row_rounds.setdefault(sc.name, []).append(r)
+        print_table({k: medians(v) for k, v in row_rounds.items()}, duration, rate, repeat)
+        print_cpu({k: medians(v) for k, v in cpu_rounds.items()})
         return 0
     except BaseException:
         for logf in sorted(workdir.glob("*.log")):
@@ -481,7 +483,17 @@ def orchestrate(
             workdir.rmdir()
 
 
-def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float) -> None:
+def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds that measured it (NaN when none did)."""
+    out: dict[str, float] = {}
+    for key in {k for r in rounds for k in r}:
+        got = [r[key] for r in rounds if key in r and not math.isnan(r[key])]
+        out[key] = statistics.median(got) if got else float("nan")
+    return out
+
+
+def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
+                repeat: int = 1) -> None:
     metrics = [
         ("tput_1_gbps", "throughput, 1 stream (Gbit/s)"),
         ("tput_4_gbps", "throughput, 4 streams (Gbit/s)"),
@@ -491,7 +503,9 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float)
         ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)"),
     ]
     mt = "haproxy-mt" in rows
-    print(f"\nHBONE benchmark ({duration:g} s per measurement; same topology, same run)")
+    rounds = f"medians of {repeat} rounds, paths alternating" if repeat > 1 else "one round"
+    print(f"\nHBONE benchmark ({duration:g} s per measurement, {rounds}; same topology, "
+          "same run)")
     print("agents: one single-threaded Python process per node; haproxy: nbthread 1 per node "
           "(the same CPU budget)" + ("; haproxy-mt: HAProxy's default threads" if mt else ""))
     print()
@@ -560,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over all paths in turn; the tables show each figure's "
+                             "median (a single round is at the mercy of a noisy machine)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only these measurements (repeatable; default: all)")
     parser.add_argument("--no-haproxy-mt", action="store_true",
@@ -575,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
                        haproxy_mt=not args.no_haproxy_mt and (
                            not args.paths or "haproxy-mt" in args.paths),
-                       paths=frozenset(args.paths or PATHS))
+                       paths=frozenset(args.paths or PATHS), repeat=max(1, args.repeat))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The waypoint's L7 path against HAProxy doing the same 90/10 split, same run.
 
     .venv/bin/python -m bench.waypoint [--duration 10] [--rate 1000] [--connections 16]
+        [--repeat 3] [--no-floor]
 
 Two backends (the demo's HTTP service, one process each) stand for reviews v1
 and v2. In front of them, on loopback:
@@ -9,6 +10,15 @@ and v2. In front of them, on loopback:
 - the waypoint (one process on uvloop, a VirtualService with a 90/10 weighted
   route, the plaintext listener: no TLS on either side, access log off like
   HAProxy's).
+
+- for reference, ``py-floor``: the least an HTTP/1.1-aware Python proxy does per
+  request on the same runtime (uvloop, llhttp via httptools, asyncio Protocols):
+  parse each message to find where it ends, pick v1/v2 by smooth weighted round
+  robin, forward the bytes unchanged over a kept-alive upstream connection. No
+  routing table, no header handling, no metrics. It is a yardstick, not a proxy
+  anyone should run: the distance from it to the waypoint is what the
+  waypoint's own per-request work costs; the distance from it to HAProxy is the
+  runtime's (``--no-floor`` leaves it out).
 
 Each target gets, in turn:
 
@@ -130,6 +140,104 @@ def serve_waypoint(port: int, v1: int, v2: int) -> None:
     uvloop.run(main())
 
 
+# -- the yardstick: a bare HTTP/1.1 forwarder, in a child process --------------------------
+
+
+def serve_floor(port: int, v1: int, v2: int) -> None:
+    import asyncio
+
+    import httptools
+    import uvloop
+
+    backends = ((90, v1), (10, v2))
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, down: Downstream) -> None:
+            self.down = down
+            self.transport: asyncio.Transport | None = None
+            self.parser = httptools.HttpResponseParser(self)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            if self.down.transport is not None:
+                self.down.transport.write(data)
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.down.answered()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.down.transport is not None:
+                self.down.transport.close()
+
+    class Downstream(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.parser = httptools.HttpRequestParser(self)
+            self.pending: list[bytes] = []
+            self.queue: list[bytes] = []
+            self.busy = False
+            self.current = [0] * len(backends)
+            self.upstreams: dict[int, Upstream] = {}
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            self.pending.append(data)
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.queue.append(b"".join(self.pending))
+            self.pending = []
+            self.next()
+
+        def next(self) -> None:
+            if self.busy or not self.queue:
+                return
+            self.busy = True
+            request = self.queue.pop(0)
+            total, best = 0, 0  # smooth weighted round robin (nginx's, as HAProxy's)
+            for i, (weight, _) in enumerate(backends):
+                self.current[i] += weight
+                total += weight
+                if self.current[i] > self.current[best]:
+                    best = i
+            self.current[best] -= total
+            up = self.upstreams.get(best)
+            if up is not None and up.transport is not None and not up.transport.is_closing():
+                up.transport.write(request)
+            else:
+                asyncio.get_running_loop().create_task(self.dial(best, request))
+
+        async def dial(self, i: int, request: bytes) -> None:
+            loop = asyncio.get_running_loop()
+            _, up = await loop.create_connection(lambda: Upstream(self), "127.0.0.1",
+                                                 backends[i][1])
+            self.upstreams[i] = up
+            if up.transport is not None:
+                up.transport.write(request)
+
+        def answered(self) -> None:
+            self.busy = False
+            self.next()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            for up in self.upstreams.values():
+                if up.transport is not None:
+                    up.transport.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Downstream, "127.0.0.1", port, backlog=4096)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 # -- load -------------------------------------------------------------------------------
 
 
@@ -212,11 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds (haproxy and waypoint alternating); the table shows medians")
+    p.add_argument("--no-floor", action="store_true",
+                   help="leave out the py-floor yardstick (a bare Python forwarder)")
     p.add_argument("--serve-waypoint", nargs=3, type=int, metavar=("PORT", "V1", "V2"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--serve-floor", nargs=3, type=int, metavar=("PORT", "V1", "V2"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_waypoint:
         serve_waypoint(*args.serve_waypoint)
+        return 0
+    if args.serve_floor:
+        serve_floor(*args.serve_floor)
         return 0
     for tool in ("wrk", "h2load", "haproxy"):
         if shutil.which(tool) is None:
@@ -226,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     tmp = tempfile.TemporaryDirectory()
     try:
-        v1, v2, wp_port, ha_port = (_free_port() for _ in range(4))
+        v1, v2, wp_port, ha_port, floor_port = (_free_port() for _ in range(5))
         for pod, version, port in (("reviews-v1", "v1", v1), ("reviews-v2", "v2", v2)):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod,
@@ -236,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "bench.waypoint", "--serve-waypoint", str(wp_port), str(v1),
              str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO)
         procs.append(waypoint)
+        targets = [("haproxy", ha_port), ("waypoint", wp_port)]
+        if not args.no_floor:
+            floor = subprocess.Popen(
+                [sys.executable, "-m", "bench.waypoint", "--serve-floor", str(floor_port),
+                 str(v1), str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO)
+            procs.append(floor)
+            targets.append(("py-floor", floor_port))
         cfg = Path(tmp.name) / "haproxy.cfg"
         cfg.write_text(f"""global
   maxconn 4096
@@ -257,12 +379,15 @@ backend be
         haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(haproxy)
-        for port in (v1, v2, wp_port, ha_port):
+        pids = {"haproxy": haproxy.pid, "waypoint": waypoint.pid}
+        if not args.no_floor:
+            pids["py-floor"] = floor.pid
+        for port in (v1, v2, *(p for _, p in targets)):
             _wait_port(port)
-        rounds: dict[str, list[Result]] = {"haproxy": [], "waypoint": []}
+        rounds: dict[str, list[Result]] = {name: [] for name, _ in targets}
         for _ in range(max(1, args.repeat)):
-            for name, port, pid in (("haproxy", ha_port, haproxy.pid),
-                                    ("waypoint", wp_port, waypoint.pid)):
+            for name, port in targets:
+                pid = pids[name]
                 r = Result()
                 run_wrk(port, args.duration, args.connections, r, pid)
                 run_fixed_rate(port, args.duration, args.rate, r)
@@ -294,9 +419,16 @@ backend be
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "n/a"
 
-    print(f"{'ratio':10} {ratio(wp.rps, ha.rps):>12} {ratio(wp.sat_p50_ms, ha.sat_p50_ms):>8} "
-          f"{ratio(wp.sat_p99_ms, ha.sat_p99_ms):>8} {ratio(wp.cpu_us, ha.cpu_us):>11} {'':>12} "
-          f"{ratio(wp.p50_ms, ha.p50_ms):>8} {ratio(wp.p99_ms, ha.p99_ms):>8}")
+    def ratio_row(label: str, x: Result) -> None:
+        print(f"{label:10} {ratio(x.rps, ha.rps):>12} {ratio(x.sat_p50_ms, ha.sat_p50_ms):>8} "
+              f"{ratio(x.sat_p99_ms, ha.sat_p99_ms):>8} {ratio(x.cpu_us, ha.cpu_us):>11} "
+              f"{'':>12} {ratio(x.p50_ms, ha.p50_ms):>8} {ratio(x.p99_ms, ha.p99_ms):>8}")
+
+    ratio_row("ratio", wp)
+    if "py-floor" in results:
+        ratio_row("floor/hap", results["py-floor"])
+        print("(py-floor: a bare Python forwarder on the same runtime, no routing, headers or "
+              "metrics; a yardstick, not a goal)")
     print(f"\ngoals: req/s >= 0.70x haproxy (got {ratio(wp.rps, ha.rps)}); "
           f"p99 at {args.rate} req/s <= 2x haproxy (got {ratio(wp.p99_ms, ha.p99_ms)})")
     return 0
