@@ -148,6 +148,8 @@ async def test_added_modified_deleted_flow_through(
         "Pod", "demo", "web")["metadata"]["labels"].get("istio.io/dataplane-mode") == "none")
     fake.delete("Pod", "demo", "web")
     await eventually(lambda: "kubernetes:Pod/demo/web" not in origins(source))
+    # the cache is the reflector thread's; changes reach listeners through the loop after
+    await eventually(lambda: bool(rec.of(kube.ChangeType.DELETE)))
 
     assert rec.of(kube.ChangeType.UPSERT).count("kubernetes:Pod/demo/web") == 2
     assert rec.of(kube.ChangeType.DELETE) == ["kubernetes:Pod/demo/web"]
@@ -207,6 +209,8 @@ async def test_gone_forces_a_relist_that_reconciles_deletions(
         fake.compact()
 
     await eventually(lambda: "kubernetes:Pod/demo/new" in origins(source))
+    # (the relist's changes reach listeners through the loop, after the cache has them)
+    await eventually(lambda: "kubernetes:Pod/demo/new" in rec.of(kube.ChangeType.UPSERT))
     assert "kubernetes:Pod/demo/vanishes" not in origins(source)
     assert source.reflectors["pods"].relists_on_gone == 1
     assert len(fake.list_requests("pods")) >= 2
