@@ -68,7 +68,7 @@ class HboneConfig:
         16 * 1024 * 1024, "ZTUNNEL_HBONE_CONN_WINDOW", "HTTP/2 connection flow-control window"
     )
     max_frame_size: int = setting(
-        64 * 1024, "ZTUNNEL_HBONE_MAX_FRAME", "HTTP/2 SETTINGS_MAX_FRAME_SIZE we accept"
+        256 * 1024, "ZTUNNEL_HBONE_MAX_FRAME", "HTTP/2 SETTINGS_MAX_FRAME_SIZE we accept"
     )
     connect_timeout_s: float = setting(
         5.0, "ZTUNNEL_HBONE_CONNECT_TIMEOUT", "seconds to establish TCP+TLS to a peer"

@@ -7,21 +7,33 @@ from typing import Any
 
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
-from ztunnel_py.hbone.aio import BULK_WRITE, HboneProtocol, StreamLeg
-from ztunnel_py.hbone.core import Role
+from ztunnel_py.hbone.aio import BULK_WRITE, HboneProtocol, Leg, StreamLeg
+from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN, Role
 
 
 class Wire:
     """A transport that records writes and delivers them to the other side next tick."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, as_reads: bool = False) -> None:
         self.writes: list[bytes] = []
         self.to: HboneProtocol | None = None
+        self.as_reads = as_reads  # deliver through get_buffer / buffer_updated, as TLS does
+        self.buffered = 0  # what get_write_buffer_size() says
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
         assert self.to is not None
-        asyncio.get_running_loop().call_soon(self.to.data_received, bytes(data))
+        deliver = self._read_into if self.as_reads else self.to.data_received
+        asyncio.get_running_loop().call_soon(deliver, bytes(data))
+
+    def _read_into(self, data: bytes) -> None:
+        assert self.to is not None
+        buf = self.to.get_buffer(len(data))
+        buf[: len(data)] = data
+        self.to.buffer_updated(len(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def is_closing(self) -> bool:
         return False
@@ -63,15 +75,16 @@ async def test_one_write_per_loop_iteration_for_all_streams() -> None:
     await settle()
     assert len(accepted) == 2
 
-    class Sink:
+    class Sink(Leg):
         def __init__(self, sid: int) -> None:
+            super().__init__()
             self.sid = sid
 
         def send(self, data: bytes) -> None:
             received[self.sid] = received.get(self.sid, b"") + bytes(data)
 
     for leg in accepted:
-        leg.peer = Sink(leg.stream_id)  # type: ignore[assignment]
+        leg.peer = Sink(leg.stream_id)
     before = len(c_wire.writes)
     legs[0].send(b"one")
     legs[1].send(b"two")
@@ -88,3 +101,77 @@ async def test_one_write_per_loop_iteration_for_all_streams() -> None:
     assert received[legs[1].stream_id] == b"two" + b"b" * BULK_WRITE
     client.close()  # GOAWAY goes out at once, not on the next tick
     assert c_wire.writes[-1][3] == 0x7  # GOAWAY frame type
+
+
+class Keeper(Leg):
+    """A sink that records what it got; ``holds``: it keeps the views it is lent (as a
+    TCP transport does with what it could not send at once)."""
+
+    def __init__(self, holds: bool) -> None:
+        super().__init__()
+        self.holds = holds
+        self.got: list[bytes | memoryview] = []
+
+    def send(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def send_view(self, view: memoryview) -> bool:
+        self.got.append(view if self.holds else view.tobytes())
+        return not self.holds
+
+
+async def _tunnel(sink: Leg) -> tuple[HboneProtocol, HboneProtocol, Wire, StreamLeg]:
+    accepted: list[StreamLeg] = []
+
+    def on_connect(leg: StreamLeg) -> None:
+        accepted.append(leg)
+        leg.attach(sink)
+        server.respond(leg, core.OK)
+
+    client = HboneProtocol(Role.CLIENT, HboneConfig())
+    server = HboneProtocol(Role.SERVER, HboneConfig(), on_connect=on_connect)
+    c_wire, s_wire = Wire(as_reads=True), Wire()
+    c_wire.to, s_wire.to = server, client
+    client.connection_made(c_wire)  # type: ignore[arg-type]
+    server.connection_made(s_wire)  # type: ignore[arg-type]
+    await settle()
+    leg = await client.open_stream("10.0.0.1:80")
+    await settle()
+    assert len(accepted) == 1
+    return client, server, c_wire, leg
+
+
+async def test_a_framed_send_goes_out_in_place_in_one_write() -> None:
+    sink = Keeper(holds=False)
+    client, _server, c_wire, leg = await _tunnel(sink)
+    payload = bytes(range(256)) * (LEND_MIN // 256 + 1)
+    buf = memoryview(bytearray(FRAME_HEADER + len(payload)))
+    buf[FRAME_HEADER:] = payload
+    before = len(c_wire.writes)
+    assert leg.send_framed(buf, len(payload)) is True  # TLS took it all: buf is free again
+    assert len(c_wire.writes) == before + 1  # header and payload: one write, at once
+    wrote = c_wire.writes[-1]
+    assert wrote[:FRAME_HEADER] == len(payload).to_bytes(3, "big") + b"\x00\x00" + \
+        leg.stream_id.to_bytes(4, "big")
+    assert wrote[FRAME_HEADER:] == payload and bytes(buf[:FRAME_HEADER]) == wrote[:9]
+    c_wire.buffered = 1  # the transport says it still holds bytes: buf is not free
+    assert leg.send_framed(buf, len(payload)) is False
+    await settle()
+    assert b"".join(bytes(g) for g in sink.got) == payload * 2
+    client.close()
+
+
+async def test_a_held_view_moves_the_next_read_to_a_fresh_buffer() -> None:
+    sink = Keeper(holds=True)
+    client, server, _c_wire, leg = await _tunnel(sink)
+    first, second = b"\x01" * LEND_MIN, b"\x02" * LEND_MIN
+    old = server._read_buffer.obj
+    leg.send(first)
+    await settle()
+    assert server._read_buffer.obj is not old  # the sink kept a view into the old one
+    leg.send(second)
+    await settle()
+    views = [g for g in sink.got if isinstance(g, memoryview)]
+    assert len(views) == 2 and views[0].obj is old
+    assert bytes(views[0]) == first and bytes(views[1]) == second  # nothing overwritten
+    client.close()

@@ -91,9 +91,10 @@ def merged(events: list[core.Event]) -> list[object]:
         if isinstance(ev, core.Data):
             last = out[-1] if out else None
             if isinstance(last, tuple) and last[0] == "data" and last[1] == ev.stream_id:
-                out[-1] = ("data", ev.stream_id, last[2] + ev.data, last[3] + ev.flow_length)
+                out[-1] = ("data", ev.stream_id, last[2] + bytes(ev.data),
+                           last[3] + ev.flow_length)
                 continue
-            out.append(("data", ev.stream_id, ev.data, ev.flow_length))
+            out.append(("data", ev.stream_id, bytes(ev.data), ev.flow_length))
         else:
             out.append(ev)
     return out
@@ -610,3 +611,56 @@ def test_small_acks_on_an_exhausted_window_match_h2() -> None:
         _raw_h2(theirs.server).acknowledge_received_data(n, theirs.sid)
         assert ours.server.data_to_send() == theirs.server.data_to_send(), n
         assert ours.windows() == theirs.windows(), n
+
+
+# -- lending views instead of copies (the TCP legs write them out before the next read) --
+
+
+def test_lent_views_are_large_pieces_of_the_buffer_itself() -> None:
+    """With ``lend_views``, a frame's payload of at least LEND_MIN bytes comes out as a view
+    into the very buffer fed in (no copy), each large piece an event of its own; small
+    pieces are copied. Payload and windows are what h2 would make of the same bytes."""
+    fast, ref = Side(True), Side(False)
+    fast.server.lend_views = True
+    big = bytes(range(256)) * 64  # 16 KiB: one full frame at this max frame size
+    for side in (fast, ref):
+        side.client.send(side.sid, big)
+        side.client.send(side.sid, b"tail")
+    wire = fast.client.data_to_send()
+    assert ref.client.data_to_send() == wire
+    buffer = bytearray(wire)
+    events = fast.server.receive(memoryview(buffer))
+    ref.feed(wire, [])
+    data = [ev for ev in events if isinstance(ev, core.Data)]
+    assert [type(ev.data) for ev in data] == [memoryview, bytes]
+    view = data[0].data
+    assert isinstance(view, memoryview) and view.obj is buffer  # lent, not copied
+    assert bytes(view) == big and data[1].data == b"tail"
+    assert [ev.flow_length for ev in data] == [len(big), 4]
+    assert merged(events) == merged(ref.events)
+    assert fast.windows() == ref.windows()
+
+
+def test_frame_header_charges_both_windows_or_declines() -> None:
+    side = Side(True)
+    c = side.client
+    raw = _raw_h2(c)
+    conn0 = raw.outbound_flow_control_window
+    stream0 = raw.streams[side.sid].outbound_flow_control_window
+    head = c.frame_header(side.sid, 1000)
+    assert head == (1000).to_bytes(3, "big") + b"\x00\x00" + side.sid.to_bytes(4, "big")
+    assert raw.outbound_flow_control_window == conn0 - 1000
+    assert raw.streams[side.sid].outbound_flow_control_window == stream0 - 1000
+    # what the peer makes of that header and 1000 bytes: plain stream data
+    side.events += side.server.receive(c.data_to_send() + head + b"z" * 1000)
+    assert merged(side.events) == [("data", side.sid, b"z" * 1000, 1000)]
+    # declined, nothing charged: over one frame, over the window, queued data, no stream
+    left = raw.outbound_flow_control_window
+    assert c.frame_header(side.sid, CFG.max_frame_size + 1) is None
+    assert c.frame_header(side.sid, left + 1) is None
+    assert c.frame_header(side.sid, 0) is None
+    assert c.frame_header(99, 10) is None
+    assert raw.outbound_flow_control_window == left
+    c.send(side.sid, b"q" * (left + 10))  # fills the window and queues the rest
+    assert c.pending(side.sid) == 10
+    assert c.frame_header(side.sid, 1) is None  # never ahead of queued bytes

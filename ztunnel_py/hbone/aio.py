@@ -29,7 +29,7 @@ from typing import Any
 from ztunnel_py import log
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
-from ztunnel_py.hbone.core import HboneConnection, Role
+from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN, HboneConnection, Role
 
 _log = log.get("hbone")
 
@@ -37,7 +37,9 @@ _log = log.get("hbone")
 TLS_HIGH_WATER = 1 << 20
 TLS_LOW_WATER = 256 << 10
 # TLS decrypts straight into this buffer (one per connection, reused): no allocation and
-# no joining of 16 KiB records per read; the core copies each payload out once.
+# no joining of 16 KiB records per read. Large payloads go from it to the TCP legs as
+# views, small ones as copies (``core.LEND_MIN``); a leg whose transport could not take
+# a view at once keeps it, and the connection reads into a fresh buffer from then on.
 READ_BUFFER = 256 << 10
 # A stream write this big goes out at once; smaller ones wait for the end of the loop
 # iteration to share a TLS write with the connection's other frames.
@@ -77,6 +79,18 @@ class Leg:
 
     def send(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def send_view(self, view: memoryview) -> bool:
+        """Write ``view`` now, without copying it where the sink allows; whether the
+        caller may reuse the buffer under it (False: the sink still holds it)."""
+        self.send(view.tobytes())
+        return True
+
+    def send_framed(self, buf: memoryview, n: int) -> bool:
+        """Send ``buf[FRAME_HEADER:FRAME_HEADER + n]``; ``buf[:FRAME_HEADER]`` is room a
+        framing leg may write its header into (a TCP leg reads with that headroom), so
+        the payload is never copied to be framed. Whether the caller may reuse ``buf``."""
+        return self.send_view(buf[FRAME_HEADER : FRAME_HEADER + n])
 
     def send_eof(self) -> None:
         raise NotImplementedError
@@ -141,6 +155,15 @@ class StreamLeg(Leg):
         else:
             self.conn.flush()
 
+    def send_framed(self, buf: memoryview, n: int) -> bool:
+        if self.done or self.write_done:
+            return True
+        free = self.conn.write_framed(self.stream_id, buf, n) if n >= LEND_MIN else None
+        if free is None:  # small, or not one frame now: the queued path, with a copy
+            self.send(buf[FRAME_HEADER : FRAME_HEADER + n].tobytes())
+            return True
+        return free
+
     def send_eof(self) -> None:
         if self.done or self.write_done:
             return
@@ -185,14 +208,17 @@ class StreamLeg(Leg):
             self.resume_source()
 
     # events from the connection
-    def _on_data(self, data: bytes, flow_length: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flow_length: int) -> None:
         self.rx_bytes += len(data)
         peer = self.peer
         if peer is None:
-            self._early.append(data)
+            self._early.append(data if isinstance(data, bytes) else data.tobytes())
             self._held_ack += flow_length
             return
-        peer.send(data)
+        if isinstance(data, bytes):
+            peer.send(data)
+        elif not peer.send_view(data):  # a view into the connection's read buffer
+            self.conn.buffer_lent = True
         if self._source_paused:
             self._held_ack += flow_length
         else:
@@ -260,6 +286,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._on_stream_done = on_stream_done
         self._read_buffer = memoryview(bytearray(READ_BUFFER))
+        self.core.lend_views = True  # (Data views into _read_buffer: see buffer_updated)
+        self.buffer_lent = False  # a leg still holds a view into _read_buffer
         self._flush_pending = False
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -288,6 +316,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._read_buffer[:nbytes])
+        if self.buffer_lent:  # a sink still writes from it: the next read goes elsewhere
+            self.buffer_lent = False
+            self._read_buffer = memoryview(bytearray(READ_BUFFER))
 
     def data_received(self, data: bytes | memoryview) -> None:
         if not self._started:
@@ -362,6 +393,25 @@ class HboneProtocol(asyncio.BufferedProtocol):
             # every 9-byte frame header into a TLS record of its own (and a read on the
             # far side); joining costs one copy of bytes that encryption copies anyway
             self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def write_framed(self, stream_id: int, buf: memoryview, n: int) -> bool | None:
+        """``buf[FRAME_HEADER:FRAME_HEADER + n]`` out now as one DATA frame of the stream,
+        its header written into ``buf[:FRAME_HEADER]``: TLS encrypts straight from the
+        leg's read buffer. None when the core cannot frame it in one piece now (nothing
+        done: the caller sends a copy the queued way); else whether ``buf`` is free
+        again (TLS consumes what it is given at once; False if the transport still
+        holds some of it, or cannot tell)."""
+        t = self.transport
+        if t is None or self.lost or self.writing_paused or t.is_closing():
+            return None
+        head = self.core.frame_header(stream_id, n)
+        if head is None:
+            return None
+        if self.core.wants_write:
+            self.flush_now()  # what was queued before this frame goes first
+        buf[:FRAME_HEADER] = head
+        t.write(buf[: FRAME_HEADER + n])
+        return not t.get_write_buffer_size()
 
     def open_stream(
         self, authority: str, *, forwarded: str = "", baggage: str = "", traceparent: str = ""

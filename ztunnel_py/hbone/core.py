@@ -83,6 +83,10 @@ _CONNECTION_OPEN = frozenset(
 )
 # Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at.
 _FRAME_HEADER = 9
+FRAME_HEADER = _FRAME_HEADER  # the room a sender leaves in front of payload written in place
+# Payload this big is lent as a view into the receive buffer (``lend_views``) instead of
+# copied out: below it a copy costs less than tracking who still holds the buffer.
+LEND_MIN = 16 << 10
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
 _DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
 _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
@@ -140,10 +144,12 @@ class Data(NamedTuple):
 
     A named tuple, not a frozen dataclass like the other events: one is built per read
     on the data path, and a frozen dataclass's ``__init__`` costs several times more.
+    ``data`` is a memoryview into the buffer given to ``receive`` when the connection
+    lends views (``HboneConnection.lend_views``): valid until that buffer is reused.
     """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
     flow_length: int
 
 
@@ -536,6 +542,9 @@ class HboneConnection:
         self._fast_sid = 0
         self._fast_end = False  # the current fast-path frame carries END_STREAM
         self._in_header_block = False  # HEADERS without END_HEADERS: h2 gets all until done
+        # Data events carry views into receive()'s buffer instead of copies (``_emit``):
+        # for a caller that writes them out before it reuses the buffer (``aio``)
+        self.lend_views = False
         self.fast_data_frames = 0  # DATA frames taken by the fast path (tests, profiling)
         self.fast_header_blocks = 0  # CONNECTs and statuses taken by the fast path
 
@@ -647,31 +656,44 @@ class HboneConnection:
 
     # -- both --------------------------------------------------------------------
 
+    def frame_header(self, stream_id: int, n: int) -> bytes | None:
+        """The 9-byte header of one DATA frame of ``n`` bytes (no flags) for this stream,
+        with both send windows charged, when the common case holds: the stream is open
+        for sending, nothing of it is queued, and ``n`` fits one frame and both windows.
+        None otherwise (nothing charged): ``send`` queues and splits as h2 allows.
+
+        The caller sends the header and then the payload, after ``chunks_to_send()``:
+        ``send`` queues both, ``aio`` writes them in place from a leg's read buffer."""
+        s = self._streams.get(stream_id)
+        if s is None or s.ended_local or s.end_after_pending or s.pending or not n:
+            return None
+        h2c = self._h2
+        stream = h2c.streams.get(stream_id)
+        if (
+            stream is None
+            or n > h2c.max_outbound_frame_size
+            or n > h2c.outbound_flow_control_window
+            or n > stream.outbound_flow_control_window
+            or stream.state_machine.state not in _SENDABLE
+        ):
+            return None
+        h2c.outbound_flow_control_window -= n
+        stream.outbound_flow_control_window -= n
+        return n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
+
     def send(self, stream_id: int, data: bytes) -> bool:
         """Frame ``data`` as far as the windows allow; True when nothing is left pending."""
         s = self._streams.get(stream_id)
         if s is None or s.ended_local or s.end_after_pending:
             return True
-        if data and not s.pending:
-            # the common case: nothing queued and it fits one frame and both windows
-            h2c = self._h2
-            n = len(data)
-            stream = h2c.streams.get(stream_id)
-            if (
-                stream is not None
-                and n <= h2c.max_outbound_frame_size
-                and n <= h2c.outbound_flow_control_window
-                and n <= stream.outbound_flow_control_window
-                and stream.state_machine.state in _SENDABLE
-            ):
-                out = self._out
-                if h2c._data_to_send:
-                    out.append(h2c.data_to_send())
-                out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
-                out.append(data)
-                h2c.outbound_flow_control_window -= n
-                stream.outbound_flow_control_window -= n
-                return True
+        head = self.frame_header(stream_id, len(data))
+        if head is not None:  # the common case: one frame, out with the next write
+            out = self._out
+            if self._h2._data_to_send:
+                out.append(self._h2.data_to_send())
+            out.append(head)
+            out.append(data)
+            return True
         if data:
             s.pending.append(memoryview(data))
             s.pending_bytes += len(data)
@@ -716,7 +738,8 @@ class HboneConnection:
         """Feed received bytes; returns the tunnel events they complete.
 
         ``data`` may be a view of a buffer the caller reuses: nothing of it is kept
-        past this call (payload handed out is copied, a partial frame header too).
+        past this call (a partial frame header is copied; payload handed out is copied
+        too, unless ``lend_views``: then a large piece is a view into ``data``).
 
         DATA frames on established streams take a fast path: the 9-byte frame header is
         parsed here, flow control is charged exactly as h2 would (both windows, before
@@ -899,13 +922,30 @@ class HboneConnection:
         return True
 
     def _emit(self, out: list[Event], stream_id: int, run: list[memoryview]) -> None:
-        """One ``Data`` event for consecutive fast-path payload of one stream (one copy)."""
+        """``Data`` for consecutive fast-path payload of one stream: one event with a
+        copy of it all; or, when lending views (``lend_views``), each piece of at least
+        ``LEND_MIN`` bytes is an event of its own carrying the view itself (the pieces
+        between them still copied, and joined)."""
         n = sum(map(len, run)) if len(run) > 1 else len(run[0])
         if stream_id not in self._streams:  # dropped by us mid-frame: credit it back now
             self.ack(stream_id, n)
             return
-        data = run[0].tobytes() if len(run) == 1 else b"".join(run)
-        out.append(Data(stream_id, data, n))
+        if not self.lend_views or n < LEND_MIN:
+            out.append(Data(stream_id, run[0].tobytes() if len(run) == 1 else b"".join(run),
+                            n))
+            return
+        small: list[memoryview] = []
+        for piece in run:
+            if len(piece) < LEND_MIN:
+                small.append(piece)
+                continue
+            if small:
+                m = sum(map(len, small))
+                out.append(Data(stream_id, b"".join(small), m))
+                small = []
+            out.append(Data(stream_id, piece, len(piece)))
+        if small:
+            out.append(Data(stream_id, b"".join(small), sum(map(len, small))))
 
     def _end_of_stream(self, sid: int, out: list[Event]) -> None:
         """END_STREAM of a fast-path frame: h2's stream state, then ours."""

@@ -1,10 +1,18 @@
 """The relay: bidirectional copy between two legs, with half-close, resets and byte counts.
 
-``TcpLeg`` is an ``asyncio.Protocol`` over a plain TCP transport; it pairs with
-another ``TcpLeg`` (passthrough, local delivery) or with an HBONE
-``StreamLeg``. There is no per-byte Python work: each ``data_received`` chunk
-is handed to the peer as is, and flow control is transport pausing (see
-``ztunnel_py.hbone.aio``).
+``TcpLeg`` is an ``asyncio.BufferedProtocol`` over a plain TCP transport; it
+pairs with another ``TcpLeg`` (passthrough, local delivery) or with an HBONE
+``StreamLeg``. There is no per-byte Python work: each read is handed to the
+peer as is, and flow control is transport pausing (see ``ztunnel_py.hbone.aio``).
+
+Bytes are not copied on the way through in user space where it can be helped:
+a leg reads into a buffer (one for all legs: a read is handed on before the
+next starts), behind room for an HTTP/2 frame header, and its peer writes from
+there (``Leg.send_framed``): an HBONE stream puts its DATA frame header in that
+room and hands TLS the frame in place, a TCP leg writes the view. If the
+peer's transport could not take it all at once (it keeps a reference), reads
+go into a fresh buffer from then on; what a leg reads before it has a peer is
+copied.
 
 TCP semantics carried end to end:
 
@@ -26,6 +34,7 @@ import typing
 from collections.abc import Callable
 
 from ztunnel_py.hbone.aio import Leg, join
+from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN
 from ztunnel_py.telemetry.connection import ConnectionResult
 
 # Write-buffer limits for TCP legs: big enough for throughput, bounded for memory.
@@ -35,6 +44,9 @@ TCP_LOW_WATER = 256 << 10
 # while the tunnel is set up) before it pauses reading: a usual request never pauses, so
 # reading is neither stopped nor restarted per connection (two syscalls each)
 EARLY_LIMIT = 64 << 10
+# One read: what one HBONE DATA frame carries (our SETTINGS_MAX_FRAME_SIZE default), so
+# a full read goes out as one frame written in place.
+READ_CHUNK = 256 << 10
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
@@ -46,7 +58,26 @@ def set_linger_zero(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
 
 
-class TcpLeg(Leg, asyncio.Protocol):
+class _ReadBuffer:
+    """The read buffer all TCP legs share (header room included), as uvloop shares one
+    between its streams: a read is handed on before the next one starts, so one buffer
+    serves every leg of the loop, and an idle connection costs no buffer. When a peer
+    keeps a view into it, the next read goes into a fresh one (``lent``)."""
+
+    def __init__(self) -> None:
+        self.buf = memoryview(bytearray(FRAME_HEADER + READ_CHUNK))
+        self.rx = self.buf[FRAME_HEADER:]  # where reads land
+
+    def lent(self) -> None:
+        """A peer holds ``buf`` now: reads go into a new one."""
+        self.buf = memoryview(bytearray(FRAME_HEADER + READ_CHUNK))
+        self.rx = self.buf[FRAME_HEADER:]
+
+
+_READ = _ReadBuffer()
+
+
+class TcpLeg(Leg, asyncio.BufferedProtocol):
     """A TCP connection as a relay leg."""
 
     def __init__(
@@ -80,14 +111,20 @@ class TcpLeg(Leg, asyncio.Protocol):
         if on_made is not None:
             on_made(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.rx_bytes += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ.rx
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.rx_bytes += nbytes
         peer = self.peer
         if peer is not None:
-            peer.send(data)
+            if nbytes < LEND_MIN:  # small: a copy costs less than the bookkeeping
+                peer.send(_READ.rx[:nbytes].tobytes())
+            elif not peer.send_framed(_READ.buf, nbytes):
+                _READ.lent()  # the old one is the peer's transport's for now
         else:
-            self._early.append(data)
-            self._early_bytes += len(data)
+            self._early.append(_READ.rx[:nbytes].tobytes())
+            self._early_bytes += nbytes
             if self._early_bytes >= EARLY_LIMIT:
                 self.pause_source()
 
@@ -147,6 +184,16 @@ class TcpLeg(Leg, asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self._closing and not self.write_done:
             self.transport.write(data)
+
+    def send_view(self, view: memoryview) -> bool:
+        t = self.transport
+        if t is None or self._closing or self.write_done:
+            return True
+        if t.get_write_buffer_size():  # behind already: the view would be kept, a copy not
+            t.write(view.tobytes())
+            return True
+        t.write(view)  # uvloop writes at once when nothing is queued
+        return not t.get_write_buffer_size()  # (what it could not send, it keeps the view of)
 
     def send_eof(self) -> None:
         if self.write_done or self.transport is None:
