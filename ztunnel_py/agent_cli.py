@@ -14,18 +14,32 @@ from pathlib import Path
 from ztunnel_py import config, log
 from ztunnel_py.config import AgentConfig
 
-_FLAGS = {
+# What the agent and the waypoint share: both are clients of the controller with an
+# AgentConfig (flag > environment > --config file > default).
+CLIENT_FLAGS = {
     "node": "node",
     "controller": "controller",
     "controller_ca": "controller_ca",
     "token_file": "token_file",
-    "admin_address": "admin_address",
     "trust_domain": "trust_domain",
-    "capture": "capture",
-    "bpf_pin_root": "bpf_pin_root",
+    "admin_address": "admin_address",
     "log_level": "log.level",
     "log_format": "log.format",
 }
+_FLAGS = {**CLIENT_FLAGS, "capture": "capture", "bpf_pin_root": "bpf_pin_root"}
+
+
+def add_client_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags of ``CLIENT_FLAGS`` (and ``--config``) on ``what``'s parser."""
+    p.add_argument("--node", help=f"the node this {what} runs on (NODE_NAME)")
+    p.add_argument("--controller", help="controller gRPC address HOST:PORT")
+    p.add_argument("--controller-ca", type=Path, help="PEM root to verify the controller")
+    p.add_argument("--token-file", type=Path, help="this node's bootstrap token")
+    p.add_argument("--trust-domain")
+    p.add_argument("--admin-address", help="admin HTTP address (loopback only)")
+    p.add_argument("--config", type=Path, help="YAML settings file (the agent's settings)")
+    p.add_argument("--log-level")
+    p.add_argument("--log-format")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,19 +59,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=config.settings_epilog(AgentConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--node", help="the node this agent serves")
-    p.add_argument("--controller", help="controller gRPC address HOST:PORT")
-    p.add_argument("--controller-ca", type=Path, help="PEM root to verify the controller")
-    p.add_argument("--token-file", type=Path, help="this node's bootstrap token")
-    p.add_argument("--admin-address", help="admin HTTP address (loopback)")
-    p.add_argument("--trust-domain")
+    add_client_arguments(p, "agent")
     p.add_argument("--capture", help="ebpf, or none")
     p.add_argument("--bpf-pin-root", type=Path, help="bpffs directory for pins")
-    p.add_argument("--config", type=Path, help="YAML settings file")
     p.add_argument("--uninstall", action="store_true",
                    help="remove this node's eBPF programs, pins and policy route, and exit")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format")
     p.set_defaults(func=run)
 
 

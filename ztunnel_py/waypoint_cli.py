@@ -16,24 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from pathlib import Path
 from typing import Any
 
 from ztunnel_py import config, log
+from ztunnel_py.agent_cli import CLIENT_FLAGS, add_client_arguments
 from ztunnel_py.config import HBONE_PORT, AgentConfig
 
-_FLAGS = {
-    "node": "node",
-    "controller": "controller",
-    "controller_ca": "controller_ca",
-    "token_file": "token_file",
-    "trust_domain": "trust_domain",
-    "metrics_address": "metrics_address",
-    "readiness_address": "readiness_address",
-    "admin_address": "admin_address",
-    "log_level": "log.level",
-    "log_format": "log.format",
-}
+_FLAGS = {**CLIENT_FLAGS, "metrics_address": "metrics_address",
+          "readiness_address": "readiness_address"}
 
 
 def _log() -> Any:
@@ -56,17 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--service-account", help="identity's service account (default: --name)")
     p.add_argument("--listen", default=f"0.0.0.0:{HBONE_PORT}",
                    help="HBONE listen address (default: %(default)s)")
-    p.add_argument("--node", help="the node this waypoint runs on (for the controller)")
-    p.add_argument("--controller", help="controller gRPC address HOST:PORT")
-    p.add_argument("--controller-ca", type=Path, help="PEM root to verify the controller")
-    p.add_argument("--token-file", type=Path, help="the node's bootstrap token")
-    p.add_argument("--trust-domain")
+    add_client_arguments(p, "waypoint")
     p.add_argument("--metrics-address", help="Prometheus metrics address (host:port)")
     p.add_argument("--readiness-address", help="readiness address (host:port)")
-    p.add_argument("--admin-address", help="admin HTTP address (loopback only)")
-    p.add_argument("--config", type=Path, help="YAML settings file (the agent's settings)")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format")
     p.set_defaults(func=run)
 
 

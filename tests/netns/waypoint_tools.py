@@ -111,20 +111,13 @@ class BackendProtocol(asyncio.Protocol):
 
     def _serve(self) -> None:
         while self.transport is not None and self.waiting is None:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
             try:
-                method, target, version, headers = httpservice.parse_head(bytes(self.buf[:end]))
-                length = int(dict(headers).get("content-length", "0"))
-            except ValueError:
+                req = httpservice.take_request(self.buf)
+            except httpservice.BadRequest:
                 self.transport.close()
                 return
-            if len(self.buf) < end + 4 + length:
+            if req is None:
                 return
-            body = bytes(self.buf[end + 4:end + 4 + length])
-            del self.buf[:end + 4 + length]
-            req = httpservice.Request(method, target, version, headers, body)
             status, out = self.port.answer(req)
             wire = httpservice.render(status, "text/plain", out, self.port.pod,
                                       self.port.version, req.keep_alive)

@@ -28,10 +28,9 @@ from ztunnel_py.demo.bookinfo import (
     http_get,
     page_text,
     running,
-    take_request,
 )
 from ztunnel_py.demo.configdir import ref_of, write_objects
-from ztunnel_py.demo.httpservice import BadRequest, Request
+from ztunnel_py.demo.httpservice import BadRequest, Request, take_request
 from ztunnel_py.demo.run import pod_command
 from ztunnel_py.demo.world import (
     BOOKINFO,

@@ -42,7 +42,14 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any, cast
 
-from ztunnel_py.demo.httpservice import MAX_BODY, MAX_HEAD, BadRequest, Request, parse_head
+from ztunnel_py.demo.httpservice import (
+    MAX_BODY,
+    MAX_HEAD,
+    BadRequest,
+    Request,
+    response,
+    take_request,
+)
 
 ROLES = ("productpage", "reviews", "ratings")
 PORT = 9080
@@ -59,8 +66,6 @@ REVIEWS = (
                   "The play lacks thematic depth when compared to other plays by Shakespeare."),
 )
 RATINGS = {"Reviewer1": 5, "Reviewer2": 4}
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Payload Too Large", 500: "Internal Server Error"}
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -323,39 +328,9 @@ def _ratings_of(reply: Reply) -> Mapping[str, int] | CallError:
 # -- HTTP/1.1 on the wire ---------------------------------------------------------------------
 
 
-def take_request(buf: bytearray) -> Request | None:
-    """The first complete request in ``buf`` (removed from it), None until there is one.
-
-    :class:`BadRequest` for a malformed or oversized one.
-    """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > MAX_HEAD:
-            raise BadRequest("request head too large")
-        return None
-    method, target, version, headers = parse_head(bytes(buf[:end]))
-    length = dict(headers).get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY:
-        raise BadRequest(f"bad content-length {length!r}")
-    if "chunked" in dict(headers).get("transfer-encoding", ""):
-        raise BadRequest("chunked request bodies are not supported")
-    if len(buf) < end + 4 + int(length):
-        return None
-    body = bytes(buf[end + 4 : end + 4 + int(length)])
-    del buf[: end + 4 + int(length)]
-    return Request(method, target, version, headers, body)
-
-
 def render(reply: Reply, pod: str, version: str, keep_alive: bool) -> bytes:
-    head = [
-        f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Status')}",
-        f"content-type: {reply.content_type}",
-        f"content-length: {len(reply.body)}",
-        f"x-served-by: {pod}/{version}",
-        *(f"{k}: {v}" for k, v in reply.headers),
-        f"connection: {'keep-alive' if keep_alive else 'close'}",
-    ]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+    return response(reply.status, reply.content_type, reply.body,
+                    (("x-served-by", f"{pod}/{version}"), *reply.headers), keep_alive)
 
 
 class ResponseReader:

@@ -23,11 +23,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import cast
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class BadRequest(ValueError):
     pass
 
 
+class TooLarge(BadRequest):
+    """A request head or body over MAX_HEAD / MAX_BODY."""
+
+
 def parse_head(head: bytes) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
     try:
         text = head.decode("latin-1")
@@ -76,6 +80,31 @@ def parse_head(head: bytes) -> tuple[str, str, str, tuple[tuple[str, str], ...]]
     return parts[0], parts[1], parts[2], tuple(headers)
 
 
+def take_request(buf: bytearray) -> Request | None:
+    """The first complete request in ``buf`` (removed from it), None until there is one.
+
+    :class:`BadRequest` for a malformed one, :class:`TooLarge` for an oversized one.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise TooLarge("request head too large")
+        return None
+    method, target, version, headers = parse_head(bytes(buf[:end]))
+    length = dict(headers).get("content-length", "0")
+    if not length.isdigit():
+        raise BadRequest(f"bad content-length {length!r}")
+    if int(length) > MAX_BODY:
+        raise TooLarge(f"content-length {length} over {MAX_BODY}")
+    if "chunked" in dict(headers).get("transfer-encoding", ""):
+        raise BadRequest("chunked request bodies are not supported")
+    if len(buf) < end + 4 + int(length):
+        return None
+    body = bytes(buf[end + 4 : end + 4 + int(length)])
+    del buf[: end + 4 + int(length)]
+    return Request(method, target, version, headers, body)
+
+
 def respond(req: Request, pod: str, version: str) -> tuple[int, str, bytes]:
     """The response to ``req``: (status, content type, body). Pure."""
     path = req.target.split("?", 1)[0]
@@ -90,18 +119,31 @@ def respond(req: Request, pod: str, version: str) -> tuple[int, str, bytes]:
     return 200, "text/plain", f"Hello version: {version}, instance: {pod}\n".encode()
 
 
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"
+
+
+def response(status: int, ctype: str, body: bytes, headers: Sequence[tuple[str, str]],
+             keep: bool) -> bytes:
+    """An HTTP/1.1 response: status line, content type and length, ``headers``, and
+    ``connection`` (keep-alive or close), then ``body``."""
+    head = [
+        f"HTTP/1.1 {status} {reason(status)}",
+        f"content-type: {ctype}",
+        f"content-length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers),
+        f"connection: {'keep-alive' if keep else 'close'}",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
 def render(status: int, ctype: str, body: bytes, pod: str, version: str, keep: bool) -> bytes:
-    reason = REASONS.get(status, "Status")
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        f"content-type: {ctype}\r\n"
-        f"content-length: {len(body)}\r\n"
-        f"x-served-by: {pod}/{version}\r\n"
-        f"x-pod: {pod}\r\n"
-        f"x-version: {version}\r\n"
-        f"connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    """This service's response: who served it in ``x-served-by``, ``x-pod``, ``x-version``."""
+    return response(status, ctype, body, (("x-served-by", f"{pod}/{version}"), ("x-pod", pod),
+                                          ("x-version", version)), keep)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -117,25 +159,16 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         while self.transport is not None and not self.transport.is_closing():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > MAX_HEAD:
-                    self._fail(413)
-                return
             try:
-                method, target, version, headers = parse_head(bytes(self.buf[:end]))
-                length = int(dict(headers).get("content-length", "0"))
-            except (BadRequest, ValueError):
-                self._fail(400)
-                return
-            if length > MAX_BODY or length < 0:
+                req = take_request(self.buf)
+            except TooLarge:
                 self._fail(413)
                 return
-            if len(self.buf) < end + 4 + length:
+            except BadRequest:
+                self._fail(400)
                 return
-            body = bytes(self.buf[end + 4 : end + 4 + length])
-            del self.buf[: end + 4 + length]
-            req = Request(method, target, version, headers, body)
+            if req is None:
+                return
             status, ctype, out = respond(req, self.pod, self.version)
             keep = req.keep_alive
             self.transport.write(render(status, ctype, out, self.pod, self.version, keep))
@@ -144,7 +177,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _fail(self, status: int) -> None:
         assert self.transport is not None
-        msg = f"{REASONS[status]}\n".encode()
+        msg = f"{reason(status)}\n".encode()
         self.transport.write(render(status, "text/plain", msg, self.pod, self.version, False))
         self.transport.close()
 

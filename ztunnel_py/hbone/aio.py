@@ -29,7 +29,7 @@ from typing import Any
 from ztunnel_py import log
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
-from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN, HboneConnection, Role
+from ztunnel_py.hbone.core import FRAME_HEADER, HboneConnection, Role
 
 _log = log.get("hbone")
 
@@ -87,9 +87,11 @@ class Leg:
         return True
 
     def send_framed(self, buf: memoryview, n: int) -> bool:
-        """Send ``buf[FRAME_HEADER:FRAME_HEADER + n]``; ``buf[:FRAME_HEADER]`` is room a
-        framing leg may write its header into (a TCP leg reads with that headroom), so
-        the payload is never copied to be framed. Whether the caller may reuse ``buf``."""
+        """Send ``buf[FRAME_HEADER:FRAME_HEADER + n]``, a bulk read (at least
+        ``LEND_MIN`` bytes: smaller ones go to ``send`` as copies, to be coalesced);
+        ``buf[:FRAME_HEADER]`` is room a framing leg may write its header into (a TCP
+        leg reads with that headroom), so the payload is never copied to be framed.
+        Whether the caller may reuse ``buf``."""
         return self.send_view(buf[FRAME_HEADER : FRAME_HEADER + n])
 
     def send_eof(self) -> None:
@@ -158,8 +160,8 @@ class StreamLeg(Leg):
     def send_framed(self, buf: memoryview, n: int) -> bool:
         if self.done or self.write_done:
             return True
-        free = self.conn.write_framed(self.stream_id, buf, n) if n >= LEND_MIN else None
-        if free is None:  # small, or not one frame now: the queued path, with a copy
+        free = self.conn.write_framed(self.stream_id, buf, n)
+        if free is None:  # not one frame now: the queued path, with a copy
             self.send(buf[FRAME_HEADER : FRAME_HEADER + n].tobytes())
             return True
         return free

@@ -665,7 +665,12 @@ class HboneConnection:
         The caller sends the header and then the payload, after ``chunks_to_send()``:
         ``send`` queues both, ``aio`` writes them in place from a leg's read buffer."""
         s = self._streams.get(stream_id)
-        if s is None or s.ended_local or s.end_after_pending or s.pending or not n:
+        if s is None or s.ended_local or s.end_after_pending:
+            return None
+        return self._frame_header(s, stream_id, n)
+
+    def _frame_header(self, s: _Stream, stream_id: int, n: int) -> bytes | None:
+        if s.pending or not n:
             return None
         h2c = self._h2
         stream = h2c.streams.get(stream_id)
@@ -686,7 +691,7 @@ class HboneConnection:
         s = self._streams.get(stream_id)
         if s is None or s.ended_local or s.end_after_pending:
             return True
-        head = self.frame_header(stream_id, len(data))
+        head = self._frame_header(s, stream_id, len(data))
         if head is not None:  # the common case: one frame, out with the next write
             out = self._out
             if self._h2._data_to_send:

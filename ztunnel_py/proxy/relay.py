@@ -65,13 +65,12 @@ class _ReadBuffer:
     keeps a view into it, the next read goes into a fresh one (``lent``)."""
 
     def __init__(self) -> None:
-        self.buf = memoryview(bytearray(FRAME_HEADER + READ_CHUNK))
-        self.rx = self.buf[FRAME_HEADER:]  # where reads land
+        self.lent()
 
     def lent(self) -> None:
-        """A peer holds ``buf`` now: reads go into a new one."""
+        """(Also the start.) A peer holds ``buf`` now: reads go into a new one."""
         self.buf = memoryview(bytearray(FRAME_HEADER + READ_CHUNK))
-        self.rx = self.buf[FRAME_HEADER:]
+        self.rx = self.buf[FRAME_HEADER:]  # where reads land
 
 
 _READ = _ReadBuffer()
