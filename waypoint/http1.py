@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -65,6 +65,9 @@ class ConnInfo:
 
 class Handler(Protocol):
     async def handle(self, req: Request, body: Body) -> Response: ...
+
+    def handle_now(self, req: Request, body: bytes, server: H1Server) -> None:
+        """Answer through ``server.respond``, on callbacks, or through ``server.follow``."""
 
     async def upgrade(self, req: Request, server: H1Server) -> None: ...
 
@@ -337,17 +340,43 @@ class H1Server:
                 return
             self._busy = True
             self._current = item
-            self._task = self.spawn(self._serve(item))
+            if item.upgrade:
+                self._task = self.spawn(self._upgrade(item.request))
+                continue
+            try:
+                self.handler.handle_now(item.request, item.body, self)
+            except Exception:
+                self.failed(item)
         if not self._busy and not self._queue and self._eof and self._held is None:
             self._close()
 
-    async def _serve(self, item: _Incoming) -> None:
-        req = item.request
+    @property
+    def current(self) -> object:
+        """The request being answered (an opaque token for ``failed``)."""
+        return self._current
+
+    def failed(self, item: object) -> None:
+        """The handler failed on ``item`` (a bug, not bad input): 500 unless answered."""
+        _log().exception("waypoint handler failed")
+        if self._current is item and self._busy:
+            self.respond(Response(500, (("content-type", "text/plain"),), b"internal error"))
+
+    async def _upgrade(self, req: Request) -> None:
         try:
-            if item.upgrade:
-                await self.handler.upgrade(req, self)
-                return
-            resp = await self.handler.handle(req, item.body)
+            await self.handler.upgrade(req, self)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.failed(self._current)
+
+    def follow(self, answer: Coroutine[Any, Any, Response]) -> None:
+        """Answer the current request with what ``answer`` gives, run as a task (cancelled
+        if the client goes away)."""
+        self._task = self.spawn(self._answer(answer))
+
+    async def _answer(self, answer: Coroutine[Any, Any, Response]) -> None:
+        try:
+            resp = await answer
             if resp.stream is not None:  # HTTP/1.1 downstream: collect it
                 stream, resp.stream = resp.stream, None
                 try:
@@ -362,8 +391,8 @@ class H1Server:
             resp = Response(503, (("content-type", "text/plain"),),
                             f"upstream reset: {exc}".encode())
         except Exception:
-            _log().exception("waypoint handler failed")
-            resp = Response(500, (("content-type", "text/plain"),), b"internal error")
+            self.failed(self._current)
+            return
         self.respond(resp)
 
     def respond(self, resp: Response) -> None:
@@ -474,6 +503,7 @@ class H1Client:
         self.requests = 0
         self.answered = False  # any byte of a response to the current request
         self._waiter: asyncio.Future[None] | None = None
+        self._on_done: Callable[[H1Client], None] | None = None
         self._status = 0
         self._raw: list[tuple[bytes, bytes]] = []
         self._headers: list[tuple[str, str]] = []
@@ -593,22 +623,50 @@ class H1Client:
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(self)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _start(self, req: Request) -> None:
+    def _start(self, req: Request, on_done: Callable[[H1Client], None] | None = None) -> None:
         if self.closed:
             raise UpstreamError("reset", "upstream connection already closed")
         self.answered = False
         self._status, self._done, self._error, self._switched = 0, False, None, False
         self._head_only = req.method == "HEAD"
         self._headers, self._trailers, self._body, self._body_len = [], [], [], 0
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._on_done = on_done
+        self._waiter = None if on_done is not None else \
+            asyncio.get_running_loop().create_future()
 
     def _response(self) -> Response:
         body = self._body
         return Response(self._status, tuple(self._headers),
                         body[0] if len(body) == 1 else b"".join(body), tuple(self._trailers))
+
+    def begin(self, req: Request, body: bytes, on_done: Callable[[H1Client], None]) -> None:
+        """One exchange on callbacks: the request is written now; ``on_done(self)`` once
+        the response is in or the connection failed, then ``result()`` tells which.
+        ``UpstreamError`` (nothing sent) if the request cannot be written."""
+        self._start(req, on_done)
+        try:
+            head = request_head(req, len(body))
+        except BadHead as exc:
+            self._on_done = None
+            raise UpstreamError("reset", f"cannot send request: {exc}") from exc
+        self.requests += 1
+        self.pipe.write(head + body if body else head)
+
+    def result(self) -> Response:
+        """The response of the exchange that finished; ``UpstreamError`` if it failed."""
+        if self._error is not None and not self._done:
+            raise self._error
+        if self._switched:  # a 101 nobody asked for: the connection is not HTTP any more
+            self._fail(UpstreamError("reset", "unexpected 101 from upstream"))
+            raise UpstreamError("reset", "upstream switched protocols unasked")
+        return self._response()
 
     async def request(self, req: Request, body: bytes) -> Response:
         """One exchange; ``UpstreamError`` if the connection fails before the response."""
@@ -621,12 +679,7 @@ class H1Client:
         self.pipe.write(head + body if body else head)
         if not self._done and self._error is None:
             await self._waiter  # type: ignore[misc]
-        if self._error is not None and not self._done:
-            raise self._error
-        if self._switched:  # a 101 nobody asked for: the connection is not HTTP any more
-            self._fail(UpstreamError("reset", "unexpected 101 from upstream"))
-            raise UpstreamError("reset", "upstream switched protocols unasked")
-        return self._response()
+        return self.result()
 
     async def upgrade(self, req: Request) -> tuple[Response, bytes]:
         """Send an Upgrade request; (the response, bytes after the 101 if it switched)."""

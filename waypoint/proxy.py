@@ -6,6 +6,12 @@ request. The decisions are the pure functions of ``engine``, ``authz`` and
 (each within ``perTryTimeout``, the whole within the route ``timeout``, with
 jittered backoff between them), connection-pool admission, outlier
 bookkeeping, fire-and-forget mirrors, and one telemetry record per request.
+
+HTTP/1.1 requests come in through ``handle_now``: the common exchange (a local
+answer, or a first try over a kept-alive HTTP/1.1 connection) runs on callbacks,
+without a task; whatever needs waiting (a dial, a pool slot, a delay, a timeout,
+a retry, a mirror) continues on the general path, a coroutine, from the same
+decision (``_Prior``: what was already picked or tried).
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from waypoint import authz, engine
 from waypoint.cluster import (
@@ -28,7 +34,7 @@ from waypoint.cluster import (
     endpoints_for,
 )
 from waypoint.engine import Forward, Outcome, Respond, Target
-from waypoint.http1 import H1Server
+from waypoint.http1 import H1Client, H1Server
 from waypoint.request import (
     Body,
     BodyStream,
@@ -66,6 +72,47 @@ class _Result:
     flags: list[str]
     endpoint: EndpointRef | None = None
     attempts: int = 0
+
+
+@dataclass
+class _Prior:
+    """What the callback path (``WaypointProxy.handle_now``) did before it handed a
+    request to the general path: the endpoint picked for the next try, or a first
+    try made (its answer or failure), so that nothing is picked or sent twice."""
+
+    next_ep: EndpointRef | None = None
+    attempts: int = 0
+    ep: EndpointRef | None = None
+    resp: Response | None = None
+    error: UpstreamError | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+class Answerer(Protocol):
+    """The downstream side of ``handle_now`` (``waypoint.http1.H1Server``)."""
+
+    closed: bool
+
+    @property
+    def current(self) -> object: ...
+
+    def respond(self, resp: Response) -> None: ...
+
+    def failed(self, item: object) -> None:
+        """The handler failed on ``item``: 500, unless it was answered already."""
+
+    def follow(self, answer: Coroutine[Any, Any, Response]) -> None:
+        """Answer with what ``answer`` gives, run as the request's task."""
+
+
+def _failed(error: UpstreamError, flags: list[str], ep: EndpointRef | None,
+            attempt: int) -> _Result:
+    """The answer for a try that ended without an HTTP response."""
+    flag = "UF" if error.kind == "connect-failure" else "UC"
+    reason = "connection failure" if flag == "UF" else "connection termination"
+    return _Result(
+        _error_response(503, "upstream connect error or disconnect/reset before headers. "
+                        f"reset reason: {reason}"), [*flags, flag], ep, attempt)
 
 
 def _flags(*parts: str) -> str:
@@ -234,18 +281,33 @@ class WaypointProxy:
 
     async def handle(self, req: Request, body: Body) -> Response:
         started = self.clock()
-        rec = RequestRecord(
+        rec = self._record(req, body)
+        req, planned = self._prepare(req, rec)
+        return await self._complete(req, body, rec, started, planned)
+
+    def _record(self, req: Request, body: Body) -> RequestRecord:
+        return RequestRecord(
             method=req.method, path=req.path, authority=req.authority,
             protocol="grpc" if req.grpc else "http", source=req.source,
             request_bytes=len(body) if isinstance(body, bytes) else 0, security=self.security,
         )
+
+    async def _complete(self, req: Request, body: Body, rec: RequestRecord, started: float,
+                        planned: _Result | Forward, prior: _Prior | None = None) -> Response:
+        """The request from its decision on (the general path: a coroutine)."""
         try:
-            result = await self._handle(req, body, rec)
+            result = planned if isinstance(planned, _Result) else \
+                await self._forward(planned, body, rec, prior)
         except asyncio.CancelledError:
             rec.status, rec.flags = 499, "DC"
             rec.duration_ms = (self.clock() - started) * 1000.0
             self.metrics.record(rec)
             raise
+        return self._finish(req, body, rec, started, result)
+
+    def _finish(self, req: Request, body: Body, rec: RequestRecord, started: float,
+                result: _Result) -> Response:
+        """Telemetry for a request's result (for a streamed response, when it ends)."""
         resp = result.response
         rec.status = resp.status
         if req.grpc:
@@ -275,6 +337,104 @@ class WaypointProxy:
 
         resp.stream.on_done.append(streamed)
         return resp
+
+    # -- the callback path: plain HTTP/1.1 exchanges without a task --
+
+    def handle_now(self, req: Request, body: bytes, server: Answerer) -> None:
+        """Serve an HTTP/1.1 request, answering through ``server.respond``: on callbacks
+        (no task, no coroutines) when the answer is local or the decision is a plain
+        forward to an HTTP/1.1 endpoint with a kept-alive connection free (the common
+        case), else by handing the rest to the general path (``server.follow``), from
+        where this left off: nothing is decided, picked or sent twice."""
+        started = self.clock()
+        rec = self._record(req, body)
+        req, planned = self._prepare(req, rec)
+        if isinstance(planned, _Result):
+            server.respond(self._finish(req, body, rec, started, planned))
+        else:
+            self._forward_now(req, planned, body, rec, started, server)
+
+    def _forward_now(self, req: Request, d: Forward, body: bytes, rec: RequestRecord,
+                     started: float, server: Answerer) -> None:
+        """The first try on callbacks, if the decision allows it (no fault delay, route or
+        per-try timeout, mirror, gRPC, HTTP/2 endpoint); retries go to the general path."""
+        retry = d.retry
+        svc: Service | None = None
+        eps: tuple[EndpointRef, ...] = ()
+        ep: EndpointRef | None = None
+        if not (d.mirrors or d.delay_s or d.timeout_s or req.grpc or (
+                retry is not None and retry.per_try_timeout_s)):
+            try:
+                svc, eps = self._endpoints(d.target)
+            except UnknownSubset:
+                svc = None
+        if svc is None or self._speaks_http2(d.target, svc):
+            server.follow(self._complete(req, body, rec, started, d))
+            return
+        cluster = self.cluster(d.target, False)
+        limits = cluster.limits(False)
+        ep = cluster.pick(eps, d.request)
+        client = self.upstreams.idle_h1(ep) if ep is not None else None
+        if client is None or not cluster.gate.try_acquire(limits):
+            if client is not None:
+                self.upstreams.idle_again(client, ep)  # type: ignore[arg-type]
+            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=ep)))
+            return
+        assert ep is not None
+        endpoint = ep
+        cluster.begin(endpoint)
+
+        item = server.current
+
+        def answered(c: H1Client) -> None:
+            try:
+                finish(c)
+            except Exception:  # (called from the upstream's parser: it must not see it)
+                server.failed(item)
+
+        def finish(c: H1Client) -> None:
+            cluster.end(endpoint)
+            cluster.gate.release()
+            resp: Response | None = None
+            error: UpstreamError | None = None
+            try:
+                resp = c.result()
+            except UpstreamError as exc:
+                error = exc
+            self.upstreams.done_h1(c, endpoint, resp is not None,
+                                   limits.max_requests_per_connection)
+            if error is not None and not c.answered:
+                # a kept-alive connection the upstream closed as we reused it: the same
+                # try once more, on a fresh connection (as ``Upstreams.exchange`` does)
+                server.follow(self._complete(req, body, rec, started, d,
+                                             _Prior(next_ep=endpoint)))
+                return
+            if resp is not None:
+                outcome = _status_outcome(resp.status)
+                cluster.record(endpoint, resp.status, eps)
+            else:
+                assert error is not None
+                outcome = Outcome(error=error.kind)
+                cluster.record(endpoint, None, eps)
+            if retry is not None and retry.attempts and engine.should_retry(retry, outcome):
+                server.follow(self._complete(req, body, rec, started, d, _Prior(
+                    attempts=1, ep=endpoint, resp=resp, error=error, outcome=outcome)))
+                return
+            result = _Result(resp, [], endpoint, 1) if resp is not None else \
+                _failed(error, [], endpoint, 1)  # type: ignore[arg-type]
+            result.flags.insert(0, d.flags)
+            result.response = self._response_ops(result.response, d)
+            if server.closed:  # the client left before its answer: Envoy's DC
+                result.response.status, result.flags = 499, ["DC"]
+            server.respond(self._finish(req, body, rec, started, result))
+
+        try:
+            client.begin(d.request, body, answered)
+        except UpstreamError:  # the request cannot be written: the general path says why
+            cluster.end(endpoint)
+            cluster.gate.release()
+            self.upstreams.idle_again(client, endpoint)
+            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=endpoint)))
 
     def _resolve_cached(self, req: Request) -> tuple[Workload | None, Service | None, int]:
         """``_addressed_workload`` and ``resolve``, remembered per routing table."""
@@ -333,11 +493,8 @@ class WaypointProxy:
             return req, _Result(self._respond(decision, req), [decision.flags])
         return req, decision
 
-    async def _handle(self, req: Request, body: Body, rec: RequestRecord) -> _Result:
-        req, planned = self._prepare(req, rec)
-        if isinstance(planned, _Result):
-            return planned
-        d = planned
+    async def _forward(self, d: Forward, body: Body, rec: RequestRecord,
+                       prior: _Prior | None = None) -> _Result:
         if d.mirrors:
             rec.mirrored_to = tuple(t.host for t in d.mirrors)
             for t in d.mirrors:
@@ -345,9 +502,9 @@ class WaypointProxy:
         try:
             if d.timeout_s:  # (asyncio.timeout: no task per request, unlike wait_for)
                 async with asyncio.timeout(d.timeout_s):
-                    result = await self._tries(d, body)
+                    result = await self._tries(d, body, prior)
             else:
-                result = await self._tries(d, body)
+                result = await self._tries(d, body, prior)
         except TimeoutError:
             return _Result(_error_response(504, "upstream request timeout"), [d.flags, "UT"])
         result.flags.insert(0, d.flags)
@@ -368,7 +525,14 @@ class WaypointProxy:
         resp.headers = headers
         return resp
 
-    async def _tries(self, d: Forward, body: Body) -> _Result:
+    def _speaks_http2(self, target: Target, svc: Service) -> bool:
+        memo = self._http2.get((target, False))
+        if memo is None:
+            memo = self._http2[(target, False)] = speaks_http2(svc, target.port)
+        return memo
+
+    async def _tries(self, d: Forward, body: Body, prior: _Prior | None = None) -> _Result:
+        """The tries of a forward (``prior``: what the callback path already did)."""
         if d.delay_s:
             await asyncio.sleep(d.delay_s)
         try:
@@ -380,10 +544,7 @@ class WaypointProxy:
         req = d.request
         http2 = req.http2
         if not http2 and svc is not None:
-            memo = self._http2.get((d.target, False))
-            if memo is None:
-                memo = self._http2[(d.target, False)] = speaks_http2(svc, d.target.port)
-            http2 = memo
+            http2 = self._speaks_http2(d.target, svc)
         if http2 != req.http2:
             req = replace(req, http2=True)
         cluster = self.cluster(d.target, http2)
@@ -395,7 +556,11 @@ class WaypointProxy:
         timed_out = False
         outcome = Outcome()
         ep: EndpointRef | None = None
+        next_ep: EndpointRef | None = None
         attempt = 0
+        if prior is not None:
+            attempt, next_ep = prior.attempts, prior.next_ep
+            ep, resp, error, outcome = prior.ep, prior.resp, prior.error, prior.outcome
         while attempt < tries:
             attempt += 1
             if attempt > 1:
@@ -408,7 +573,7 @@ class WaypointProxy:
             try:
                 if attempt > 1 and retry is not None:
                     await asyncio.sleep(retry.backoff(attempt - 1, self.rng))
-                ep = cluster.pick(eps, req)
+                ep, next_ep = next_ep or cluster.pick(eps, req), None
                 if ep is None:
                     return _Result(_error_response(503, "no healthy upstream"), ["UH"],
                                    attempts=attempt)
@@ -464,11 +629,7 @@ class WaypointProxy:
             return _Result(_error_response(504, "upstream request timeout"), [*flags, "UT"], ep,
                            attempt)
         assert error is not None
-        flag = "UF" if error.kind == "connect-failure" else "UC"
-        reason = "connection failure" if flag == "UF" else "connection termination"
-        return _Result(
-            _error_response(503, "upstream connect error or disconnect/reset before headers. "
-                            f"reset reason: {reason}"), [*flags, flag], ep, attempt)
+        return _failed(error, flags, ep, attempt)
 
     # -- mirroring --
 

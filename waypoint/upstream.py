@@ -64,7 +64,7 @@ class Upstreams:
             return await self._h2_exchange(ep, req, body, connect_timeout_s, stream)
         if isinstance(body, RequestBody):  # HTTP/1.1 upstream: it needs the whole body
             body = await body.wait_complete()
-        client = self._idle_client(ep)
+        client = self.idle_h1(ep)
         if client is not None:
             try:
                 return await self._h1(client, ep, req, body, max_requests_per_connection)
@@ -85,24 +85,37 @@ class Upstreams:
             ok = True
             return resp
         finally:
-            self._busy.discard(client)
-            limit = max_requests_per_connection
-            if ok and client.recycle() and not (limit and client.requests >= limit):
-                idle = self._idle.setdefault(ep.key, [])
-                if len(idle) < IDLE_PER_ENDPOINT:
-                    idle.append(client)
-                else:
-                    client.close()
-            else:
-                client.close()
+            self.done_h1(client, ep, ok, max_requests_per_connection)
 
-    def _idle_client(self, ep: EndpointRef) -> H1Client | None:
+    def idle_h1(self, ep: EndpointRef) -> H1Client | None:
+        """A kept-alive HTTP/1.1 connection to ``ep`` taken for an exchange, if one is idle
+        (``done_h1`` or ``idle_again`` gives it back)."""
         idle = self._idle.get(ep.key)
         while idle:
             c = idle.pop()
             if not c.closed:
+                self._busy.add(c)
                 return c
         return None
+
+    def idle_again(self, client: H1Client, ep: EndpointRef) -> None:
+        """``client`` (from ``idle_h1``) was not used after all."""
+        self._busy.discard(client)
+        self._idle.setdefault(ep.key, []).append(client)
+
+    def done_h1(self, client: H1Client, ep: EndpointRef, ok: bool,
+                max_requests_per_connection: int) -> None:
+        """An exchange on ``client`` is over: kept for the next one if it may be reused."""
+        self._busy.discard(client)
+        limit = max_requests_per_connection
+        if ok and client.recycle() and not (limit and client.requests >= limit):
+            idle = self._idle.setdefault(ep.key, [])
+            if len(idle) < IDLE_PER_ENDPOINT:
+                idle.append(client)
+            else:
+                client.close()
+        else:
+            client.close()
 
     async def _h2_exchange(self, ep: EndpointRef, req: Request, body: Body,
                            connect_timeout_s: float, stream: bool) -> Response:

@@ -485,6 +485,55 @@ async def test_retries_over_a_backend_failing_every_other_request(
         assert len(m.backends["ratings-v1"].seen) == 80
 
 
+async def test_plain_forwards_run_on_callbacks_and_a_retry_goes_on_in_a_task() -> None:
+    # After the first request (which dials), an HTTP/1.1 forward on a kept-alive upstream
+    # connection is served without a task; a first try that must be retried hands the
+    # request over to the general path, which makes only the tries still due.
+    m = Mesh()
+    await m.add("ratings-v1", {"app": "ratings", "version": "v1"},
+                lambda n, _m, _p: (503 if n == 5 else 200, 0.0))  # its 5th answer fails
+    try:
+        await m.start()
+        m.apply(ratings_route(retries="{attempts: 3, retryOn: 5xx}"))
+        assert m.proxy is not None
+        spawned: list[object] = []
+        spawn = m.proxy.spawn
+
+        def counting(coro: Any) -> asyncio.Task[None]:
+            spawned.append(coro)
+            return spawn(coro)
+
+        m.proxy.spawn = counting  # type: ignore[method-assign]
+        replies = await many(m, 11, clients=1, host="ratings:9080")
+    finally:
+        await m.stop()
+    assert [r.status for r in replies] == [200] * 11
+    # request 1 dials (a task); 2-4 on callbacks; 5 meets the 503 on callbacks and its
+    # retry (the second try only) runs in a task; 6-11 on callbacks again
+    assert len(m.backends["ratings-v1"].seen) == 12
+    assert len(spawned) == 2
+    assert m.backends["ratings-v1"].connections == 1
+
+
+async def test_a_failure_after_the_upstream_answered_on_callbacks_is_a_500_not_a_hang(
+        mesh: Mesh) -> None:
+    await mesh.start()
+    mesh.apply(SUBSETS + reviews_to("v1"))
+    assert mesh.proxy is not None
+    c = Client(mesh.address)
+    try:
+        assert (await c.request("/")).status == 200  # dials: the upstream is kept alive
+
+        def broken(*_a: Any) -> Any:
+            raise RuntimeError("a bug past the upstream's answer")
+
+        mesh.proxy._response_ops = broken  # type: ignore[method-assign]
+        reply = await asyncio.wait_for(c.request("/"), 5)
+        assert reply.status == 500 and reply.body == b"internal error"
+    finally:
+        await c.close()
+
+
 async def test_connection_pool_overflow_gives_503_uo(mesh: Mesh) -> None:
     await mesh.start()
     slow = await mesh.add("ratings-v1", {"app": "ratings", "version": "v1"},

@@ -55,6 +55,9 @@ class Recorder:
                             b"\x00\x00\x00\x00\x01x", (("grpc-status", "0"),))
         return Response(200, (("x-path", req.path),), f"ok {req.path}".encode())
 
+    def handle_now(self, req: Request, body: bytes, server: H1Server) -> None:
+        server.follow(self.handle(req, body))
+
     async def upgrade(self, req: Request, server: H1Server) -> None:
         raise AssertionError("no upgrades here")
 

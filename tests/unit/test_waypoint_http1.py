@@ -32,6 +32,15 @@ class Recorder:
             await self.release.wait()
         return Response(200, (("x-path", req.path),), f"ok {req.path} {len(body)}".encode())
 
+    def handle_now(self, req: Request, body: bytes, server: H1Server) -> None:
+        if req.path == "/boom":
+            raise RuntimeError("a bug in the handler")
+        if req.path.startswith("/now"):  # answered on the spot, as the callback path does
+            self.requests.append((req, body))
+            server.respond(Response(200, (), f"now {req.path}".encode()))
+        else:
+            server.follow(self.handle(req, body))
+
     async def upgrade(self, req: Request, server: H1Server) -> None:
         self.upgrades.append(req)
         if self.upgrade_answer is not None:  # refused
@@ -131,6 +140,32 @@ async def test_pipelined_requests_are_answered_in_order_behind_a_slow_one() -> N
     text = pipe.out.decode()
     assert text.index("ok /slow") < text.index("ok /b 2") < text.index("ok /c")
     assert _statuses(bytes(pipe.out)) == [200, 200, 200] and not pipe.closed
+
+
+async def test_answers_given_on_the_spot_and_from_tasks_keep_the_pipeline_order() -> None:
+    # /now* is answered inside handle_now (the callback path), the rest through follow()
+    pipe, rec, server = _server()
+    server.on_data(b"GET /now1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /now2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /now3 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _settle()
+    assert pipe.out.decode().count("HTTP/1.1 200") == 1  # /now1; the rest waits behind /slow
+    assert [r.path for r, _ in rec.requests] == ["/now1", "/slow"]
+    rec.release.set()
+    await _settle()
+    text = pipe.out.decode()
+    assert text.index("now /now1") < text.index("ok /slow") < text.index("now /now2") \
+        < text.index("now /now3")
+    assert _statuses(bytes(pipe.out)) == [200] * 4 and not pipe.closed
+
+
+async def test_a_handler_failing_on_the_spot_answers_500_and_the_connection_goes_on() -> None:
+    pipe, rec, server = _server()
+    server.on_data(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\nGET /now HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _settle()
+    assert _statuses(bytes(pipe.out)) == [500, 200] and not pipe.closed
+    assert [r.path for r, _ in rec.requests] == ["/now"]
 
 
 async def test_a_bad_request_in_a_pipeline_is_answered_in_its_turn_then_close() -> None:
