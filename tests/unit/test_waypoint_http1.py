@@ -474,3 +474,37 @@ def test_header_names_are_lower_cased_once_and_the_cache_is_bounded() -> None:
         http1.header_name(f"X-N{i}".encode())
     assert len(http1._NAMES) <= http1.NAME_CACHE_SIZE
     assert http1.header_name(b"Content-Type") == "content-type"
+
+
+async def test_tcp_pipes_write_at_the_end_of_the_iteration_in_order_before_fin_and_close(
+) -> None:
+    from waypoint.pipe import TcpPipe
+
+    got: dict[str, bytes] = {}
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # to EOF: everything written before the FIN / close
+        got[data[:1].decode()] = data
+        writer.close()
+        if len(got) == 2:
+            done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        _, a = await loop.create_connection(TcpPipe, "127.0.0.1", port)
+        _, b = await loop.create_connection(TcpPipe, "127.0.0.1", port)
+        a.write(b"a1 ")
+        b.write(b"b1 ")
+        a.write(b"a2")
+        a.write_eof()  # a's writes go first, then its FIN
+        b.write(b"b2")
+        b.close()  # b's writes go first, then the close
+        await asyncio.wait_for(done.wait(), 5)
+        assert got == {"a": b"a1 a2", "b": b"b1 b2"}
+        a.close()
+    finally:
+        server.close()
+        await server.wait_closed()
