@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ztunnel_py import log
+from ztunnel_py.telemetry.http import reason
 
 
 def _log() -> Any:
@@ -24,10 +25,6 @@ def _log() -> Any:
 
 Handler = Callable[[], Any | Awaitable[Any]]
 _MAX_REQUEST = 16 * 1024
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            500: "Internal Server Error"}
-
-
 class AdminError(Exception):
     """The admin server cannot start (bad or non-loopback address, port in use)."""
 
@@ -77,7 +74,7 @@ class AdminServer:
             status, body = await self._respond(reader)
             payload = json.dumps(body, indent=1, sort_keys=True, default=str).encode() + b"\n"
             writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+                f"HTTP/1.1 {status} {reason(status)}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                 "Connection: close\r\n\r\n".encode() + payload
             )

@@ -18,6 +18,7 @@ import contextlib
 import errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import structlog
 
@@ -25,8 +26,12 @@ MAX_HEAD = 8192
 READ_TIMEOUT_S = 5.0
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+def reason(status: int) -> str:
+    """The status line's reason phrase (``http.HTTPStatus``; "Unknown" for others)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 class EndpointError(RuntimeError):
@@ -86,7 +91,7 @@ class Response:
 
     def encode(self, head_only: bool = False) -> bytes:
         lines = [
-            f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}",
+            f"HTTP/1.1 {self.status} {reason(self.status)}",
             f"Content-Type: {self.content_type}",
             f"Content-Length: {len(self.body)}",
             "Connection: close",
