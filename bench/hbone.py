@@ -1,6 +1,7 @@
 """HBONE data-path benchmark: direct vs two agents vs two HAProxy mTLS (TCP mode).
 
     sudo .venv/bin/python -m bench.hbone [--duration 10] [--rate 2000] [--repeat 3]
+        [--only latency] [--path agents --path haproxy] [--hops]
 
 One namespace topology (``ztunnel_py.topology``): node1 with a client pod,
 node2 with a server pod, joined by the underlay. The server pod runs iperf3
@@ -36,12 +37,17 @@ queueing is not hidden). The CPU table beside it charges each proxy pair's CPU
 time to the work done; its last row (CPU per request during the fixed-rate run,
 where requests come a few at a time) is the one that tracks latency: there
 every request pays its own wakeups and syscalls, which saturation amortizes.
+
+``--hops`` explains the latency figure: tcpdump on both nodes during each
+fixed-rate run, and a table of the p50 time each hop adds (node1's proxy, the
+underlay, node2's proxy, the app, and back), per path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import math
 import os
@@ -205,6 +211,43 @@ def run_latency(host: str, port: int, rate: float, duration: float, conns: int) 
     return 0
 
 
+# -- where the latency goes: per-hop times from packet captures (--hops) ----------------
+
+HOPS = ("node1 proxy, request", "underlay, request", "node2 proxy, request", "app",
+        "node2 proxy, response", "underlay, response", "node1 proxy, response")
+# payload-carrying TCP segments only (no bare ACKs)
+PAYLOAD_FILTER = "tcp and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)"
+
+
+def hop_times(lines: list[str], client_veth: str, node1_ul: str, node2_ul: str,
+              server_veth: str) -> dict[str, list[float]]:
+    """The time (us) each hop of a request / response adds, from ``tcpdump -i any -n -tt
+    -q`` lines of both nodes (one host clock). The path's points, in order: the client's
+    request entering node1, leaving node1 on the underlay, entering node2, leaving to the
+    server pod, the server's response coming back, leaving node2, entering node1, leaving
+    to the client. For every payload segment seen at one point, the hop's time is the
+    wait for the next payload segment at the following point (requests a few at a time,
+    so the next segment there is this one's or carries it: a coalesced write counts for
+    every request it carries)."""
+    points = ((client_veth, "In"), (node1_ul, "Out"), (node2_ul, "In"), (server_veth, "Out"),
+              (server_veth, "In"), (node2_ul, "Out"), (node1_ul, "In"), (client_veth, "Out"))
+    seen: dict[tuple[str, str], list[float]] = {pt: [] for pt in points}
+    for line in lines:
+        f = line.split()
+        if len(f) < 3 or (f[1], f[2]) not in seen:
+            continue
+        try:
+            seen[(f[1], f[2])].append(float(f[0]))
+        except ValueError:
+            continue
+    out: dict[str, list[float]] = {}
+    for hop, here, there in zip(HOPS, points, points[1:], strict=False):
+        later = sorted(seen[there])
+        out[hop] = [(later[i] - t) * 1e6 for t in seen[here]
+                    if (i := bisect.bisect_left(later, t)) < len(later)]
+    return out
+
+
 # -- orchestration ---------------------------------------------------------------------
 
 
@@ -322,6 +365,7 @@ def orchestrate(
     haproxy_mt: bool = True,
     paths: frozenset[str] = frozenset(PATHS),
     repeat: int = 1,
+    hops: bool = False,
 ) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
@@ -425,6 +469,7 @@ def orchestrate(
         ]
         cpu_rounds: dict[str, list[dict[str, float]]] = {}
         row_rounds: dict[str, list[dict[str, float]]] = {}
+        hop_rounds: dict[str, list[dict[str, float]]] = {}
         for rnd, sc in ((rnd, sc) for rnd in range(repeat) for sc in scenarios):
             if sc.name not in paths:
                 continue
@@ -457,10 +502,29 @@ def orchestrate(
                 c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
                     r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
             if "latency" in only:
+                caps = [
+                    topo.popen(node, ["tcpdump", "-i", "any", "-n", "-tt", "-q", "-l",
+                                      PAYLOAD_FILTER],
+                               log=workdir / f"hops-{sc.name}-{rnd}-{node}.txt")
+                    for node in ("node1", "node2")
+                ] if hops else []
+                if caps:
+                    time.sleep(1.0)  # tcpdump live (what it misses of the start is no loss)
                 t0 = cpu_seconds(sc.proxy_pids)
                 r["p50_ms"], r["p99_ms"] = _latency(
                     topo, "client", sc.host, hp, duration, rate
                 )
+                for cap in caps:
+                    cap.terminate()
+                    cap.wait(timeout=10)
+                if caps:
+                    lines = [line for node in ("node1", "node2") for line in (
+                        workdir / f"hops-{sc.name}-{rnd}-{node}.txt").read_text().splitlines()]
+                    times = hop_times(lines, client.host_veth, node1.underlay_iface,
+                                      node2.underlay_iface, server.host_veth)
+                    hop_rounds.setdefault(sc.name, []).append(
+                        {h: statistics.median(v) if v else float("nan")
+                         for h, v in times.items()})
                 # at a fixed rate requests come a few at a time: each pays its own
                 # wakeups and syscalls, unlike under wrk's saturation (rps_16)
                 c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
@@ -468,6 +532,8 @@ def orchestrate(
             row_rounds.setdefault(sc.name, []).append(r)
         print_table({k: medians(v) for k, v in row_rounds.items()}, duration, rate, repeat)
         print_cpu({k: medians(v) for k, v in cpu_rounds.items()})
+        if hop_rounds:
+            print_hops({k: medians(v) for k, v in hop_rounds.items()})
         return 0
     except BaseException:
         for logf in sorted(workdir.glob("*.log")):
@@ -560,6 +626,19 @@ def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
         print(line + f"{(a / h if h else nan):>15.2f}x")
 
 
+def print_hops(rows: dict[str, dict[str, float]]) -> None:
+    names = list(rows)
+    print("\nwhere the fixed-rate latency goes: p50 time each hop adds (us), from captures "
+          "on both nodes (--hops)\n")
+    head = f"{'hop':<26}" + "".join(f"{n:>12}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for hop in (*HOPS, "total"):
+        vals = [sum(rows[n].get(h, float("nan")) for h in HOPS) if hop == "total"
+                else rows[n].get(hop, float("nan")) for n in names]
+        print(f"{hop:<26}" + "".join(f"{v:>12.1f}" for v in vals))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hbone", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -581,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these measurements (repeatable; default: all)")
     parser.add_argument("--no-haproxy-mt", action="store_true",
                         help="skip the HAProxy pair with default threads")
+    parser.add_argument("--hops", action="store_true",
+                        help="during the latency runs, capture on both nodes (tcpdump) and "
+                        "print the p50 time each hop of the path adds")
     parser.add_argument("--path", action="append", choices=PATHS, dest="paths",
                         help="measure only these paths (repeatable; default: all; the "
                         "ratios need agents and haproxy)")
@@ -592,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
                        haproxy_mt=not args.no_haproxy_mt and (
                            not args.paths or "haproxy-mt" in args.paths),
-                       paths=frozenset(args.paths or PATHS), repeat=max(1, args.repeat))
+                       paths=frozenset(args.paths or PATHS), repeat=max(1, args.repeat),
+                       hops=args.hops)
 
 
 if __name__ == "__main__":
