@@ -137,10 +137,11 @@ class Backend:
         finally:
             self.active -= 1
         out = f"{self.pod} {req.method.decode()} {req.target.decode()}".encode()
-        writer.write(conn.send(h11.Response(status_code=status, headers=[
+        head = conn.send(h11.Response(status_code=status, headers=[
             ("content-length", str(len(out))), ("x-served-by", self.pod),
-            ("server", "backend")])) + conn.send(h11.Data(data=out)) + conn.send(
-            h11.EndOfMessage()))
+            ("server", "backend")]))
+        body = conn.send(h11.Data(data=out)) if req.method != b"HEAD" else b""
+        writer.write(head + body + conn.send(h11.EndOfMessage()))
         await writer.drain()
 
 
@@ -532,6 +533,24 @@ async def test_a_failure_after_the_upstream_answered_on_callbacks_is_a_500_not_a
         assert reply.status == 500 and reply.body == b"internal error"
     finally:
         await c.close()
+
+
+async def test_head_on_a_kept_alive_connection_gets_the_length_and_no_body(
+        mesh: Mesh) -> None:
+    await mesh.start()
+    mesh.apply(SUBSETS + reviews_to("v1"))
+    c = Client(mesh.address)
+    try:
+        first = await c.request("/x")  # dials; the HEAD below reuses the connection
+        head = await asyncio.wait_for(c.request("/x", method="HEAD"), 5)
+        after = await asyncio.wait_for(c.request("/x"), 5)
+    finally:
+        await c.close()
+    assert first.status == head.status == after.status == 200
+    # the length the upstream announced for the HEAD (its GET's body would be that long)
+    assert head.body == b"" and head.headers["content-length"] == str(len(b"reviews-v1 HEAD /x"))
+    assert after.body == first.body
+    assert mesh.backends["reviews-v1"].connections == 1
 
 
 async def test_connection_pool_overflow_gives_503_uo(mesh: Mesh) -> None:
