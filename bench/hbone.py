@@ -48,15 +48,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import os
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +249,27 @@ def hop_times(lines: list[str], client_veth: str, node1_ul: str, node2_ul: str,
         out[hop] = [(later[i] - t) * 1e6 for t in seen[here]
                     if (i := bisect.bisect_left(later, t)) < len(later)]
     return out
+
+
+@contextlib.contextmanager
+def _captured(topo: Any, files: list[Path]) -> Iterator[None]:
+    """tcpdump on node1 and node2 (payload segments, text lines into ``files``), live
+    before the block runs, stopped after it."""
+    from ztunnel_py.demo.wire import wait_started
+
+    caps = [topo.popen(node, ["tcpdump", "-i", "any", "-n", "-tt", "-q", "-l", PAYLOAD_FILTER],
+                       log=f, stderr=subprocess.PIPE)
+            for node, f in zip(("node1", "node2"), files, strict=True)]
+    try:
+        for cap in caps:
+            wait_started(cap)
+        yield
+    finally:
+        for cap in caps:
+            cap.terminate()
+            cap.wait(timeout=10)
+            if cap.stderr is not None:
+                cap.stderr.close()
 
 
 # -- orchestration ---------------------------------------------------------------------
@@ -502,24 +526,14 @@ def orchestrate(
                 c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
                     r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
             if "latency" in only:
-                caps = [
-                    topo.popen(node, ["tcpdump", "-i", "any", "-n", "-tt", "-q", "-l",
-                                      PAYLOAD_FILTER],
-                               log=workdir / f"hops-{sc.name}-{rnd}-{node}.txt")
-                    for node in ("node1", "node2")
-                ] if hops else []
-                if caps:
-                    time.sleep(1.0)  # tcpdump live (what it misses of the start is no loss)
-                t0 = cpu_seconds(sc.proxy_pids)
-                r["p50_ms"], r["p99_ms"] = _latency(
-                    topo, "client", sc.host, hp, duration, rate
-                )
-                for cap in caps:
-                    cap.terminate()
-                    cap.wait(timeout=10)
-                if caps:
-                    lines = [line for node in ("node1", "node2") for line in (
-                        workdir / f"hops-{sc.name}-{rnd}-{node}.txt").read_text().splitlines()]
+                files = [workdir / f"hops-{sc.name}-{rnd}-{n}.txt" for n in ("node1", "node2")]
+                with _captured(topo, files) if hops else contextlib.nullcontext():
+                    t0 = cpu_seconds(sc.proxy_pids)
+                    r["p50_ms"], r["p99_ms"] = _latency(
+                        topo, "client", sc.host, hp, duration, rate
+                    )
+                if hops:
+                    lines = [line for f in files for line in f.read_text().splitlines()]
                     times = hop_times(lines, client.host_veth, node1.underlay_iface,
                                       node2.underlay_iface, server.host_veth)
                     hop_rounds.setdefault(sc.name, []).append(

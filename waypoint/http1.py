@@ -652,9 +652,15 @@ class H1Client:
         ``UpstreamError`` (nothing sent) if the request cannot be written."""
         self._start(req, on_done)
         try:
+            self._send(req, body)
+        except UpstreamError:
+            self._on_done = None
+            raise
+
+    def _send(self, req: Request, body: bytes) -> None:
+        try:
             head = request_head(req, len(body))
         except BadHead as exc:
-            self._on_done = None
             raise UpstreamError("reset", f"cannot send request: {exc}") from exc
         self.requests += 1
         self.pipe.write(head + body if body else head)
@@ -671,12 +677,7 @@ class H1Client:
     async def request(self, req: Request, body: bytes) -> Response:
         """One exchange; ``UpstreamError`` if the connection fails before the response."""
         self._start(req)
-        self.requests += 1
-        try:
-            head = request_head(req, len(body))
-        except BadHead as exc:
-            raise UpstreamError("reset", f"cannot send request: {exc}") from exc
-        self.pipe.write(head + body if body else head)
+        self._send(req, body)
         if not self._done and self._error is None:
             await self._waiter  # type: ignore[misc]
         return self.result()

@@ -106,9 +106,6 @@ class _WriteBatch:
 
     def add(self, transport: asyncio.Transport, data: bytes) -> None:
         if not self.pending:
-            if self.loop.is_closed():
-                transport.write(data)
-                return
             self.loop.call_soon(self.flush)
         self.pending.append((transport, data))
 
@@ -179,7 +176,7 @@ class TcpPipe(_Buffering, asyncio.Protocol):
 
     def _flush(self) -> None:
         """What this pipe still has in the batch goes first (a FIN or close after it)."""
-        if self._batch is not None and self._batch.pending:
+        if self._batch is not None:
             self._batch.flush()
 
     def abort(self) -> None:

@@ -361,7 +361,6 @@ class WaypointProxy:
         retry = d.retry
         svc: Service | None = None
         eps: tuple[EndpointRef, ...] = ()
-        ep: EndpointRef | None = None
         if not (d.mirrors or d.delay_s or d.timeout_s or req.grpc or (
                 retry is not None and retry.per_try_timeout_s)):
             try:
@@ -373,68 +372,57 @@ class WaypointProxy:
             return
         cluster = self.cluster(d.target, False)
         limits = cluster.limits(False)
-        ep = cluster.pick(eps, d.request)
-        client = self.upstreams.idle_h1(ep) if ep is not None else None
-        if client is None or not cluster.gate.try_acquire(limits):
-            if client is not None:
-                self.upstreams.idle_again(client, ep)  # type: ignore[arg-type]
-            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=ep)))
+        picked = cluster.pick(eps, d.request)
+        client = self.upstreams.idle_h1(picked) if picked is not None else None
+        if picked is None or client is None or not cluster.gate.try_acquire(limits):
+            if picked is not None and client is not None:
+                self.upstreams.idle_again(client, picked)
+            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=picked)))
             return
-        assert ep is not None
-        endpoint = ep
-        cluster.begin(endpoint)
-
+        ep = picked  # (for the closure: narrowed)
+        cluster.begin(ep)
         item = server.current
 
         def answered(c: H1Client) -> None:
-            try:
-                finish(c)
-            except Exception:  # (called from the upstream's parser: it must not see it)
+            try:  # (called from the upstream's parser: it must not see an exception)
+                cluster.end(ep)
+                cluster.gate.release()
+                try:
+                    resp = c.result()
+                except UpstreamError as error:
+                    self.upstreams.done_h1(c, ep, False, 0)
+                    if not c.answered:
+                        # a kept-alive connection the upstream closed as we reused it: the
+                        # same try once more, on a fresh one (as ``Upstreams.exchange`` does)
+                        server.follow(self._complete(req, body, rec, started, d,
+                                                     _Prior(next_ep=ep)))
+                        return
+                    cluster.record(ep, None, eps)
+                    outcome, result, prior = Outcome(error=error.kind), \
+                        _failed(error, [], ep, 1), _Prior(attempts=1, ep=ep, error=error)
+                else:
+                    self.upstreams.done_h1(c, ep, True, limits.max_requests_per_connection)
+                    cluster.record(ep, resp.status, eps)
+                    outcome, result, prior = _status_outcome(resp.status), \
+                        _Result(resp, [], ep, 1), _Prior(attempts=1, ep=ep, resp=resp)
+                if retry is not None and retry.attempts and engine.should_retry(retry, outcome):
+                    prior.outcome = outcome
+                    server.follow(self._complete(req, body, rec, started, d, prior))
+                    return
+                result = self._routed(result, d)
+                if server.closed:  # the client left before its answer: Envoy's DC
+                    result.response.status, result.flags = 499, ["DC"]
+                server.respond(self._finish(req, body, rec, started, result))
+            except Exception:
                 server.failed(item)
-
-        def finish(c: H1Client) -> None:
-            cluster.end(endpoint)
-            cluster.gate.release()
-            resp: Response | None = None
-            error: UpstreamError | None = None
-            try:
-                resp = c.result()
-            except UpstreamError as exc:
-                error = exc
-            self.upstreams.done_h1(c, endpoint, resp is not None,
-                                   limits.max_requests_per_connection)
-            if error is not None and not c.answered:
-                # a kept-alive connection the upstream closed as we reused it: the same
-                # try once more, on a fresh connection (as ``Upstreams.exchange`` does)
-                server.follow(self._complete(req, body, rec, started, d,
-                                             _Prior(next_ep=endpoint)))
-                return
-            if resp is not None:
-                outcome = _status_outcome(resp.status)
-                cluster.record(endpoint, resp.status, eps)
-            else:
-                assert error is not None
-                outcome = Outcome(error=error.kind)
-                cluster.record(endpoint, None, eps)
-            if retry is not None and retry.attempts and engine.should_retry(retry, outcome):
-                server.follow(self._complete(req, body, rec, started, d, _Prior(
-                    attempts=1, ep=endpoint, resp=resp, error=error, outcome=outcome)))
-                return
-            result = _Result(resp, [], endpoint, 1) if resp is not None else \
-                _failed(error, [], endpoint, 1)  # type: ignore[arg-type]
-            result.flags.insert(0, d.flags)
-            result.response = self._response_ops(result.response, d)
-            if server.closed:  # the client left before its answer: Envoy's DC
-                result.response.status, result.flags = 499, ["DC"]
-            server.respond(self._finish(req, body, rec, started, result))
 
         try:
             client.begin(d.request, body, answered)
         except UpstreamError:  # the request cannot be written: the general path says why
-            cluster.end(endpoint)
+            cluster.end(ep)
             cluster.gate.release()
-            self.upstreams.idle_again(client, endpoint)
-            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=endpoint)))
+            self.upstreams.idle_again(client, ep)
+            server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=ep)))
 
     def _resolve_cached(self, req: Request) -> tuple[Workload | None, Service | None, int]:
         """``_addressed_workload`` and ``resolve``, remembered per routing table."""
@@ -507,6 +495,10 @@ class WaypointProxy:
                 result = await self._tries(d, body, prior)
         except TimeoutError:
             return _Result(_error_response(504, "upstream request timeout"), [d.flags, "UT"])
+        return self._routed(result, d)
+
+    def _routed(self, result: _Result, d: Forward) -> _Result:
+        """The tries' result under the route: its flags first, its response header ops."""
         result.flags.insert(0, d.flags)
         result.response = self._response_ops(result.response, d)
         return result
