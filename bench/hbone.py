@@ -32,11 +32,12 @@ DaemonSet configures ``ztunnel-py agent``.
 Measurements: iperf3 throughput with 1 and 4 streams; wrk requests/s at 16
 keep-alive connections; wrk with ``Connection: close`` (one request per
 connection: new connections/s); and p50/p99 latency at a fixed request rate
-from an open-loop client (latency counted from the scheduled send time, so
-queueing is not hidden). The CPU table beside it charges each proxy pair's CPU
-time to the work done; its last row (CPU per request during the fixed-rate run,
-where requests come a few at a time) is the one that tracks latency: there
-every request pays its own wakeups and syscalls, which saturation amortizes.
+from an open-loop client paced to the microsecond (latency counted from the
+scheduled send time, so queueing is not hidden). The CPU table beside it charges
+each proxy pair's CPU time to the work done; its last row (CPU per request during
+the fixed-rate run, where requests come one at a time) is the one that tracks
+latency: there every request pays its own wakeups and syscalls, which saturation
+amortizes.
 
 ``--hops`` explains the latency figure: tcpdump on both nodes during each
 fixed-rate run, and a table of the p50 time each hop adds (node1's proxy, the
@@ -160,57 +161,86 @@ def run_agent(config_path: str) -> int:
 
 
 def run_latency(host: str, port: int, rate: float, duration: float, conns: int) -> int:
-    """Open-loop HTTP/1.1 GETs at ``rate``/s over ``conns`` keep-alive connections."""
-    import uvloop
+    """Open-loop HTTP/1.1 GETs at ``rate``/s over ``conns`` keep-alive connections (in
+    turn; a request whose connection is still busy waits for it), latency counted from
+    each request's scheduled time.
 
-    async def main() -> dict[str, Any]:
-        now = time.perf_counter  # uvloop's loop.time() has millisecond granularity
-        total = int(rate * duration)
-        queues: list[asyncio.Queue[float | None]] = [asyncio.Queue() for _ in range(conns)]
-        latencies: list[float] = []
-        errors = 0
-        request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    Paced with microsecond timers (``select()``, timer slack 1 us): an event loop's
+    timers have millisecond resolution (uvloop's), which sent the requests in bursts
+    and added up to a millisecond of the client's own lateness to every figure."""
+    import ctypes
+    import select
+    import socket
+    from collections import deque
 
-        async def worker(q: asyncio.Queue[float | None]) -> None:
-            nonlocal errors
-            r, w = await asyncio.open_connection(host, port)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1000)  # PR_SET_TIMERSLACK: 1 us
+    now = time.perf_counter
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection((host, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        socks.append(s)
+    inflight: dict[socket.socket, float] = {}  # one request at a time per connection
+    queued: dict[socket.socket, deque[float]] = {s: deque() for s in socks}
+    bufs: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
+    latencies: list[float] = []
+    errors = 0
+    total = int(rate * duration)
+    time.sleep(0.2)
+    start = now() + 0.05
+    deadline = start + duration + 10
+    i = 0
+    while (i < total or inflight) and now() < deadline:
+        t = now()
+        while i < total and start + i / rate <= t:
+            s, at = socks[i % conns], start + i / rate
+            i += 1
+            if s in inflight:
+                queued[s].append(at)
+            else:
+                s.send(request)
+                inflight[s] = at
+        timeout = max(0.0, start + i / rate - now()) if i < total else 0.5
+        readable, _, _ = select.select(list(inflight), [], [], timeout)
+        for s in readable:
             try:
-                while (scheduled := await q.get()) is not None:
-                    w.write(request)
-                    head = await r.readuntil(b"\r\n\r\n")
-                    m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-                    if m:
-                        await r.readexactly(int(m.group(1)))
-                    latencies.append(now() - scheduled)
-            except (OSError, asyncio.IncompleteReadError):
+                data = s.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
                 errors += 1
-            finally:
-                w.close()
+                inflight.pop(s, None)
+                continue
+            buf = bufs[s] + data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                bufs[s] = buf
+                continue
+            m = re.search(rb"(?i)content-length:\s*(\d+)", buf[:end])
+            size = end + 4 + (int(m.group(1)) if m else 0)
+            if len(buf) < size:
+                bufs[s] = buf
+                continue
+            bufs[s] = buf[size:]
+            latencies.append(now() - inflight.pop(s))
+            if queued[s]:
+                s.send(request)
+                inflight[s] = queued[s].popleft()
+    for s in socks:
+        s.close()
+    latencies.sort()
 
-        workers = [asyncio.create_task(worker(q)) for q in queues]
-        await asyncio.sleep(0.2)  # connections up
-        start = now() + 0.05
-        for i in range(total):
-            at = start + i / rate
-            delay = at - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            queues[i % conns].put_nowait(at)
-        for q in queues:
-            q.put_nowait(None)
-        await asyncio.gather(*workers, return_exceptions=True)
-        latencies.sort()
+    def pct(p: float) -> float:
+        if not latencies:
+            return float("nan")
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
 
-        def pct(p: float) -> float:
-            if not latencies:
-                return float("nan")
-            return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
-
-        return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "count": len(latencies),
-                "errors": errors, "mean_ms": statistics.fmean(latencies) * 1000
-                if latencies else float("nan")}
-
-    print(json.dumps(uvloop.run(main())), flush=True)
+    print(json.dumps({"p50_ms": pct(0.50), "p99_ms": pct(0.99), "count": len(latencies),
+                      "errors": errors, "mean_ms": statistics.fmean(latencies) * 1000
+                      if latencies else float("nan")}), flush=True)
     return 0
 
 
@@ -229,8 +259,8 @@ def hop_times(lines: list[str], client_veth: str, node1_ul: str, node2_ul: str,
     request entering node1, leaving node1 on the underlay, entering node2, leaving to the
     server pod, the server's response coming back, leaving node2, entering node1, leaving
     to the client. For every payload segment seen at one point, the hop's time is the
-    wait for the next payload segment at the following point (requests a few at a time,
-    so the next segment there is this one's or carries it: a coalesced write counts for
+    wait for the next payload segment at the following point (requests one at a time, so
+    the next segment there is this one's or carries it: a coalesced write counts for
     every request it carries)."""
     points = ((client_veth, "In"), (node1_ul, "Out"), (node2_ul, "In"), (server_veth, "Out"),
               (server_veth, "In"), (node2_ul, "Out"), (node1_ul, "In"), (client_veth, "Out"))
@@ -539,7 +569,7 @@ def orchestrate(
                     hop_rounds.setdefault(sc.name, []).append(
                         {h: statistics.median(v) if v else float("nan")
                          for h, v in times.items()})
-                # at a fixed rate requests come a few at a time: each pays its own
+                # at a fixed rate requests come one at a time: each pays its own
                 # wakeups and syscalls, unlike under wrk's saturation (rps_16)
                 c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
             cpu_rounds.setdefault(sc.name, []).append(c)

@@ -172,6 +172,36 @@ def test_plain_data_takes_the_fast_path_and_padding_does_not() -> None:
     assert isinstance(ev, core.Data) and ev.data == b"x" * 40 and ev.flow_length == 46
 
 
+def test_one_whole_frame_per_read_matches_h2() -> None:
+    """Interactive traffic: each read is exactly one small DATA frame (the shortcut at
+    the top of ``receive``), fed one frame per call, interleaved with frames it must
+    leave alone: padded, END_STREAM, a PING, then a frame of a stream never opened."""
+    fast, ref = Side(True), Side(False)
+    for side in (fast, ref):
+        frames = [
+            _frame(0, 0, side.sid, b"GET / HTTP/1.1\r\n\r\n"),
+            _frame(0, 0, side.sid, b"x" * 300),
+            _frame(0, 0x8, side.sid, b"\x03abc\x00\x00\x00"),  # padded
+            _frame(6, 0, 0, b"12345678"),  # PING
+            _frame(0, 0, side.sid, b"y" * 10),
+            _frame(0, 0x1, side.sid, b"last"),  # END_STREAM
+        ]
+        for f in frames:
+            side.feed(f, [])
+    assert merged(fast.events) == merged(ref.events)
+    assert [bytes(e.data) for e in fast.events if isinstance(e, core.Data)] == [
+        b"GET / HTTP/1.1\r\n\r\n", b"x" * 300, b"abc", b"y" * 10, b"last"]
+    assert stream_states(fast) == stream_states(ref)
+    assert fast.windows() == ref.windows()
+    assert ack_all(fast) == ack_all(ref)
+    assert fast.server.data_to_send() == ref.server.data_to_send()
+    assert fast.server.fast_data_frames == 4  # all but the padded one
+    for side in (fast, ref):  # a stream never opened: h2's protocol error, both ways
+        with pytest.raises(core.ProtocolError):
+            side.feed(_frame(0, 0, 99, b"stray"), [])
+    assert fast.server.data_to_send() == ref.server.data_to_send()
+
+
 def test_windows_stay_exact_over_many_windows() -> None:
     """Four windows' worth, acked as it arrives: the WINDOW_UPDATEs are h2's, batched."""
     payload = bytes(range(256)) * 200

@@ -759,12 +759,24 @@ class HboneConnection:
         """
         if not self._fast_receive:
             return self._receive_h2(bytes(data), [])
+        n = len(data)
+        if (  # the interactive case: one whole small DATA frame, no flags, at a boundary
+            _FRAME_HEADER < n < LEND_MIN
+            and data[3] == _DATA
+            and not data[4]
+            and (data[0] << 16 | data[1] << 8 | data[2]) == n - _FRAME_HEADER
+            and not (self._fast_left or self._h2_left or self._head or self._preface_left
+                     or self._in_header_block)
+        ):
+            sid = int.from_bytes(data[5:_FRAME_HEADER], "big") & 0x7FFF_FFFF
+            if self._charge(sid, n - _FRAME_HEADER):
+                self.fast_data_frames += 1
+                return [Data(sid, bytes(data[_FRAME_HEADER:]), n - _FRAME_HEADER)]
         out: list[Event] = []
         batch: list[bytes | memoryview] = []  # for h2, in order, flushed before each fast frame
         view = memoryview(data)
         run: list[memoryview] = []  # payload of ``run_sid`` not yet turned into an event
         run_sid = 0
-        n = len(data)
         pos = 0
         if self._preface_left:
             k = min(self._preface_left, n)
