@@ -7,10 +7,16 @@ Hot paths (one access-log line per connection) log through ``emitter(name)``:
 with the JSON set-up it writes the very line structlog's chain would (same keys,
 same order, same renderer) without the chain's per-processor calls; with any
 other set-up it hands the event to structlog.
+
+Lines reach the stream whole, one write each (structlog's ``PrintLogger`` made two:
+the line, then its newline); an emitter's lines wait for the end of the event
+loop's iteration and go out together (``_Lines``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime
 import json
 import logging
@@ -105,6 +111,76 @@ def render_json(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> st
     return line
 
 
+class _Lines:
+    """The log lines of one output stream. ``later`` (an emitter's: one per connection or
+    request) waits for the end of the event loop's iteration, and every line waiting
+    then goes out in one write: a write to the container runtime's pipe wakes its
+    reader, and a busy proxy finishes many connections per iteration. ``now`` (every
+    other line) goes out at once, after the waiting ones: order is kept. Without a
+    running loop, or with 64 KiB waiting, ``later`` is ``now``; at exit nothing waits."""
+
+    LIMIT = 64 << 10
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self._waiting: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def later(self, line: str) -> None:
+        self._waiting.append(line)
+        self._size += len(line)
+        if self._size >= self.LIMIT:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def now(self, line: str) -> None:
+        self._waiting.append(line)
+        self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._waiting:
+            return
+        lines, self._waiting, self._size = self._waiting, [], 0
+        try:
+            self.file.write("\n".join(lines) + "\n")
+            self.file.flush()
+        except (OSError, ValueError):  # a closed or broken stream: lose the lines, not the caller
+            pass
+
+
+class _LineLogger:
+    """structlog's ``PrintLogger`` (every level method writes the rendered line), through
+    ``_Lines.now``."""
+
+    def __init__(self, lines: _Lines) -> None:
+        self._lines = lines
+
+    def msg(self, message: str) -> None:
+        self._lines.now(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = \
+        failure = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, lines: _Lines) -> None:
+        self.lines = lines
+        self._logger = _LineLogger(lines)
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return self._logger
+
+
 @dataclass(frozen=True)
 class _Setup:
     """What ``configure`` installed; ``emitter`` takes its fast path while structlog
@@ -115,6 +191,7 @@ class _Setup:
     json: bool
     stamper: UtcStamper
     logger_factory: Any
+    lines: _Lines
 
 
 def _config_key() -> tuple[Any, ...]:
@@ -151,14 +228,15 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         *tail,
     ]
     wrapper_class = structlog.make_filtering_bound_logger(level)
-    logger_factory = structlog.PrintLoggerFactory(file=out)
+    lines = _Lines(out)
+    logger_factory = _LineLoggerFactory(lines)
     structlog.configure(
         processors=processors,
         wrapper_class=wrapper_class,
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    _setup = _Setup(_config_key(), level, cfg.format == "json", stamper, logger_factory)
+    _setup = _Setup(_config_key(), level, cfg.format == "json", stamper, logger_factory, lines)
     logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -185,7 +263,6 @@ class Emitter:
         self.component = component
         self._for: tuple[Any, ...] = ()
         self._fast: _Setup | None = None
-        self._writer: Any = None  # the PrintLogger of the fast path
         self._logger: Any = None  # the structlog logger otherwise
 
     def info(self, event: str, fields: Mapping[str, Any]) -> None:
@@ -202,7 +279,6 @@ class Emitter:
         setup = _setup
         if setup is not None and setup.json and setup.key == key:
             self._fast = setup
-            self._writer = setup.logger_factory()
         else:
             self._fast = None
             self._logger = structlog.get_logger().bind(component=self.component)
@@ -220,7 +296,7 @@ class Emitter:
         structlog.contextvars.merge_contextvars(None, name, ev)
         ev["level"] = name
         ev["timestamp"] = setup.stamper.text()
-        self._writer.msg(render_json(None, name, ev))
+        setup.lines.later(render_json(None, name, ev))
 
 
 def emitter(component: str) -> Emitter:

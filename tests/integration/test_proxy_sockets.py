@@ -17,6 +17,7 @@ from ztunnel_py.proxy.sockets import (
     plain_upstream,
     sockname_original_dst,
 )
+from ztunnel_py.proxy.testing import DstTable
 
 
 def test_plain_listener_sockets_carry_nodelay_to_accepted_connections() -> None:
@@ -164,6 +165,14 @@ async def test_original_dst_of_an_accepted_transport() -> None:
 
         assert accepted_original_dst(seam, transport) == ("10.0.0.1", 80)
         assert seen[0].getpeername() == client.get_extra_info("sockname")
+        # the test seam answers from the transport's addresses (no socket object)
+        table = DstTable()
+        assert accepted_original_dst(table, transport) == address
+        peer = client.get_extra_info("sockname")[:2]
+        table.by_peer[(peer[0], peer[1])] = ("10.0.0.2", 81)
+        assert accepted_original_dst(table, transport) == ("10.0.0.2", 81)
+        table.by_listen_port[address[1]] = ("10.0.0.3", 82)
+        assert accepted_original_dst(table, transport) == ("10.0.0.3", 82)
         client.close()
         transport.close()
     finally:

@@ -3,6 +3,7 @@ writing the same lines as structlog's chain."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
@@ -121,3 +122,58 @@ def test_stamper_leaves_out_a_zero_fraction(monkeypatch: pytest.MonkeyPatch) -> 
     assert stamper.text() == expected.replace("+00:00", "Z")
     monkeypatch.setattr(log.time, "time", lambda: 1_767_322_800.25)
     assert stamper.text() == expected.replace("+00:00", ".250000Z")
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_emitter_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
+    out = _Writes()
+    log.configure(LogConfig(format="json", level="info"), stream=out)
+    try:
+        em = log.emitter("access")
+
+        async def main() -> list[str]:
+            em.info("first", FIELDS)
+            em.info("second", FIELDS)
+            seen = list(out.writes)  # nothing yet: the iteration is not over
+            await asyncio.sleep(0)
+            em.info("third", FIELDS)
+            structlog.get_logger().warning("urgent")  # at once, after the waiting line
+            return seen
+
+        assert asyncio.run(main()) == []
+        em.info("no loop", FIELDS)  # outside a loop: at once
+    finally:
+        structlog.reset_defaults()
+    events = [[json.loads(line)["event"] for line in w.splitlines()] for w in out.writes]
+    assert events == [["first", "second"], ["third", "urgent"], ["no loop"]]
+    assert all(w.endswith("\n") for w in out.writes)
+
+
+def test_a_full_buffer_goes_out_at_once() -> None:
+    out = _Writes()
+    log.configure(LogConfig(format="json", level="info"), stream=out)
+    try:
+        em = log.emitter("access")
+
+        async def main() -> int:
+            big = {"payload": "x" * 1000}
+            for _ in range(80):  # ~80 KiB: over the 64 KiB limit once
+                em.info("big", big)
+            return len(out.writes)
+
+        assert asyncio.run(main()) == 1
+    finally:
+        structlog.reset_defaults()
+    assert len(out.writes) == 2  # the rest at the end of the iteration
+    assert sum(w.count("\n") for w in out.writes) == 80

@@ -76,6 +76,11 @@ def accepted_original_dst(seam: OriginalDst, transport: asyncio.BaseTransport) -
     if seam is sockname_original_dst:
         host, port = transport.get_extra_info("sockname")[:2]
         return str(host), int(port)
+    by_addresses = getattr(seam, "from_addresses", None)
+    if by_addresses is not None:  # a seam that needs only the addresses: no socket object
+        host, port = by_addresses(transport.get_extra_info("sockname")[:2],
+                                  lambda: transport.get_extra_info("peername")[:2])
+        return str(host), int(port)
     return seam(transport.get_extra_info("socket"))
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ztunnel_py.config import HBONE_PORT, HboneConfig
 from ztunnel_py.identity.certs import WorkloadCertificate
@@ -54,12 +55,19 @@ class DstTable:
         self.by_listen_port: dict[int, Address] = {}
 
     def __call__(self, sock: socket.socket) -> Address:
-        local = sock.getsockname()[:2]
+        return self.from_addresses(sock.getsockname()[:2], lambda: sock.getpeername()[:2])
+
+    def from_addresses(self, local: tuple[Any, ...], peer: Callable[[], tuple[Any, ...]]
+                       ) -> Address:
+        """The answer from the connection's local address and (only when the listener has
+        no fixed destination) its peer's: ``accepted_original_dst`` passes the transport's
+        own record of them, as it does for the production seam (no socket object, whose
+        making and reading would be syscalls the agent never makes in production)."""
         fixed = self.by_listen_port.get(int(local[1]))
         if fixed is not None:
             return fixed
-        peer = sock.getpeername()[:2]
-        dst = self.by_peer.pop((str(peer[0]), int(peer[1])), None)
+        p = peer()
+        dst = self.by_peer.pop((str(p[0]), int(p[1])), None)
         if dst is not None:
             return dst
         return str(local[0]), int(local[1])
