@@ -125,7 +125,7 @@ class _Lines:
         self.file = file
         self._waiting: list[str] = []
         self._size = 0
-        self._scheduled = False
+        self._flushing_on: asyncio.AbstractEventLoop | None = None  # a flush is due there
         atexit.register(self.flush)
 
     def later(self, line: str) -> None:
@@ -133,13 +133,14 @@ class _Lines:
         self._size += len(line)
         if self._size >= self.LIMIT:
             self.flush()
-        elif not self._scheduled:
+        elif self._flushing_on is None or not self._flushing_on.is_running():
+            # (a loop that stopped before its flush ran does not keep the lines)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush()
                 return
-            self._scheduled = True
+            self._flushing_on = loop
             loop.call_soon(self.flush)
 
     def now(self, line: str) -> None:
@@ -147,7 +148,7 @@ class _Lines:
         self.flush()
 
     def flush(self) -> None:
-        self._scheduled = False
+        self._flushing_on = None
         if not self._waiting:
             return
         lines, self._waiting, self._size = self._waiting, [], 0

@@ -177,3 +177,29 @@ def test_a_full_buffer_goes_out_at_once() -> None:
         structlog.reset_defaults()
     assert len(out.writes) == 2  # the rest at the end of the iteration
     assert sum(w.count("\n") for w in out.writes) == 80
+
+
+def test_a_loop_that_stops_before_its_flush_does_not_keep_the_lines() -> None:
+    out = _Writes()
+    log.configure(LogConfig(format="json", level="info"), stream=out)
+    em = log.emitter("access")
+    first = asyncio.new_event_loop()
+    try:
+
+        def emit_and_stop() -> None:
+            em.info("first", FIELDS)  # its flush is due on ``first``...
+            first.stop()  # ...which stops before running it
+
+        first.call_soon(emit_and_stop)
+        first.run_forever()
+
+        async def main() -> None:
+            em.info("second", FIELDS)  # another loop: the flush is due here now
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+        events = [json.loads(line)["event"] for w in out.writes for line in w.splitlines()]
+        assert events == ["first", "second"]
+    finally:
+        first.close()
+        structlog.reset_defaults()
