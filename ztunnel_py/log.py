@@ -175,7 +175,6 @@ class _LineLogger:
 
 class _LineLoggerFactory:
     def __init__(self, lines: _Lines) -> None:
-        self.lines = lines
         self._logger = _LineLogger(lines)
 
     def __call__(self, *args: Any) -> _LineLogger:
@@ -191,7 +190,6 @@ class _Setup:
     level: int
     json: bool
     stamper: UtcStamper
-    logger_factory: Any
     lines: _Lines
 
 
@@ -237,7 +235,7 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    _setup = _Setup(_config_key(), level, cfg.format == "json", stamper, logger_factory, lines)
+    _setup = _Setup(_config_key(), level, cfg.format == "json", stamper, lines)
     logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
 

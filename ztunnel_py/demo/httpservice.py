@@ -23,8 +23,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import cast
+
+from ztunnel_py.telemetry.http import reason
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
@@ -117,13 +118,6 @@ def respond(req: Request, pod: str, version: str) -> tuple[int, str, bytes]:
             return int(code), "text/plain", f"status {code} from {pod}\n".encode()
         return 400, "text/plain", b"bad status code\n"
     return 200, "text/plain", f"Hello version: {version}, instance: {pod}\n".encode()
-
-
-def reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Status"
 
 
 def response(status: int, ctype: str, body: bytes, headers: Sequence[tuple[str, str]],

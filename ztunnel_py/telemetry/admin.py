@@ -25,6 +25,8 @@ def _log() -> Any:
 
 Handler = Callable[[], Any | Awaitable[Any]]
 _MAX_REQUEST = 16 * 1024
+
+
 class AdminError(Exception):
     """The admin server cannot start (bad or non-loopback address, port in use)."""
 
