@@ -310,14 +310,13 @@ class Topology:
         """Run ``argv`` to completion inside the target's netns and cgroup."""
         t = self._resolve(target)
         return subprocess.run(
-            host.in_netns(t.netns, argv),
+            host.in_cgroup(self.cgroup_root / t.cgroup, host.in_netns(t.netns, argv)),
             capture_output=True,
             text=True,
             timeout=timeout,
             check=check,
             input=input,
             env=dict(env) if env is not None else None,
-            preexec_fn=host.join_cgroup_fn(self.cgroup_root / t.cgroup),
         )
 
     def popen(
@@ -347,10 +346,9 @@ class Topology:
             popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         try:
             proc: subprocess.Popen[Any] = subprocess.Popen(
-                host.in_netns(t.netns, argv),
+                host.in_cgroup(self.cgroup_root / t.cgroup, host.in_netns(t.netns, argv)),
                 env=dict(env) if env is not None else None,
                 start_new_session=detach,
-                preexec_fn=host.join_cgroup_fn(self.cgroup_root / t.cgroup),
                 **popen_kwargs,
             )
         finally:

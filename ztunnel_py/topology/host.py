@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,20 +128,12 @@ def remove_cgroup_tree(path: Path, timeout: float = 3.0) -> None:
                 time.sleep(0.05)
 
 
-def join_cgroup_fn(path: Path | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` moving the child into the cgroup at ``path`` (or None)."""
-    if path is None:
-        return None
-    procs = str(path / "cgroup.procs")
-
-    def _join() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
-
-    return _join
+def in_cgroup(path: Path, argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped to start inside the cgroup at ``path``: a shell moves itself there
+    and execs it (the same PID). Not a ``preexec_fn``: Python code between fork and exec
+    forces a plain fork, and in a process with threads (gRPC's, in the tests and the demo)
+    the child can deadlock there, in gRPC's at-fork handler or on a lock, and never exec."""
+    return ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', str(path), *argv]
 
 
 # -- processes, by PID --------------------------------------------------------
