@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import select
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +26,7 @@ from ztunnel_py.state.snapshot import Snapshot
 from ztunnel_py.telemetry import connection as telemetry
 
 APP_PORT = 8080
+TCP_CLOSE_WAIT = 8  # tcpi_state (include/net/tcp_states.h)
 
 
 def pod(name: str, ip: str, node: str, sa: str, enrolled: bool = True) -> Workload:
@@ -203,6 +205,43 @@ async def test_half_close_each_direction(world: World) -> None:
     w.write_eof()
     assert await asyncio.wait_for(got, 5) == b"still talking"
     w.close()
+
+
+async def test_a_response_and_the_servers_close_reach_the_client_together(
+    world: World,
+) -> None:
+    # the server sends its response and FIN in one segment; through both agents they
+    # stay together (one HBONE write, one TCP segment to the client), so a client that
+    # closes on seeing the response has the FIN already: it closes second, and the
+    # TIME_WAIT is not its own (each kept one costs its next connects a port search)
+    async def respond_and_close(sr: asyncio.StreamReader, sw: asyncio.StreamWriter) -> None:
+        await sr.readexactly(4)
+        raw = socket.socket(fileno=os.dup(sw.get_extra_info("socket").fileno()))
+        raw.send(b"HTTP/1.0 200 OK\r\n\r\nbye", socket.MSG_MORE)
+        raw.shutdown(socket.SHUT_WR)
+        raw.close()
+
+    await world.servers.serve(world.b, APP_PORT, respond_and_close)
+    for _ in range(5):
+        sock = await world.mesh.client_socket(world.a, (world.b, APP_PORT))
+
+        def exchange(sock: socket.socket = sock) -> tuple[int, bytes]:
+            sock.setblocking(True)
+            sock.sendall(b"ping")
+            select.select([sock], [], [], 5)
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]  # at once
+            sock.settimeout(5)
+            got = b""
+            while chunk := sock.recv(100):
+                got += chunk
+            return state, got
+
+        try:
+            state, got = await asyncio.get_running_loop().run_in_executor(None, exchange)
+        finally:
+            sock.close()
+        assert got == b"HTTP/1.0 200 OK\r\n\r\nbye"
+        assert state == TCP_CLOSE_WAIT  # the FIN was in when the response became readable
 
 
 async def test_reset_propagates_both_ways(world: World) -> None:

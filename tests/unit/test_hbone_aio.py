@@ -175,3 +175,40 @@ async def test_a_held_view_moves_the_next_read_to_a_fresh_buffer() -> None:
     assert len(views) == 2 and views[0].obj is old
     assert bytes(views[0]) == first and bytes(views[1]) == second  # nothing overwritten
     client.close()
+
+
+class LastKeeper(Keeper):
+    """A Keeper that also records ``send_last`` and ``send_eof`` as calls."""
+
+    def __init__(self) -> None:
+        super().__init__(holds=False)
+        self.calls: list[tuple[str, bytes]] = []
+
+    def send(self, data: bytes) -> None:
+        self.calls.append(("send", bytes(data)))
+
+    def send_last(self, data: bytes | memoryview) -> None:
+        self.calls.append(("send_last", bytes(data)))
+        self.write_done = True
+
+    def send_eof(self) -> None:
+        self.calls.append(("send_eof", b""))
+
+
+async def test_data_and_end_stream_in_one_read_reach_the_sink_as_one_send_last() -> None:
+    sink = LastKeeper()
+    client, _server, _c_wire, leg = await _tunnel(sink)
+    leg.send(b"response")
+    leg.send_eof()  # both in the same flush: one write, one read on the far side
+    await settle()
+    assert sink.calls == [("send_last", b"response"), ("send_eof", b"")]
+    # apart (two reads), they stay a send and an eof
+    sink2 = LastKeeper()
+    client2, _server2, _c_wire2, leg2 = await _tunnel(sink2)
+    leg2.send(b"first")
+    await settle()
+    leg2.send_eof()
+    await settle()
+    assert sink2.calls == [("send", b"first"), ("send_eof", b"")]
+    client.close()
+    client2.close()

@@ -97,6 +97,13 @@ class Leg:
     def send_eof(self) -> None:
         raise NotImplementedError
 
+    def send_last(self, data: bytes | memoryview) -> None:
+        """``data`` and then the end of this direction (``send_eof``), as one where the
+        sink can: a TCP leg sends the data and its FIN in one segment. ``data`` may be
+        a view into a buffer the caller reuses."""
+        self.send(data if isinstance(data, bytes) else data.tobytes())
+        self.send_eof()
+
     def reset(self) -> None:
         """Abort abruptly: TCP RST / RST_STREAM."""
         raise NotImplementedError
@@ -210,14 +217,18 @@ class StreamLeg(Leg):
             self.resume_source()
 
     # events from the connection
-    def _on_data(self, data: bytes | memoryview, flow_length: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flow_length: int, last: bool = False) -> None:
+        """DATA for the peer; ``last``: the stream's END_STREAM comes next (the event
+        after this one, which still ends the stream)."""
         self.rx_bytes += len(data)
         peer = self.peer
         if peer is None:
             self._early.append(data if isinstance(data, bytes) else data.tobytes())
             self._held_ack += flow_length
             return
-        if isinstance(data, bytes):
+        if last:
+            peer.send_last(data)
+        elif isinstance(data, bytes):
             peer.send(data)
         elif not peer.send_view(data):  # a view into the connection's read buffer
             self.conn.buffer_lent = True
@@ -333,7 +344,17 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self.flush_now()  # the GOAWAY h2 queued
             self.abort()
             return
-        for ev in events:
+        last = len(events) - 1
+        for i, ev in enumerate(events):
+            if i < last and ev.__class__ is core.Data:
+                # a stream's last data and its END_STREAM together (a response and the
+                # server's close): the sink writes them as one (``Leg.send_last``)
+                end = events[i + 1]
+                if end.__class__ is core.StreamEnded and end.stream_id == ev.stream_id:
+                    leg = self.streams.get(ev.stream_id)
+                    if leg is not None:
+                        leg._on_data(ev.data, ev.flow_length, last=True)
+                        continue
             self._dispatch(ev)
         if self.core.wants_write:  # acks may have made a WINDOW_UPDATE, events replies
             self.flush()

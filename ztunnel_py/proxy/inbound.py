@@ -32,7 +32,7 @@ from ztunnel_py.policy.types import Connection
 from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, facts, peer_of
 from ztunnel_py.proxy.pool import ContextCache
-from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, TcpLeg
+from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, dialled_leg
 from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
@@ -287,10 +287,8 @@ class Inbound:
             result.close(str(exc), "UF")
             return
         try:
-            _, upstream = await loop.create_connection(TcpLeg, sock=sock)
+            upstream = await dialled_leg(sock, loop)
         except OSError as exc:
-            if sock.fileno() != -1:
-                sock.close()
             conn.respond(leg, core.SERVICE_UNAVAILABLE)
             result.close(str(exc), "UF")
             return

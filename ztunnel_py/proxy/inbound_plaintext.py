@@ -19,7 +19,7 @@ from ztunnel_py.policy.types import Connection
 from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.inbound import guess_service, local_workload
 from ztunnel_py.proxy.outbound import Authorizer, allow_all, peer_of
-from ztunnel_py.proxy.relay import Relay, TcpLeg
+from ztunnel_py.proxy.relay import Relay, TcpLeg, dialled_leg
 from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
@@ -109,12 +109,7 @@ class InboundPlaintext:
             return
         try:
             sock = await connect(self.upstream, dst, self.config.connect_timeout_s)
-            try:
-                _, upstream = await asyncio.get_running_loop().create_connection(TcpLeg, sock=sock)
-            except BaseException:
-                if sock.fileno() != -1:
-                    sock.close()
-                raise
+            upstream = await dialled_leg(sock)
         except (UpstreamError, OSError) as exc:
             leg.reset()
             result.close(str(exc), "UF")

@@ -29,7 +29,7 @@ from ztunnel_py.hbone.core import format_authority, forwarded_for
 from ztunnel_py.policy.types import Connection, Verdict
 from ztunnel_py.proxy.guard import RelaySet
 from ztunnel_py.proxy.pool import ConnectionPool, PoolError, PoolKey
-from ztunnel_py.proxy.relay import Relay, TcpLeg
+from ztunnel_py.proxy.relay import Relay, TcpLeg, dialled_leg
 from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
@@ -375,11 +375,4 @@ class Outbound:
 
     async def _plain(self, address: tuple[str, int]) -> TcpLeg:
         sock = await connect(self.upstream, address, self.config.connect_timeout_s)
-        loop = asyncio.get_running_loop()
-        try:
-            _, proto = await loop.create_connection(TcpLeg, sock=sock)
-        except BaseException:
-            if sock.fileno() != -1:
-                sock.close()
-            raise
-        return proto
+        return await dialled_leg(sock)

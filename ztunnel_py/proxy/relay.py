@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ztunnel_py.hbone.aio import Leg, join
 from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN
@@ -47,7 +49,13 @@ EARLY_LIMIT = 64 << 10
 # One read: what one HBONE DATA frame carries (our SETTINGS_MAX_FRAME_SIZE default), so
 # a full read goes out as one frame written in place.
 READ_CHUNK = 256 << 10
+# The short reads of a connection we dialled that look for a FIN behind them
+# (``TcpLeg._fin_follows``): a one-request connection's response ends within its first
+# few; a kept-alive connection stops paying the syscall after them.
+FIN_PROBES = 8
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_TCP_CLOSE_WAIT = 8  # tcp_info.tcpi_state (include/net/tcp_states.h): the peer's FIN is in
+_INQ = bytearray(4)  # FIONREAD's answer (one loop per thread: reused)
 
 
 def set_linger_zero(transport: asyncio.BaseTransport) -> None:
@@ -84,8 +92,13 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         *,
         start_paused: bool = False,
         on_made: Callable[[TcpLeg], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         Leg.__init__(self)
+        # the socket under the transport, when we have it (we dialled it): a short read
+        # asks it whether the peer's FIN came with the data (``_fin_follows``)
+        self._sock = sock
+        self._fin_probes = FIN_PROBES if sock is not None else 0
         self.transport: asyncio.Transport | None = None
         self._start_paused = start_paused
         self._on_made = on_made
@@ -126,8 +139,35 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             self._early_bytes += nbytes
             if self._early_bytes >= EARLY_LIMIT:
                 self.pause_source()
+        if self._fin_probes and nbytes < READ_CHUNK:
+            self._fin_probes -= 1
+            if self._fin_follows():
+                self.eof_received()
+
+    def _fin_follows(self) -> bool:
+        """Whether the peer's FIN is all that is left to read. uvloop (libuv) stops at a
+        short read and learns of the FIN one loop iteration later; by then the data has
+        gone out alone, and the FIN follows in a frame, a TLS record and a syscall of its
+        own. The usual case is a server's response and its close (``Connection: close``,
+        HTTP/1.0): the client closes when it has the response, before the FIN reaches
+        it, and it keeps the TIME_WAIT, so each of its next connections to the same
+        address searches further for a free port (under wrk through the agents this was
+        most of the client's CPU). Sent together, the client has both at once and closes
+        second. One ``getsockopt`` per short read (the first ``FIN_PROBES``); FIONREAD
+        only once the FIN is in."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_CLOSE_WAIT:
+                return False
+            # in CLOSE_WAIT every byte before the FIN is queued: none left means EOF next
+            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INQ) == 0 and not any(_INQ)
+        except OSError:
+            return False
 
     def eof_received(self) -> bool:
+        if self.read_done:  # (already taken from the probe)
+            return True
         self.read_done = True
         if self.peer is not None:
             self.peer.send_eof()
@@ -198,9 +238,65 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         if self.write_done or self.transport is None:
             return
         self.write_done = True
-        if not self._closing and self.transport.can_write_eof():
-            self.transport.write_eof()
+        t = self.transport
+        if not self._closing and (t.get_write_buffer_size() or not self._shutdown_now()):
+            t.write_eof()  # after what is still buffered
         self._maybe_close()
+
+    def send_last(self, data: bytes | memoryview) -> None:
+        """The data with ``MSG_MORE`` and then the FIN: one segment carries both. A
+        client that closes on seeing a response (``Connection: close``) then has the
+        FIN with it and closes second; otherwise it may close first and keep the
+        TIME_WAIT, so each of its next connections to the same address searches further
+        for a free port (``_fin_follows`` is the sending agent's half of this)."""
+        t = self.transport
+        if t is None or self._closing or self.write_done:
+            return
+        sent = 0
+        if not t.get_write_buffer_size():
+            with self._socket() as sock:
+                if sock is not None:
+                    with contextlib.suppress(OSError):  # EAGAIN: the rest goes the usual way
+                        sent = sock.send(data, socket.MSG_MORE)
+        if sent < len(data):
+            t.write(data[sent:] if isinstance(data, bytes) else data[sent:].tobytes())
+        self.send_eof()
+
+    @contextlib.contextmanager
+    def _socket(self) -> Iterator[socket.socket | None]:
+        """The socket under the transport, for a call uvloop has no method for: ours if
+        we dialled it, else a socket object for the call only (detached after it, so
+        its end does not close the transport's descriptor)."""
+        if self._sock is not None:
+            yield self._sock
+            return
+        pseudo = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if pseudo is None:
+            yield None
+            return
+        # the family does not matter to send or shutdown
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, pseudo.fileno())
+        try:
+            yield sock
+        finally:
+            sock.detach()
+
+    def _shutdown_now(self) -> bool:
+        """Send the FIN now, right behind the data just written. uvloop's ``write_eof``
+        (libuv's ``uv_shutdown``) makes the ``shutdown(2)`` call on the next loop
+        iteration, after every other callback of this one: a response and its FIN
+        arrived together from the tunnel, and the client, which closes on seeing the
+        response, closed before our FIN reached it (see ``_fin_follows``). Only with
+        nothing buffered; uvloop is then not told (its own late ``shutdown(2)`` could
+        fail once the connection is gone, and that would be taken as an error)."""
+        with self._socket() as sock:
+            if sock is None:
+                return False
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        return True
 
     def reset(self) -> None:
         if self.transport is None or self._closing:
@@ -231,6 +327,21 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
     def _maybe_close(self) -> None:
         if self.read_done and self.write_done:
             self.close()
+
+
+async def dialled_leg(
+    sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None
+) -> TcpLeg:
+    """A ``TcpLeg`` over a socket we connected (a relay's upstream), probing it for the
+    FIN that comes with a response. The socket is closed if the transport cannot be made."""
+    loop = loop or asyncio.get_running_loop()
+    try:
+        _, leg = await loop.create_connection(lambda: TcpLeg(sock=sock), sock=sock)
+    except BaseException:
+        if sock.fileno() != -1:
+            sock.close()
+        raise
+    return leg
 
 
 class Relay:
