@@ -237,11 +237,11 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
     def send_eof(self) -> None:
         if self.write_done or self.transport is None:
             return
-        self.write_done = True
-        t = self.transport
-        if not self._closing and (t.get_write_buffer_size() or not self._shutdown_now()):
-            t.write_eof()  # after what is still buffered
-        self._maybe_close()
+        if self._closing or self.transport.get_write_buffer_size():
+            self._end(None)
+            return
+        with self._socket() as sock:
+            self._end(sock)
 
     def send_last(self, data: bytes | memoryview) -> None:
         """The data with ``MSG_MORE`` and then the FIN: one segment carries both. A
@@ -252,20 +252,43 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing or self.write_done:
             return
-        sent = 0
-        if not t.get_write_buffer_size():
-            with self._socket() as sock:
-                if sock is not None:
-                    with contextlib.suppress(OSError):  # EAGAIN: the rest goes the usual way
-                        sent = sock.send(data, socket.MSG_MORE)
-        if sent < len(data):
-            t.write(data[sent:] if isinstance(data, bytes) else data[sent:].tobytes())
-        self.send_eof()
+        with self._socket() as sock:
+            sent = 0
+            if sock is not None and not t.get_write_buffer_size():
+                with contextlib.suppress(OSError):  # EAGAIN: the rest goes the usual way
+                    sent = sock.send(data, socket.MSG_MORE)
+            if sent < len(data):
+                t.write(data[sent:] if isinstance(data, bytes) else data[sent:].tobytes())
+            self._end(sock)
+
+    def _end(self, sock: socket.socket | None) -> None:
+        """The write side's end: the FIN now (``shutdown(2)`` on ``sock``) when nothing
+        is buffered, else uvloop's ``write_eof``, which sends it after the buffer.
+
+        uvloop's ``write_eof`` (libuv's ``uv_shutdown``) makes the ``shutdown(2)`` call
+        on the next loop iteration, after every other callback of this one: a response
+        and its FIN arrived together from the tunnel, and the client, which closes on
+        seeing the response, closed before our FIN reached it (see ``_fin_follows``).
+        When we shut down ourselves uvloop is not told: its own late ``shutdown(2)``
+        could fail once the connection is gone, and would be taken as an error."""
+        self.write_done = True
+        t = self.transport
+        if t is not None and not self._closing:
+            done = False
+            if sock is not None and not t.get_write_buffer_size():
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                    done = True
+                except OSError:
+                    pass
+            if not done:
+                t.write_eof()
+        self._maybe_close()
 
     @contextlib.contextmanager
     def _socket(self) -> Iterator[socket.socket | None]:
         """The socket under the transport, for a call uvloop has no method for: ours if
-        we dialled it, else a socket object for the call only (detached after it, so
+        we dialled it, else a socket object for the calls only (detached after them, so
         its end does not close the transport's descriptor)."""
         if self._sock is not None:
             yield self._sock
@@ -280,23 +303,6 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             yield sock
         finally:
             sock.detach()
-
-    def _shutdown_now(self) -> bool:
-        """Send the FIN now, right behind the data just written. uvloop's ``write_eof``
-        (libuv's ``uv_shutdown``) makes the ``shutdown(2)`` call on the next loop
-        iteration, after every other callback of this one: a response and its FIN
-        arrived together from the tunnel, and the client, which closes on seeing the
-        response, closed before our FIN reached it (see ``_fin_follows``). Only with
-        nothing buffered; uvloop is then not told (its own late ``shutdown(2)`` could
-        fail once the connection is gone, and that would be taken as an error)."""
-        with self._socket() as sock:
-            if sock is None:
-                return False
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                return False
-        return True
 
     def reset(self) -> None:
         if self.transport is None or self._closing:
