@@ -302,3 +302,14 @@ def test_traceparent_ids_are_never_all_zero(monkeypatch: pytest.MonkeyPatch) -> 
     draws = iter([0, 1, 1 << 64, (5 << 64) | 7])  # zero, zero trace, zero span, good
     monkeypatch.setattr(core, "_random_bits", lambda bits: next(draws))
     assert core.new_traceparent() == f"00-{5:032x}-{7:016x}-00"
+
+
+def test_the_state_tuples_are_h2s_own_sets() -> None:
+    # the tuples stand in for h2's predicates (membership by identity, no hashing)
+    from h2.stream import STREAM_OPEN, StreamState
+
+    from ztunnel_py.hbone import core as c
+
+    assert {s for s in StreamState if STREAM_OPEN[s]} == set(c._STREAM_OPEN)
+    assert set(c._SENDABLE) | set(c._RECEIVABLE) == set(c._STREAM_OPEN)
+    assert len(set(c._STREAM_OPEN)) == len(c._STREAM_OPEN)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -205,3 +206,33 @@ def test_contexts_load_keys_without_leaking_descriptors() -> None:
         tls.server_context(cert)
         tls.client_context(cert)
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_memory_bio_tls_calls_the_c_object_directly_and_still_works() -> None:
+    # uvloop's SSL protocol wraps memory BIOs: its read/write/pending go straight to C
+    ca = InMemoryCA()
+    s_ctx, c_ctx = tls.server_context(ca.issue(BOB)), tls.client_context(ca.issue(ALICE))
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    server = s_ctx.wrap_bio(bios[0], bios[1], server_side=True)
+    client = c_ctx.wrap_bio(bios[2], bios[3])
+    for obj in (server, client):
+        assert isinstance(obj, tls.DirectSSLObject)
+        assert type(obj.read).__name__ == "builtin_function_or_method"
+        assert obj.read.__self__ is obj._sslobj and obj.write.__self__ is obj._sslobj
+        assert obj.pending.__self__ is obj._sslobj
+
+    def pump(src: ssl.MemoryBIO, dst: ssl.MemoryBIO) -> None:
+        dst.write(src.read())
+
+    for _ in range(5):  # the handshake over memory, as uvloop drives it
+        for obj in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        pump(bios[3], bios[0])
+        pump(bios[1], bios[2])
+    assert client.write(b"through C") == 9
+    pump(bios[3], bios[0])
+    buf = bytearray(64)
+    assert server.read(64, buf) == 9 and bytes(buf[:9]) == b"through C"
+    assert server.pending() == 0
+    assert tls.peer_identity(server, TD) == ALICE

@@ -74,12 +74,16 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 
 # HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
 _DEFAULT_WINDOW = 65_535
+# State sets as tuples: ``in`` finds an enum member by identity, where a set would hash
+# it (a Python-level ``Enum.__hash__`` for h2's ConnectionState, on every DATA frame).
 # Stream states in which we may send DATA (we never send it otherwise).
-_SENDABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+_SENDABLE = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 # ...and in which the peer may send it to us (the receive fast path's precondition).
-_RECEIVABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
-_CONNECTION_OPEN = frozenset(
-    {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
+_RECEIVABLE = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+# h2's ``H2Stream.open`` (a property) without its frame
+_STREAM_OPEN = (*_SENDABLE, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+_CONNECTION_OPEN = (
+    h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN
 )
 # Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at.
 _FRAME_HEADER = 9
@@ -732,7 +736,8 @@ class HboneConnection:
         if increment:
             h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
         stream = h2c.streams.get(stream_id)
-        if stream is not None and stream.open:  # closed streams' windows are moot
+        # (closed streams' windows are moot)
+        if stream is not None and stream.state_machine.state in _STREAM_OPEN:
             increment = _credit(stream._inbound_window_manager, flow_length)
             if increment:
                 h2c._data_to_send += (
