@@ -33,7 +33,7 @@ import socket
 import struct
 import termios
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from ztunnel_py.hbone.aio import Leg, join
 from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN
@@ -240,8 +240,11 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         if self._closing or self.transport.get_write_buffer_size():
             self._end(None)
             return
-        with self._socket() as sock:
+        sock = self._socket()
+        try:
             self._end(sock)
+        finally:
+            self._return(sock)
 
     def send_last(self, data: bytes | memoryview) -> None:
         """The data with ``MSG_MORE`` and then the FIN: one segment carries both. A
@@ -252,7 +255,8 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing or self.write_done:
             return
-        with self._socket() as sock:
+        sock = self._socket()
+        try:
             sent = 0
             if sock is not None and not t.get_write_buffer_size():
                 with contextlib.suppress(OSError):  # EAGAIN: the rest goes the usual way
@@ -260,6 +264,8 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             if sent < len(data):
                 t.write(data[sent:] if isinstance(data, bytes) else data[sent:].tobytes())
             self._end(sock)
+        finally:
+            self._return(sock)
 
     def _end(self, sock: socket.socket | None) -> None:
         """The write side's end: the FIN now (``shutdown(2)`` on ``sock``) when nothing
@@ -285,23 +291,21 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
                 t.write_eof()
         self._maybe_close()
 
-    @contextlib.contextmanager
-    def _socket(self) -> Iterator[socket.socket | None]:
+    def _socket(self) -> socket.socket | None:
         """The socket under the transport, for a call uvloop has no method for: ours if
-        we dialled it, else a socket object for the calls only (detached after them, so
-        its end does not close the transport's descriptor)."""
+        we dialled it, else a socket object on the transport's descriptor, for the calls
+        at hand only: ``_return`` detaches it, so its end never closes the descriptor."""
         if self._sock is not None:
-            yield self._sock
-            return
+            return self._sock
         pseudo = self.transport.get_extra_info("socket") if self.transport is not None else None
         if pseudo is None:
-            yield None
-            return
+            return None
         # the family does not matter to send or shutdown
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, pseudo.fileno())
-        try:
-            yield sock
-        finally:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, pseudo.fileno())
+
+    def _return(self, sock: socket.socket | None) -> None:
+        """Done with what ``_socket`` gave."""
+        if sock is not None and sock is not self._sock:
             sock.detach()
 
     def reset(self) -> None:
