@@ -331,6 +331,7 @@ async def test_controller_restart_agents_keep_state_and_converge(mesh: Mesh) -> 
         await eventually(lambda a=a: _has_pods(a, {"web-1", "web-2", "db-1"}))
     await eventually(lambda: all_acked(mesh))
     assert (await agents[0].dump())["version"] != old_version
+    assert all(a.client.status.connected for a in agents)  # taken by the new controller
 
 
 async def test_bad_token_is_refused_and_agent_keeps_trying(mesh: Mesh) -> None:

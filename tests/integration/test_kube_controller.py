@@ -158,11 +158,23 @@ async def test_agent_claiming_another_node_gets_nothing(
 ) -> None:
     store, client, channel = await agent(running, "node-2", "agent-token")
     try:
-        # an attempt counts as connected from its hello until the refusal: look between two
-        await until(lambda: client.status.reconnects >= 2 and not client.status.connected,
-                    "the stream is refused repeatedly")
+        # connected only once the controller takes the stream: never, through all the
+        # refused attempts (sampled every millisecond, inside the attempts too)
+        seen: set[bool] = set()
+
+        async def sample() -> None:
+            while True:
+                seen.add(client.status.connected)
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            await until(lambda: client.status.reconnects >= 3, "the stream is refused repeatedly")
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        assert seen == {False}
         assert "node-1" in (client.status.last_error or "")
         assert not store.current.workloads
-        assert not client.status.connected
     finally:
         await channel.close(None)

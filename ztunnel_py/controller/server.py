@@ -20,6 +20,7 @@ import grpc
 from ztunnel_py import log
 from ztunnel_py.controller.push import NodeKind, Outgoing, PushCore
 from ztunnel_py.proto_gen import mesh_pb2
+from ztunnel_py.state.client import ACCEPTED_METADATA
 from ztunnel_py.state.codec import CODEC_VERSION
 from ztunnel_py.state.snapshot import Snapshot
 
@@ -143,6 +144,7 @@ class MeshConfigService:
                                 f"controller {CODEC_VERSION}; upgrade one of them")
             return
         kind = _NODE_KINDS.get(hello.kind, "agent")
+        await context.send_initial_metadata(((ACCEPTED_METADATA, str(CODEC_VERSION)),))
         stream_id = next(self._ids)
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._queues[stream_id] = queue

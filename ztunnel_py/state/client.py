@@ -58,6 +58,9 @@ GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
 # The node the caller claims, next to its credential (ztunnel_py.identity.manager.NODE_METADATA;
 # the state layer sits below identity, so the name is repeated here).
 NODE_METADATA = "x-ztunnel-node"
+# The controller's initial metadata once it has taken the stream (credential and hello
+# checked): until then, or when it refuses, the agent is not connected.
+ACCEPTED_METADATA = "x-ztunnel-accepted"
 
 _NODE_KINDS = {"agent": mesh_pb2.NODE_KIND_AGENT, "waypoint": mesh_pb2.NODE_KIND_WAYPOINT}
 
@@ -327,13 +330,18 @@ class ConfigClient:
                 node=self._node, kind=_NODE_KINDS[self._kind],
                 last_version=self._applier.version, codec_version=CODEC_VERSION,
             )))
-            self.status.connected = True
+            # connected once the controller says it took the stream: a refusal (bad
+            # credential, another node's name, a codec mismatch) ends it without that
+            metadata = await call.initial_metadata()
+            if metadata is not None and ACCEPTED_METADATA in metadata:
+                self.status.connected = True
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
                     return progressed
                 if not msg.HasField("update"):
                     continue
+                self.status.connected = True  # (a controller that predates the metadata)
                 progressed = True
                 reply = self._handle(WireUpdate.from_proto(msg.update))
                 await call.write(reply)
