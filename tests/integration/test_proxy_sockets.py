@@ -11,11 +11,11 @@ import pytest
 
 from ztunnel_py.proxy.sockets import (
     UpstreamError,
-    accepted_original_dst,
     connect,
     plain_listener,
     plain_upstream,
     sockname_original_dst,
+    transport_addresses,
 )
 from ztunnel_py.proxy.testing import DstTable
 
@@ -141,8 +141,8 @@ async def test_connect_waits_when_the_handshake_is_not_done_at_once() -> None:
         listener.close()
 
 
-async def test_original_dst_of_an_accepted_transport() -> None:
-    """The default seam answers from the transport's record, another seam gets the socket."""
+async def test_original_dst_seams_get_the_transports_addresses() -> None:
+    """A seam answers from the accepted transport's (local, peer) record."""
     loop = asyncio.get_running_loop()
     made: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
 
@@ -156,23 +156,16 @@ async def test_original_dst_of_an_accepted_transport() -> None:
     try:
         client, _ = await loop.create_connection(asyncio.Protocol, *address)
         transport = await made
-        assert accepted_original_dst(sockname_original_dst, transport) == address
-        seen: list[socket.socket] = []
-
-        def seam(sock: socket.socket) -> tuple[str, int]:
-            seen.append(sock)
-            return ("10.0.0.1", 80)
-
-        assert accepted_original_dst(seam, transport) == ("10.0.0.1", 80)
-        assert seen[0].getpeername() == client.get_extra_info("sockname")
-        # the test seam answers from the transport's addresses (no socket object)
-        table = DstTable()
-        assert accepted_original_dst(table, transport) == address
-        peer = client.get_extra_info("sockname")[:2]
-        table.by_peer[(peer[0], peer[1])] = ("10.0.0.2", 81)
-        assert accepted_original_dst(table, transport) == ("10.0.0.2", 81)
+        local, peer = transport_addresses(transport)
+        assert local == address and peer == client.get_extra_info("sockname")[:2]
+        assert sockname_original_dst(local, peer) == address  # production: the local one
+        table = DstTable()  # the tests': by client address, or by listener port
+        assert table(local, peer) == address
+        table.by_peer[peer] = ("10.0.0.2", 81)
+        assert table(local, peer) == ("10.0.0.2", 81)
+        assert table(local, peer) == address  # (used once)
         table.by_listen_port[address[1]] = ("10.0.0.3", 82)
-        assert accepted_original_dst(table, transport) == ("10.0.0.3", 82)
+        assert table(local, peer) == ("10.0.0.3", 82)
         client.close()
         transport.close()
     finally:

@@ -34,6 +34,7 @@ from ztunnel_py.proxy.outbound import Authorizer, allow_all, facts, peer_of
 from ztunnel_py.proxy.pool import ContextCache
 from ztunnel_py.proxy.relay import _LINGER_ZERO, Relay, dialled_leg
 from ztunnel_py.proxy.sockets import (
+    Address,
     OriginalDst,
     UpstreamError,
     UpstreamFactory,
@@ -162,17 +163,17 @@ class Inbound:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sock, _ = await loop.sock_accept(listener)
+                sock, peer = await loop.sock_accept(listener)
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
                 _log.warning("hbone accept failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            self._spawn(self._handshake(sock))
+            self._spawn(self._handshake(sock, (str(peer[0]), int(peer[1]))))
 
-    async def _handshake(self, sock: socket.socket) -> None:
+    async def _handshake(self, sock: socket.socket, peer: Address) -> None:
         owned = False
         try:
-            owned = await self._tls(sock)
+            owned = await self._tls(sock, peer)
         finally:
             # a failed handshake closes the socket in the loop (fileno -1); anything else
             # that did not end up owned by a transport is closed here
@@ -184,13 +185,13 @@ class Inbound:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         sock.close()
 
-    async def _tls(self, sock: socket.socket) -> bool:
+    async def _tls(self, sock: socket.socket, peer: Address) -> bool:
         """TLS and identity checks; True once a transport owns ``sock``."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)  # TCP_NODELAY: inherited from the listener, set by the loop
         try:
-            dialled = self.dialled(sock)
-            peer = sock.getpeername()[:2]
+            local = sock.getsockname()
+            dialled = self.dialled((str(local[0]), int(local[1])), peer)
         except OSError:
             sock.close()
             return False

@@ -24,10 +24,10 @@ from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
     UpstreamFactory,
-    accepted_original_dst,
     connect,
     plain_upstream,
     sockname_original_dst,
+    transport_addresses,
 )
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
@@ -70,15 +70,13 @@ class InboundPlaintext:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        peer = leg.transport.get_extra_info("peername")
+        local, peer = transport_addresses(leg.transport)
         try:
-            dst = accepted_original_dst(self.original_dst, leg.transport)
+            dst = self.original_dst(local, peer)
         except OSError:
             leg.reset()
             return
-        task = asyncio.get_running_loop().create_task(
-            self._serve(leg, (str(peer[0]), int(peer[1])), dst)
-        )
+        task = asyncio.get_running_loop().create_task(self._serve(leg, peer, dst))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -34,10 +34,10 @@ from ztunnel_py.proxy.sockets import (
     OriginalDst,
     UpstreamError,
     UpstreamFactory,
-    accepted_original_dst,
     connect,
     plain_upstream,
     sockname_original_dst,
+    transport_addresses,
 )
 from ztunnel_py.state.model import Endpoint, Service, Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
@@ -295,16 +295,15 @@ class Outbound:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        peer = leg.transport.get_extra_info("peername")
+        local, peer = transport_addresses(leg.transport)
         try:
-            dst = accepted_original_dst(self.original_dst, leg.transport)
+            dst = self.original_dst(local, peer)
         except OSError as exc:
             _log.warning("no original destination; resetting", error=str(exc))
             leg.reset()
             return
-        src_ip = _normalise(str(peer[0]))
         task = (self.loop or asyncio.get_running_loop()).create_task(
-            self._serve(leg, (src_ip, int(peer[1])), (_normalise(dst[0]), dst[1]))
+            self._serve(leg, (_normalise(peer[0]), peer[1]), (_normalise(dst[0]), dst[1]))
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -29,6 +29,7 @@ from ztunnel_py.proxy.outbound import Authorizer, Outbound, allow_all
 from ztunnel_py.proxy.pool import ConnectionPool, ContextCache, DialMap
 from ztunnel_py.proxy.relay import Relay
 from ztunnel_py.proxy.sockets import (
+    Address,
     ListenerFactory,
     OriginalDst,
     UpstreamFactory,
@@ -41,7 +42,6 @@ from ztunnel_py.state.snapshot import StateStore
 
 _log = log.get("proxy")
 
-Address = tuple[str, int]
 Recheck = Callable[[list[Connection]], list[tuple[Connection, Verdict]]]
 
 

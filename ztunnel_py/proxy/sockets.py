@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 ListenerFactory = Callable[[str, int], socket.socket]
 UpstreamFactory = Callable[[int], socket.socket]  # address family -> unconnected socket
-OriginalDst = Callable[[socket.socket], tuple[str, int]]
+Address = tuple[str, int]
+# An accepted connection's (local, peer) addresses -> where the client meant to connect.
+# Addresses, not the socket: uvloop keeps both from the accept, so no seam costs a syscall.
+OriginalDst = Callable[[Address, Address], Address]
 
 
 class UpstreamError(OSError):
@@ -62,26 +65,17 @@ def marked_upstream(mark: int) -> UpstreamFactory:
     return factory
 
 
-def sockname_original_dst(sock: socket.socket) -> tuple[str, int]:
+def sockname_original_dst(local: Address, peer: Address) -> Address:
     """With ``bpf_sk_assign`` to a transparent listener, the local address is the original one."""
-    host, port = sock.getsockname()[:2]
-    return str(host), int(port)
+    return local
 
 
-def accepted_original_dst(seam: OriginalDst, transport: asyncio.BaseTransport) -> tuple[str, int]:
-    """``seam``'s original destination for an accepted connection's transport. For the
-    default seam (the local address) the transport's own record is the answer: uvloop
-    and asyncio read it when they accept, while the transport's socket object costs a
-    getsockname() to make and its getsockname() two more."""
-    if seam is sockname_original_dst:
-        host, port = transport.get_extra_info("sockname")[:2]
-        return str(host), int(port)
-    by_addresses = getattr(seam, "from_addresses", None)
-    if by_addresses is not None:  # a seam that needs only the addresses: no socket object
-        host, port = by_addresses(transport.get_extra_info("sockname")[:2],
-                                  lambda: transport.get_extra_info("peername")[:2])
-        return str(host), int(port)
-    return seam(transport.get_extra_info("socket"))
+def transport_addresses(transport: asyncio.BaseTransport) -> tuple[Address, Address]:
+    """An accepted transport's (local, peer) addresses, from its own record (uvloop and
+    asyncio read them when they accept: no syscall here)."""
+    local = transport.get_extra_info("sockname")
+    peer = transport.get_extra_info("peername")
+    return (str(local[0]), int(local[1])), (str(peer[0]), int(peer[1]))
 
 
 def family_of(ip: str) -> int:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ztunnel_py.config import HBONE_PORT, HboneConfig
 from ztunnel_py.identity.certs import WorkloadCertificate
@@ -23,11 +22,9 @@ from ztunnel_py.identity.testing import InMemoryCA
 from ztunnel_py.proxy.inbound_plaintext import Strict, never_strict
 from ztunnel_py.proxy.outbound import Authorizer, allow_all
 from ztunnel_py.proxy.server import Proxy
-from ztunnel_py.proxy.sockets import UpstreamFactory, plain_listener, plain_upstream
+from ztunnel_py.proxy.sockets import Address, UpstreamFactory, plain_listener, plain_upstream
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
-
-Address = tuple[str, int]
 
 
 class CaCertificates:
@@ -54,23 +51,12 @@ class DstTable:
         self.by_peer: dict[Address, Address] = {}
         self.by_listen_port: dict[int, Address] = {}
 
-    def __call__(self, sock: socket.socket) -> Address:
-        return self.from_addresses(sock.getsockname()[:2], lambda: sock.getpeername()[:2])
-
-    def from_addresses(self, local: tuple[Any, ...], peer: Callable[[], tuple[Any, ...]]
-                       ) -> Address:
-        """The answer from the connection's local address and (only when the listener has
-        no fixed destination) its peer's: ``accepted_original_dst`` passes the transport's
-        own record of them, as it does for the production seam (no socket object, whose
-        making and reading would be syscalls the agent never makes in production)."""
-        fixed = self.by_listen_port.get(int(local[1]))
+    def __call__(self, local: Address, peer: Address) -> Address:
+        fixed = self.by_listen_port.get(local[1])
         if fixed is not None:
             return fixed
-        p = peer()
-        dst = self.by_peer.pop((str(p[0]), int(p[1])), None)
-        if dst is not None:
-            return dst
-        return str(local[0]), int(local[1])
+        dst = self.by_peer.pop(peer, None)
+        return dst if dst is not None else local
 
 
 def loopback_prefix() -> str:
