@@ -43,6 +43,7 @@ from waypoint.request import (
     make_request,
 )
 from ztunnel_py import log
+from ztunnel_py.telemetry.http import reason
 
 
 def _log() -> Any:
@@ -76,13 +77,6 @@ class Serving(Handler, Protocol):
     """A handler that also runs the per-request tasks (``WaypointProxy``)."""
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]: ...
-
-
-def reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 _STATUS_LINES: dict[int, str] = {
@@ -455,7 +449,7 @@ class H1Server:
         return bytes(held or b"")
 
     def _fail(self, status: int) -> None:
-        body = reason(status)
+        body = reason(status).encode()
         self.pipe.write(
             f"{status_line(status)}content-length: {len(body)}\r\n"
             "connection: close\r\n\r\n".encode() + body)
