@@ -346,16 +346,21 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         last = len(events) - 1
         for i, ev in enumerate(events):
-            if i < last and ev.__class__ is core.Data:
+            if ev.__class__ is not core.Data:
+                self._dispatch(ev)
+                continue
+            # DATA, the usual event: dispatched here (no frame for it)
+            sid, data, flow_length = ev
+            leg = self.streams.get(sid)
+            end = events[i + 1] if i < last else None
+            if leg is None:
+                self.core.ack(sid, flow_length)
+            elif isinstance(end, core.StreamEnded) and end.stream_id == sid:
                 # a stream's last data and its END_STREAM together (a response and the
                 # server's close): the sink writes them as one (``Leg.send_last``)
-                end = events[i + 1]
-                if end.__class__ is core.StreamEnded and end.stream_id == ev.stream_id:
-                    leg = self.streams.get(ev.stream_id)
-                    if leg is not None:
-                        leg._on_data(ev.data, ev.flow_length, last=True)
-                        continue
-            self._dispatch(ev)
+                leg._on_data(data, flow_length, last=True)
+            else:
+                leg._on_data(data, flow_length)
         if self.core.wants_write:  # acks may have made a WINDOW_UPDATE, events replies
             self.flush()
 
@@ -493,13 +498,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # -- events ----------------------------------------------------------------------
 
     def _dispatch(self, ev: core.Event) -> None:
-        if isinstance(ev, core.Data):
-            leg = self.streams.get(ev.stream_id)
-            if leg is not None:
-                leg._on_data(ev.data, ev.flow_length)
-            else:
-                self.core.ack(ev.stream_id, ev.flow_length)
-        elif isinstance(ev, core.Writable):
+        """Every event but ``Data`` (``data_received`` takes those itself)."""
+        if isinstance(ev, core.Writable):
             leg = self.streams.get(ev.stream_id)
             if leg is not None:
                 leg._on_writable()

@@ -157,6 +157,11 @@ class Data(NamedTuple):
     flow_length: int
 
 
+# ``Data`` made as ``_tuple_new(Data, (stream_id, data, flow_length))``: the named tuple's
+# generated ``__new__`` is a Python frame of its own, per read on the data path
+_tuple_new = tuple.__new__
+
+
 @dataclass(frozen=True)
 class StreamEnded:
     """The peer half-closed the tunnel (END_STREAM = its TCP sender shut down)."""
@@ -472,17 +477,6 @@ def _tunnel_fields(
     return out if seen == len(pseudo) else None
 
 
-def _credit(window: h2.windows.WindowManager, n: int) -> int | None:
-    """``window.process_bytes(n)``, h2's decision whether a WINDOW_UPDATE is due, without
-    its two method calls while none can be: below half the window processed, and the
-    window not exhausted (its rule, in ``_maybe_update_window``)."""
-    processed = window._bytes_processed + n
-    if processed < window.max_window_size // 2 and window.current_window_size:
-        window._bytes_processed = processed
-        return 0  # what h2 answers then
-    return window.process_bytes(n)
-
-
 # -- the connection -----------------------------------------------------------------
 
 
@@ -730,19 +724,33 @@ class HboneConnection:
             return
         # h2's acknowledge_received_data, inline (once per read on the data path): its
         # window managers decide when a WINDOW_UPDATE is due (half a window, or an
-        # exhausted one), we write the frames
+        # exhausted one), we write the frames. While none can be due (below half the
+        # window processed, and the window not exhausted: the rule of h2's
+        # ``_maybe_update_window``) the count is kept here, without the manager's two
+        # method calls; for both windows, as each is one per read.
         h2c = self._h2
-        increment = _credit(h2c._inbound_flow_control_window_manager, flow_length)
-        if increment:
-            h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
+        w = h2c._inbound_flow_control_window_manager
+        processed = w._bytes_processed + flow_length
+        if processed < w.max_window_size // 2 and w.current_window_size:
+            w._bytes_processed = processed
+        else:
+            increment = w.process_bytes(flow_length)
+            if increment:
+                h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
         stream = h2c.streams.get(stream_id)
         # (closed streams' windows are moot)
-        if stream is not None and stream.state_machine.state in _STREAM_OPEN:
-            increment = _credit(stream._inbound_window_manager, flow_length)
-            if increment:
-                h2c._data_to_send += (
-                    _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
-                )
+        if stream is None or stream.state_machine.state not in _STREAM_OPEN:
+            return
+        w = stream._inbound_window_manager
+        processed = w._bytes_processed + flow_length
+        if processed < w.max_window_size // 2 and w.current_window_size:
+            w._bytes_processed = processed
+            return
+        increment = w.process_bytes(flow_length)
+        if increment:
+            h2c._data_to_send += (
+                _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
+            )
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed received bytes; returns the tunnel events they complete.
@@ -776,7 +784,7 @@ class HboneConnection:
             sid = int.from_bytes(data[5:_FRAME_HEADER], "big") & 0x7FFF_FFFF
             if self._charge(sid, n - _FRAME_HEADER):
                 self.fast_data_frames += 1
-                return [Data(sid, bytes(data[_FRAME_HEADER:]), n - _FRAME_HEADER)]
+                return [_tuple_new(Data, (sid, bytes(data[_FRAME_HEADER:]), n - _FRAME_HEADER))]
         out: list[Event] = []
         batch: list[bytes | memoryview] = []  # for h2, in order, flushed before each fast frame
         view = memoryview(data)
@@ -953,8 +961,8 @@ class HboneConnection:
             self.ack(stream_id, n)
             return
         if not self.lend_views or n < LEND_MIN:
-            out.append(Data(stream_id, run[0].tobytes() if len(run) == 1 else b"".join(run),
-                            n))
+            out.append(_tuple_new(Data, (
+                stream_id, run[0].tobytes() if len(run) == 1 else b"".join(run), n)))
             return
         small: list[memoryview] = []
         for piece in run:
