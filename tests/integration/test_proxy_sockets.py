@@ -170,3 +170,13 @@ async def test_original_dst_seams_get_the_transports_addresses() -> None:
         transport.close()
     finally:
         server.close()
+
+
+def test_a_connection_gone_before_its_addresses_were_read_is_an_oserror() -> None:
+    # asyncio records None when getpeername failed at the accept (the client reset first)
+    class Gone(asyncio.BaseTransport):
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return None
+
+    with pytest.raises(OSError, match="gone"):
+        transport_addresses(Gone())

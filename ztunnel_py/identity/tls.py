@@ -42,9 +42,9 @@ class DirectSSLObject(ssl.SSLObject):
 
     uvloop's SSL protocol (the transport of every HBONE connection) calls them about
     twice per TLS record; ``ssl.SSLObject``'s methods only forward to ``_sslobj`` with
-    the same arguments, each a Python frame of its own (four of the ~27 frames per
-    request through an agent). Bound as instance attributes, uvloop's calls go straight
-    to C. Every other method is ``SSLObject``'s."""
+    the same arguments, each a Python frame of its own (four per request through an
+    agent). Bound as instance attributes, uvloop's calls go straight to C. Every other
+    method is ``SSLObject``'s."""
 
     @classmethod
     def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:

@@ -70,8 +70,8 @@ class InboundPlaintext:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        local, peer = transport_addresses(leg.transport)
         try:
+            local, peer = transport_addresses(leg.transport)
             dst = self.original_dst(local, peer)
         except OSError:
             leg.reset()

@@ -295,8 +295,8 @@ class Outbound:
 
     def _accepted(self, leg: TcpLeg) -> None:
         assert leg.transport is not None
-        local, peer = transport_addresses(leg.transport)
         try:
+            local, peer = transport_addresses(leg.transport)
             dst = self.original_dst(local, peer)
         except OSError as exc:
             _log.warning("no original destination; resetting", error=str(exc))

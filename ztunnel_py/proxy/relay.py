@@ -55,7 +55,6 @@ READ_CHUNK = 256 << 10
 FIN_PROBES = 8
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _TCP_CLOSE_WAIT = 8  # tcp_info.tcpi_state (include/net/tcp_states.h): the peer's FIN is in
-_INQ = bytearray(4)  # FIONREAD's answer (one loop per thread: reused)
 
 
 def set_linger_zero(transport: asyncio.BaseTransport) -> None:
@@ -161,7 +160,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_CLOSE_WAIT:
                 return False
             # in CLOSE_WAIT every byte before the FIN is queued: none left means EOF next
-            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INQ) == 0 and not any(_INQ)
+            return not any(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
         except OSError:
             return False
 

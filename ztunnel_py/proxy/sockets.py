@@ -72,9 +72,12 @@ def sockname_original_dst(local: Address, peer: Address) -> Address:
 
 def transport_addresses(transport: asyncio.BaseTransport) -> tuple[Address, Address]:
     """An accepted transport's (local, peer) addresses, from its own record (uvloop and
-    asyncio read them when they accept: no syscall here)."""
+    asyncio read them when they accept: no syscall here). OSError when the connection
+    was gone before they could be read."""
     local = transport.get_extra_info("sockname")
     peer = transport.get_extra_info("peername")
+    if local is None or peer is None:
+        raise OSError(errno.ENOTCONN, "the connection is gone: no address to read")
     return (str(local[0]), int(local[1])), (str(peer[0]), int(peer[1]))
 
 
