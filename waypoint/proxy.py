@@ -48,7 +48,7 @@ from waypoint.request import (
 )
 from waypoint.routes import RouteTable, ServiceRoutes, qualify
 from waypoint.telemetry import RequestRecord, WaypointMetrics, next_traceparent
-from waypoint.upstream import Upstreams
+from waypoint.upstream import Upstreams, may_resend
 from ztunnel_py import log
 from ztunnel_py.state.model import AuthorizationPolicy, Service, Workload
 from ztunnel_py.state.snapshot import Snapshot, StateStore
@@ -391,9 +391,7 @@ class WaypointProxy:
                     resp = c.result()
                 except UpstreamError as error:
                     self.upstreams.done_h1(c, ep, False, 0)
-                    if not c.answered:
-                        # a kept-alive connection the upstream closed as we reused it: the
-                        # same try once more, on a fresh one (as ``Upstreams.exchange`` does)
+                    if may_resend(c, d.request):  # (as ``Upstreams.exchange`` does)
                         server.follow(self._complete(req, body, rec, started, d,
                                                      _Prior(next_ep=ep)))
                         return

@@ -47,6 +47,20 @@ class TcpConnector:
         return proto
 
 
+# RFC 9110 section 9.2.2: the idempotent methods
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def may_resend(client: H1Client, req: Request) -> bool:
+    """Whether ``req``, which failed on the kept-alive connection ``client``, goes once more
+    on a fresh connection: no byte of an answer came (most likely the upstream closed the
+    connection as we reused it) and the method is idempotent. The upstream may still
+    have applied the request before it closed; a non-idempotent one is not sent twice
+    (RFC 9110 section 9.2.2; nginx does the same) and fails as the route's retry policy
+    says."""
+    return not client.answered and req.method in IDEMPOTENT
+
+
 class Upstreams:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
@@ -69,10 +83,8 @@ class Upstreams:
             try:
                 return await self._h1(client, ep, req, body, max_requests_per_connection)
             except UpstreamError:
-                if client.answered:
+                if not may_resend(client, req):
                     raise
-                # A kept-alive connection the upstream closed as we reused it: the request
-                # never got an answer, so it goes once more on a fresh connection.
         client = H1Client(await self.connector.connect(ep, connect_timeout_s))
         return await self._h1(client, ep, req, body, max_requests_per_connection)
 

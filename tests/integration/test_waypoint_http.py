@@ -753,6 +753,42 @@ spec:
     replies = await many(mesh, 5, clients=1)
     assert [r.status for r in replies] == [200] * 5
     assert mesh.backends["reviews-v1"].connections >= 5
+    # PUT is idempotent: sent again too
+    replies = await many(mesh, 3, clients=1, method="PUT", body=b"same")
+    assert [r.status for r in replies] == [200] * 3
+
+
+@pytest.mark.parametrize("route_extra", ["", "timeout: 5s"], ids=["callbacks", "general-path"])
+async def test_a_post_is_not_sent_twice_when_its_kept_alive_connection_fails(
+    mesh: Mesh, route_extra: str
+) -> None:
+    # the upstream takes a request on a kept-alive connection and drops the connection
+    # without an answer: it may have applied it, so a POST is not sent again (RFC 9110
+    # 9.2.2); with no retries configured the client gets the failure. A route timeout
+    # sends the exchange down the general path (Upstreams.exchange), not the callbacks
+    await mesh.start()
+    backend = mesh.backends["reviews-v1"]
+    backend.per_connection = 1
+    mesh.apply(SUBSETS + f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: bookinfo}}
+spec:
+  hosts: [reviews]
+  http:
+  - retries: {{attempts: 0}}
+    {route_extra}
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+""")
+    c = Client(mesh.address)
+    try:
+        first = await c.request("/order", method="POST", body=b"one")
+        second = await c.request("/order", method="POST", body=b"two")
+    finally:
+        await c.close()
+    assert first.status == 200
+    assert second.status == 503
+    assert backend.connections == 1  # the failed POST went to no second connection
 
 
 def reviews_to(subset: str) -> str:
