@@ -126,7 +126,6 @@ class _Lines:
         self._waiting: list[str] = []
         self._size = 0
         self._flushing_on: asyncio.AbstractEventLoop | None = None  # a flush is due there
-        atexit.register(self.flush)
 
     def later(self, line: str) -> None:
         self._waiting.append(line)
@@ -203,6 +202,14 @@ def _config_key() -> tuple[Any, ...]:
 _setup: _Setup | None = None
 
 
+@atexit.register
+def _flush_at_exit() -> None:
+    """Nothing waits at exit: the current stream's lines out (one hook per process, not
+    one per ``configure``)."""
+    if _setup is not None:
+        _setup.lines.flush()
+
+
 def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
     global _setup
@@ -227,6 +234,8 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         *tail,
     ]
     wrapper_class = structlog.make_filtering_bound_logger(level)
+    if _setup is not None:  # the old stream's lines out before the new one takes over
+        _setup.lines.flush()
     lines = _Lines(out)
     logger_factory = _LineLoggerFactory(lines)
     structlog.configure(

@@ -736,20 +736,27 @@ async def test_chunked_request_body_and_post(mesh: Mesh) -> None:
     assert seen[0].headers.get("content-length") == "11"
 
 
+def v1_without_retries(extra: str = "") -> str:
+    """Reviews to v1 with no retries (after ``SUBSETS``); ``extra``: one more line of the
+    rule (``timeout: 5s``)."""
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: bookinfo}}
+spec:
+  hosts: [reviews]
+  http:
+  - retries: {{attempts: 0}}
+    {extra}
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+"""
+
+
 async def test_a_stale_keep_alive_connection_is_retried_on_a_fresh_one(mesh: Mesh) -> None:
     await mesh.start()
     for b in mesh.backends.values():
         b.per_connection = 1
-    mesh.apply(SUBSETS + """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  hosts: [reviews]
-  http:
-  - retries: {attempts: 0}
-    route: [{destination: {host: reviews, subset: v1}}]
-""")
+    mesh.apply(SUBSETS + v1_without_retries())
     replies = await many(mesh, 5, clients=1)
     assert [r.status for r in replies] == [200] * 5
     assert mesh.backends["reviews-v1"].connections >= 5
@@ -769,17 +776,7 @@ async def test_a_post_is_not_sent_twice_when_its_kept_alive_connection_fails(
     await mesh.start()
     backend = mesh.backends["reviews-v1"]
     backend.per_connection = 1
-    mesh.apply(SUBSETS + f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: bookinfo}}
-spec:
-  hosts: [reviews]
-  http:
-  - retries: {{attempts: 0}}
-    {route_extra}
-    route: [{{destination: {{host: reviews, subset: v1}}}}]
-""")
+    mesh.apply(SUBSETS + v1_without_retries(route_extra))
     c = Client(mesh.address)
     try:
         first = await c.request("/order", method="POST", body=b"one")
