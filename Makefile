@@ -5,10 +5,14 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 export BCC_KERNEL_SOURCE ?= /opt/ztunnel-py/kernel-headers
 
-.PHONY: setup test check unit demo demo-down bench proto proto-check clean
+.PHONY: setup native test check unit demo demo-down bench proto proto-check clean
 
 setup:
 	@bash scripts/setup.sh
+
+## The waypoint's per-request modules, compiled by mypyc (setup does it; a no-op while current).
+native: setup
+	$(PY) scripts/build_native.py
 
 ## The README's test command: lint, types, layering, generated code, then every test tier.
 test: setup check
@@ -46,4 +50,5 @@ proto-check: setup
 	  rm -rf "$$tmp"; exit 1; fi; rm -rf "$$tmp"; echo "proto-check: generated code is current"
 
 clean:
+	-$(PY) scripts/build_native.py --clean
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

@@ -4,3 +4,7 @@
 request (pure), ``cluster`` picks endpoints under the DestinationRule's
 policies, ``authz`` evaluates L7 AuthorizationPolicy.
 """
+
+from waypoint import native as _native
+
+_native.select()  # compiled or interpreted per-request modules: before any is imported

@@ -290,7 +290,7 @@ class Respond:
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Forward:
     target: Target
     request: Request  # rewritten: path, authority, headers
@@ -302,31 +302,23 @@ class Forward:
     route: str = ""
     flags: str = "-"
 
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, target: Target, request: Request,
+                 response_ops: tuple[r.HeaderOperations, ...] = (), timeout_s: float | None = None,
+                 retry: RetryPolicy | None = DEFAULT_RETRY, delay_s: float = 0.0,
+                 mirrors: tuple[Target, ...] = (), route: str = "", flags: str = "-") -> None:
+        self.target = target
+        self.request = request
+        self.response_ops = response_ops
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.delay_s = delay_s
+        self.mirrors = mirrors
+        self.route = route
+        self.flags = flags
+
 
 Decision = Respond | Forward
-
-_new = object.__new__
-
-
-def make_forward(target: Target, request: Request, response_ops: tuple[r.HeaderOperations, ...],
-                 timeout_s: float | None, retry: RetryPolicy | None, delay_s: float,
-                 mirrors: tuple[Target, ...], route: str, flags: str) -> Forward:
-    """``Forward(...)`` with every field given, for ``decide`` (once per request): as
-    ``request.make_request``, the frozen value filled through its ``__dict__`` (a unit
-    test holds it equal to the dataclass's own, field for field)."""
-    fwd = _new(Forward)
-    d = fwd.__dict__
-    d["target"] = target
-    d["request"] = request
-    d["response_ops"] = response_ops
-    d["timeout_s"] = timeout_s
-    d["retry"] = retry
-    d["delay_s"] = delay_s
-    d["mirrors"] = mirrors
-    d["route"] = route
-    d["flags"] = flags
-    return fwd
-
 
 # -- header operations and rewrites -----------------------------------------------------
 
@@ -494,8 +486,8 @@ def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> D
         if _hit(_pct(m.percentage), rng):
             mirrors.append(_target(m.destination, service, req.port))
     timeout, retry = route_settings(route)
-    return make_forward(_target(dest.destination, service, req.port), out,
-                        tuple(response_ops), timeout, retry, delay_s, tuple(mirrors), name, flags)
+    return Forward(_target(dest.destination, service, req.port), out, tuple(response_ops),
+                   timeout, retry, delay_s, tuple(mirrors), name, flags)
 
 
 def shadow_authority(authority: str) -> str:

@@ -40,7 +40,6 @@ from waypoint.request import (
     Request,
     Response,
     UpstreamError,
-    make_request,
 )
 from ztunnel_py import log
 from ztunnel_py.telemetry.http import reason
@@ -141,7 +140,7 @@ class _HeadOnly(Exception):
     """Raised from the response parser's callback: a response to HEAD has no body."""
 
 
-@dataclass
+@dataclass(init=False)
 class _Incoming:
     """One complete request read from the client, waiting for its turn."""
 
@@ -150,6 +149,15 @@ class _Incoming:
     keep_alive: bool
     http10: bool
     upgrade: bool
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, request: Request, body: bytes, keep_alive: bool, http10: bool,
+                 upgrade: bool) -> None:
+        self.request = request
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.upgrade = upgrade
 
 
 class H1Server:
@@ -310,8 +318,8 @@ class H1Server:
         info = self.info
         body = self._body
         self._queue.append(_Incoming(
-            make_request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
-                         info.dst[1], "http", info.source, grpc, info.dst[0], False),
+            Request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
+                    info.dst[1], "http", info.source, grpc, info.dst[0], False),
             body[0] if len(body) == 1 else b"".join(body),
             self._keep, parser.get_http_version() == "1.0", upgrade,
         ))
@@ -532,15 +540,16 @@ class H1Client:
             self._switched = True
             self._trailing = data[int(up.args[0]):]
             self._wake()
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadOnly):
+        except httptools.HttpParserCallbackError as cb_error:
+            if isinstance(cb_error.__context__, _HeadOnly):
                 # llhttp would wait for the body a HEAD response announces: start over.
                 self.parser = httptools.HttpResponseParser(self)
                 self._wake()
                 return
-            self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {exc.__context__}"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {exc}"))
+            self._fail(UpstreamError("reset",
+                                     f"bad HTTP/1.1 from upstream: {cb_error.__context__}"))
+        except httptools.HttpParserError as parse_error:  # (one name per type: mypyc)
+            self._fail(UpstreamError("reset", f"bad HTTP/1.1 from upstream: {parse_error}"))
 
     def on_eof(self) -> None:
         if self.raw_eof is not None:

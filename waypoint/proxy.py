@@ -66,15 +66,23 @@ TEXT = (("content-type", "text/plain"),)
 OVERLOADED = (*TEXT, ("x-envoy-overloaded", "true"))
 
 
-@dataclass
+@dataclass(init=False)
 class _Result:
     response: Response
     flags: list[str]
     endpoint: EndpointRef | None = None
     attempts: int = 0
 
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, response: Response, flags: list[str], endpoint: EndpointRef | None = None,
+                 attempts: int = 0) -> None:
+        self.response = response
+        self.flags = flags
+        self.endpoint = endpoint
+        self.attempts = attempts
 
-@dataclass
+
+@dataclass(init=False)
 class _Prior:
     """What the callback path (``WaypointProxy.handle_now``) did before it handed a
     request to the general path: the endpoint picked for the next try, or a first
@@ -86,6 +94,17 @@ class _Prior:
     resp: Response | None = None
     error: UpstreamError | None = None
     outcome: Outcome = field(default_factory=Outcome)
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, next_ep: EndpointRef | None = None, attempts: int = 0,
+                 ep: EndpointRef | None = None, resp: Response | None = None,
+                 error: UpstreamError | None = None, outcome: Outcome | None = None) -> None:
+        self.next_ep = next_ep
+        self.attempts = attempts
+        self.ep = ep
+        self.resp = resp
+        self.error = error
+        self.outcome = outcome if outcome is not None else Outcome()
 
 
 class Answerer(Protocol):
@@ -193,6 +212,7 @@ class WaypointProxy:
             = {}
         self._authz: dict[str, tuple[AuthorizationPolicy, ...]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.spawned = 0  # tasks started for requests (the general path), ever
         store.subscribe(self._swapped)
 
     def _swapped(self, _old: Snapshot, new: Snapshot) -> None:
@@ -209,6 +229,7 @@ class WaypointProxy:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             coro)  # type: ignore[arg-type]
         self.tasks.add(task)
+        self.spawned += 1
         task.add_done_callback(self.tasks.discard)
         return task
 
@@ -527,8 +548,8 @@ class WaypointProxy:
             await asyncio.sleep(d.delay_s)
         try:
             svc, eps = self._endpoints(d.target)
-        except UnknownSubset as exc:
-            return _Result(_error_response(503, str(exc)), ["NC"])
+        except UnknownSubset as unknown:  # (one name per exception type: mypyc types it)
+            return _Result(_error_response(503, str(unknown)), ["NC"])
         if svc is None and not eps and d.target.host not in self.table.snapshot.by_ip:
             return _Result(_error_response(503, f"no service {d.target.host}"), ["NC"])
         req = d.request
@@ -638,8 +659,8 @@ class WaypointProxy:
                 return
         try:
             _, eps = self._endpoints(target)
-        except UnknownSubset as exc:
-            _log().info("mirror skipped", error=str(exc))
+        except UnknownSubset as unknown:
+            _log().info("mirror skipped", error=str(unknown))
             return
         cluster = self.cluster(target, req.http2)
         ep = cluster.pick(eps, req)

@@ -81,7 +81,7 @@ class Peer:
         return self.workload.labels if self.workload is not None else FrozenMap()
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Request:
     method: str
     path: str  # the request target: path and query
@@ -93,6 +93,22 @@ class Request:
     grpc: bool = False
     dst: str = ""  # the address the client dialled (a service VIP or a pod IP)
     http2: bool = False
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, method: str, path: str, authority: str, headers: Headers = (),
+                 port: int = 80, scheme: str = "http", source: Peer | None = None,
+                 grpc: bool = False, dst: str = "", http2: bool = False) -> None:
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.headers = headers
+        self.port = port
+        self.scheme = scheme
+        self.source = source if source is not None else Peer()
+        self.grpc = grpc
+        self.dst = dst
+        self.http2 = http2
+
 
     def header(self, name: str) -> str | None:
         return header(self.headers, name)
@@ -117,42 +133,17 @@ class Request:
         if headers is self.headers:
             return self
         # by hand: dataclasses.replace costs several microseconds on this hot path
-        return make_request(self.method, self.path, self.authority, headers, self.port,
-                            self.scheme, self.source, self.grpc, self.dst, self.http2)
+        return Request(self.method, self.path, self.authority, headers, self.port,
+                       self.scheme, self.source, self.grpc, self.dst, self.http2)
 
     def with_port(self, port: int) -> Request:
         if port == self.port:
             return self
-        return make_request(self.method, self.path, self.authority, self.headers, port,
-                            self.scheme, self.source, self.grpc, self.dst, self.http2)
+        return Request(self.method, self.path, self.authority, self.headers, port,
+                       self.scheme, self.source, self.grpc, self.dst, self.http2)
 
 
-_new = object.__new__
-
-
-def make_request(method: str, path: str, authority: str, headers: Headers, port: int,
-                 scheme: str, source: Peer, grpc: bool, dst: str, http2: bool) -> Request:
-    """``Request(...)`` with every field given, for the per-request path: a frozen
-    dataclass's ``__init__`` sets each field with ``object.__setattr__`` (ten calls,
-    ~1 us); filling the fresh instance's ``__dict__`` costs a third of that. The
-    result is the same frozen, hashable value (a unit test holds the two equal, field
-    for field, so a new field cannot be forgotten here)."""
-    req = _new(Request)
-    d = req.__dict__
-    d["method"] = method
-    d["path"] = path
-    d["authority"] = authority
-    d["headers"] = headers
-    d["port"] = port
-    d["scheme"] = scheme
-    d["source"] = source
-    d["grpc"] = grpc
-    d["dst"] = dst
-    d["http2"] = http2
-    return req
-
-
-@dataclass
+@dataclass(init=False)
 class Response:
     status: int
     headers: Headers = ()
@@ -161,6 +152,16 @@ class Response:
     # Set when the body is relayed as it arrives (HTTP/2 upstreams: gRPC streams); the
     # body and trailers above are then empty and come from the stream.
     stream: BodyStream | None = None
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, status: int, headers: Headers = (), body: bytes = b"",
+                 trailers: Headers = (), stream: BodyStream | None = None) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.trailers = trailers
+        self.stream = stream
+
 
     @property
     def grpc_status(self) -> str | None:
@@ -215,20 +216,7 @@ class BodyStream:
                 cb(self)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        while not self.finished:
-            chunk = await self._q.get()
-            if chunk is None:
-                self._done()
-                if self.error is not None:
-                    raise self.error
-                return
-            self.size += len(chunk)
-            if self.on_consumed is not None:
-                self.on_consumed(len(chunk))
-            yield chunk
+        return _Chunks(self)
 
     async def read_all(self) -> bytes:
         return b"".join([c async for c in self])
@@ -277,33 +265,79 @@ class RequestBody:
         """The whole body, once it has all arrived (replayable bodies only)."""
         return b"".join([c async for c in self.replay()])
 
-    async def replay(self) -> AsyncIterator[bytes]:
+    def replay(self) -> AsyncIterator[bytes]:
         """The body from its first byte, as it arrives."""
-        if not self.replayable and self.readers:
-            raise UpstreamError("reset", "request body too large to send again")
-        self.readers += 1
-        i = 0
-        while True:
-            if self.error is not None:
-                raise self.error
-            if i < self.dropped:
+        return _Replay(self)
+
+
+# The two iterators are classes rather than async generators: mypyc, which compiles this
+# module (``waypoint._native``), does not compile async generators.
+
+
+class _Chunks:
+    """``BodyStream``'s chunks as they arrive; raises the stream's error at its end."""
+
+    def __init__(self, stream: BodyStream) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        s = self.stream
+        if s.finished:
+            raise StopAsyncIteration
+        chunk = await s._q.get()
+        if chunk is None:
+            s._done()
+            if s.error is not None:
+                raise s.error
+            raise StopAsyncIteration
+        s.size += len(chunk)
+        if s.on_consumed is not None:
+            s.on_consumed(len(chunk))
+        return chunk
+
+
+class _Replay:
+    """``RequestBody.replay``: one reader's pass over the body, from its first byte."""
+
+    def __init__(self, body: RequestBody) -> None:
+        self.body = body
+        self.i = 0
+        self.started = False
+
+    def __aiter__(self) -> _Replay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        b = self.body
+        if not self.started:  # (counted at the first read, as a generator's body runs)
+            self.started = True
+            if not b.replayable and b.readers:
                 raise UpstreamError("reset", "request body too large to send again")
-            if i - self.dropped < len(self.chunks):
-                chunk = self.chunks[i - self.dropped]
-                i += 1
-                if i > self._high:
-                    self._high = i
-                    if self.on_consumed is not None:
-                        self.on_consumed(len(chunk))
-                if not self.replayable:  # read-once: let go of what was read
-                    del self.chunks[: i - self.dropped]
-                    self.dropped = i
-                yield chunk
-                continue
-            if self.complete:
-                return
-            self._changed.clear()
-            await self._changed.wait()
+            b.readers += 1
+        while True:
+            if b.error is not None:
+                raise b.error
+            i = self.i
+            if i < b.dropped:
+                raise UpstreamError("reset", "request body too large to send again")
+            if i - b.dropped < len(b.chunks):
+                chunk = b.chunks[i - b.dropped]
+                self.i = i = i + 1
+                if i > b._high:
+                    b._high = i
+                    if b.on_consumed is not None:
+                        b.on_consumed(len(chunk))
+                if not b.replayable:  # read-once: let go of what was read
+                    del b.chunks[: i - b.dropped]
+                    b.dropped = i
+                return chunk
+            if b.complete:
+                raise StopAsyncIteration
+            b._changed.clear()
+            await b._changed.wait()
 
 
 Body = bytes | RequestBody

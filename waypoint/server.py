@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from collections.abc import Sequence
+from typing import Any, cast
 
 from waypoint.http1 import ConnInfo, H1Server, Serving
 from waypoint.http2 import PREFACE, H2Server
@@ -95,7 +98,9 @@ class PlainListener:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: _Accepted(self), self.host, self.port,
                                                backlog=4096)
-        sock = self.server.sockets[0].getsockname()
+        # (uvloop's server gives a list where typeshed says tuple: compiled code would check)
+        listening: Sequence[socket.socket] = cast(Any, self.server).sockets
+        sock = listening[0].getsockname()
         self.port = int(sock[1])
         return str(sock[0]), self.port
 

@@ -47,7 +47,7 @@ BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 
 
 
 
-@dataclass
+@dataclass(init=False)
 class RequestRecord:
     """Everything the metrics and the access log need about one finished request."""
 
@@ -70,6 +70,34 @@ class RequestRecord:
     traceparent: str = ""
     mirrored_to: tuple[str, ...] = ()
     security: str = "mutual_tls"
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, method: str = "", path: str = "", authority: str = "",
+                 protocol: str = "http", source: Peer | None = None,
+                 destination_service: str = "", destination: Workload | None = None,
+                 upstream: str = "", route: str = "", status: int = 0, grpc_status: str = "",
+                 flags: str = "-", request_bytes: int = 0, response_bytes: int = 0,
+                 duration_ms: float = 0.0, attempts: int = 0, traceparent: str = "",
+                 mirrored_to: tuple[str, ...] = (), security: str = "mutual_tls") -> None:
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.protocol = protocol
+        self.source = source if source is not None else Peer()
+        self.destination_service = destination_service
+        self.destination = destination
+        self.upstream = upstream
+        self.route = route
+        self.status = status
+        self.grpc_status = grpc_status
+        self.flags = flags
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
+        self.duration_ms = duration_ms
+        self.attempts = attempts
+        self.traceparent = traceparent
+        self.mirrored_to = mirrored_to
+        self.security = security
 
 
 def _v(value: str) -> str:

@@ -602,14 +602,3 @@ def test_route_timeout_and_retries_are_parsed_once_per_route_object() -> None:
     assert d2.timeout_s == 2.0 and d2.retry is engine.DEFAULT_RETRY
 
 
-def test_make_forward_is_the_dataclass_value_field_for_field() -> None:
-    import dataclasses
-
-    want = Forward(engine.target("reviews.ns.svc.cluster.local", 9080, "v2"),
-                   Request("GET", "/", "reviews:9080"), (), 3.0, engine.DEFAULT_RETRY, 0.5,
-                   (engine.target("shadow", 80, None),), "canary", "DI")
-    got = engine.make_forward(*(getattr(want, f.name) for f in dataclasses.fields(Forward)))
-    assert got == want and hash(got) == hash(want)
-    assert vars(got) == {f.name: getattr(want, f.name) for f in dataclasses.fields(Forward)}
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        got.route = "x"  # type: ignore[misc]

@@ -1,0 +1,99 @@
+"""Compile the waypoint's per-request modules with mypyc, in place (``make native``).
+
+    .venv/bin/python scripts/build_native.py [--clean]
+
+Builds ``waypoint.native.MODULES`` into C extensions beside their sources plus
+mypyc's shared library (``waypoint_native__mypyc*.so`` at the repository root),
+then writes ``waypoint/native.json`` with the SHA-256 of each compiled source.
+Nothing is done when that stamp already matches the sources. Needs a C compiler
+and the Python headers (``make setup`` installs gcc). ``--clean`` removes the
+build: the waypoint then runs interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _native() -> ModuleType:
+    """``waypoint/native.py`` by path: importing the package would already choose."""
+    path = REPO / "waypoint" / "native.py"
+    spec = importlib.util.spec_from_file_location("_waypoint_native", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def clean(native: ModuleType) -> None:
+    for path in native.built():
+        path.unlink()
+    for path in REPO.glob(f"{native.GROUP}__mypyc*"):
+        path.unlink()
+    native.STAMP.unlink(missing_ok=True)
+
+
+def build(native: ModuleType) -> None:
+    from mypyc.build import mypycify
+    from setuptools import Distribution
+
+    sources = [f"waypoint/{m}.py" for m in native.MODULES]
+    before = native.digests()
+    with tempfile.TemporaryDirectory(prefix="ztunnel-native-") as tmp:
+        cwd = os.getcwd()
+        os.chdir(REPO)  # mypycify reads pyproject.toml's [tool.mypy] from here
+        try:
+            ext = mypycify(sources, group_name=native.GROUP, opt_level="3",
+                           target_dir=str(Path(tmp) / "c"))
+            dist = Distribution({"name": "waypoint-native", "ext_modules": ext})
+            cmd = dist.get_command_obj("build_ext")
+            cmd.inplace = True  # type: ignore[attr-defined]
+            cmd.build_temp = str(Path(tmp) / "temp")  # type: ignore[attr-defined]
+            cmd.build_lib = str(Path(tmp) / "lib")  # type: ignore[attr-defined]
+            dist.run_command("build_ext")
+        finally:
+            os.chdir(cwd)
+    if native.digests() != before:
+        clean(native)
+        raise SystemExit("build_native: a source changed during the build; run it again")
+    native.STAMP.write_text(json.dumps(
+        {"cache_tag": sys.implementation.cache_tag, "sources": before}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clean", action="store_true", help="remove the compiled modules")
+    args = p.parse_args(argv)
+    native = _native()
+    if args.clean:
+        clean(native)
+        print("build_native: removed; the waypoint runs interpreted")
+        return 0
+    reason = native.stale_reason()
+    if reason is None:
+        print("build_native: compiled modules are current")
+        return 0
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        print("build_native: no C compiler (gcc); the waypoint runs interpreted", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    clean(native)
+    build(native)
+    print(f"build_native: compiled {len(native.MODULES)} waypoint modules "
+          f"({reason}) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The waypoint's compiled modules: used when current, never when stale or turned off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from waypoint import native
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = ("import waypoint.native as n, waypoint.proxy as p; "
+         "print(n.compiled, p.__file__.rsplit('.', 1)[-1])")
+
+
+def _built() -> bool:
+    return native.stale_reason() is None
+
+
+def test_ci_runs_the_tests_against_the_compiled_modules() -> None:
+    """``make setup`` compiles them; the suite must exercise what production runs."""
+    if not _built():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the waypoint's modules are not compiled under CI: "
+                        f"{native.stale_reason()}")
+        pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
+    assert native.compiled
+    import waypoint.proxy
+
+    assert waypoint.proxy.__file__ is not None and waypoint.proxy.__file__.endswith(".so")
+
+
+def _copy(tmp: Path) -> Path:
+    """The package with its build, and mypyc's shared library, in ``tmp``."""
+    shutil.copytree(REPO / "waypoint", tmp / "waypoint",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for lib in REPO.glob(f"{native.GROUP}__mypyc*"):
+        shutil.copy(lib, tmp)
+    return tmp
+
+
+def _probe(root: Path, **env: str) -> tuple[str, str]:
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=root, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}", **env})
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip(), run.stderr
+
+
+def test_a_stale_build_is_not_used_and_says_so(tmp_path: Path) -> None:
+    if not _built():
+        pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
+    root = _copy(tmp_path)
+    out, err = _probe(root)
+    assert out == "True so" and err == ""
+    src = root / "waypoint" / "engine.py"
+    src.write_text(src.read_text() + "\n# edited after the build\n")
+    out, err = _probe(root)
+    assert out == "False py"  # the edited source runs, not its old extension
+    assert "stale" in err and "engine" in err
+
+
+def test_pure_mode_runs_the_sources(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    out, err = _probe(root, ZTUNNEL_PY_PURE="1")
+    assert out == "False py" and err == ""
