@@ -7,9 +7,10 @@ Two backends (the demo's HTTP service, one process each) stand for reviews v1
 and v2. In front of them, on loopback:
 
 - haproxy (Debian's, ``mode http``, one thread, weighted round robin 90/10);
-- the waypoint (one process on uvloop, a VirtualService with a 90/10 weighted
-  route, the plaintext listener: no TLS on either side, access log off like
-  HAProxy's).
+- the waypoint (one process on uvloop, its per-request modules compiled by mypyc
+  when built (``make native``; the table's header says which), a VirtualService
+  with a 90/10 weighted route, the plaintext listener: no TLS on either side,
+  access log off like HAProxy's).
 
 - for reference, ``py-floor``: the least an HTTP/1.1-aware Python proxy does per
   request on the same runtime (uvloop, llhttp via httptools, asyncio Protocols):
@@ -313,6 +314,16 @@ def median_result(rounds: list[Result]) -> Result:
     return out
 
 
+def _build() -> str:
+    """How the waypoint child runs its per-request modules (``waypoint.native``)."""
+    if os.environ.get("ZTUNNEL_PY_PURE") == "1":
+        return "interpreted: ZTUNNEL_PY_PURE=1"
+    from waypoint import native
+
+    reason = native.stale_reason()
+    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
@@ -407,7 +418,7 @@ backend be
     print(f"\nwaypoint vs haproxy, 90/10 split, HTTP/1.1 keep-alive on loopback, "
           f"{args.duration}s per run, {args.repeat} round(s) (medians), {os.cpu_count()} CPUs; "
           f"haproxy: nbthread 1; "
-          f"waypoint: 1 process (uvloop); wrk -t1 -c{args.connections}")
+          f"waypoint: 1 process (uvloop, {_build()}); wrk -t1 -c{args.connections}")
     head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
             f"{'@rate req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     print(head)

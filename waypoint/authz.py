@@ -41,7 +41,7 @@ def _any(patterns: tuple[str, ...], value: str, *, fold: bool = False) -> bool:
 
 
 def _ips(blocks: tuple[str, ...], ip: str) -> bool:
-    nets = tuple(n for n in (parse_ip_block(b) for b in blocks) if n is not None)
+    nets = tuple(n for b in blocks if (n := parse_ip_block(b)) is not None)
     return ip_in(ip, nets)
 
 

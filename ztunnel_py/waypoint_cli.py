@@ -83,6 +83,7 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     # Imported here so that building the CLI (every subcommand's parser) stays cheap.
     import grpc
 
+    from waypoint import native
     from waypoint.mesh import HboneConnector, HboneListener
     from waypoint.proxy import WaypointProxy
     from waypoint.telemetry import WaypointMetrics
@@ -145,7 +146,7 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
                 return
         readiness.set(CERTIFICATES)
         _log().info("waypoint ready", waypoint=f"{namespace}/{name}", identity=identity,
-                    hbone=f"{listen[0]}:{listener.port}")
+                    hbone=f"{listen[0]}:{listener.port}", compiled=native.compiled)
 
     up: asyncio.Task[None] | None = None
     try:
