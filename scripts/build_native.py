@@ -13,6 +13,7 @@ build: the waypoint then runs interpreted.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -37,8 +38,11 @@ def _native() -> ModuleType:
 
 
 def clean(native: ModuleType) -> None:
-    for path in native.built():
-        path.unlink()
+    """Every extension in the package (a module dropped from ``MODULES`` included: its
+    old extension would shadow the source) and mypyc's library."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for path in (REPO / "waypoint").glob(f"*{suffix}"):
+            path.unlink()
     for path in REPO.glob(f"{native.GROUP}__mypyc*"):
         path.unlink()
     native.STAMP.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Final
 
 from waypoint.request import Headers, Request, remove_header, set_header
 from waypoint.routes import ServiceRoutes
@@ -23,9 +24,9 @@ from ztunnel_py.state import routing as r
 from ztunnel_py.state.model import Service
 
 # -- response flags (Envoy's short names, as Istio's metrics show them) -----------------
-NO_ROUTE = "NR"
-FAULT_ABORT = "FI"
-FAULT_DELAY = "DI"
+NO_ROUTE: Final = "NR"
+FAULT_ABORT: Final = "FI"
+FAULT_DELAY: Final = "DI"
 OVERFLOW = "UO"
 TIMEOUT = "UT"
 CONNECT_FAILURE = "UF"
@@ -151,8 +152,8 @@ class Target:
         return self._hash
 
 
-_TARGETS: dict[tuple[str, int, str | None], Target] = {}
-TARGETS_REMEMBERED = 4096
+_TARGETS: Final[dict[tuple[str, int, str | None], Target]] = {}
+TARGETS_REMEMBERED: Final = 4096
 
 
 def target(host: str, port: int, subset: str | None = None) -> Target:
@@ -190,7 +191,7 @@ class Outcome:
     error: str | None = None  # "connect-failure" | "reset" | "refused-stream" | "timeout"
 
 
-GRPC_RETRY_ON = {
+GRPC_RETRY_ON: Final = {
     "cancelled": "1", "deadline-exceeded": "4", "internal": "13",
     "resource-exhausted": "8", "unavailable": "14",
 }
@@ -225,7 +226,7 @@ def should_retry(policy: RetryPolicy, outcome: Outcome) -> bool:
 
 
 # Istio's default for routes that do not say (pilot/pkg/networking/core/route/retry).
-DEFAULT_RETRY = RetryPolicy(
+DEFAULT_RETRY: Final = RetryPolicy(
     attempts=2,
     per_try_timeout_s=None,
     retry_on=frozenset(
@@ -258,8 +259,8 @@ def retry_policy(retries: r.HTTPRetry | None) -> RetryPolicy | None:
 
 # route -> (timeout, retry policy), by identity: the route is kept in the entry so that
 # its id cannot be reused while the entry lives (bounded: cleared when full).
-_ROUTE_SETTINGS: dict[int, tuple[r.HTTPRoute, float | None, RetryPolicy | None]] = {}
-ROUTES_REMEMBERED = 4096
+_ROUTE_SETTINGS: Final[dict[int, tuple[r.HTTPRoute, float | None, RetryPolicy | None]]] = {}
+ROUTES_REMEMBERED: Final = 4096
 
 
 def route_settings(route: r.HTTPRoute) -> tuple[float | None, RetryPolicy | None]:

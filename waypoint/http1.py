@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 
@@ -50,9 +50,9 @@ def _log() -> Any:
     return log.get("waypoint.http1")
 
 
-MAX_BODY = 16 << 20
-MAX_HEAD = 64 << 10
-MAX_PIPELINED = 64  # requests read ahead of the one being answered
+MAX_BODY: Final = 16 << 20
+MAX_HEAD: Final = 64 << 10
+MAX_PIPELINED: Final = 64  # requests read ahead of the one being answered
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Serving(Handler, Protocol):
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]: ...
 
 
-_STATUS_LINES: dict[int, str] = {
+_STATUS_LINES: Final[dict[int, str]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus
 }
 
@@ -108,15 +108,15 @@ def encode_head(parts: list[str]) -> bytes:
         raise BadHead(f"a header value is not latin-1: {exc}") from exc
 
 
-_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
+_METHODS: Final = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
                                       "PATCH", "TRACE", "CONNECT")}
 
 
 # Header names as they come off the wire -> lower-case text. A proxy sees the same few
 # dozen names over and over: one dict lookup instead of a decode and a lower() each
 # (bounded: cleared when full, so odd names cannot grow it without limit).
-_NAMES: dict[bytes, str] = {}
-NAME_CACHE_SIZE = 1024
+_NAMES: Final[dict[bytes, str]] = {}
+NAME_CACHE_SIZE: Final = 1024
 
 
 def header_name(raw: bytes) -> str:

@@ -65,7 +65,10 @@ def stale_reason() -> str | None:
         return f"no readable {STAMP.name}"
     if stamp.get("cache_tag") != sys.implementation.cache_tag:
         return f"built for {stamp.get('cache_tag')}, running {sys.implementation.cache_tag}"
-    changed = sorted(m for m, d in digests().items() if stamp.get("sources", {}).get(m) != d)
+    sources = stamp.get("sources", {})
+    if set(sources) != set(MODULES):  # built as another group: its library calls those
+        return f"built for modules {sorted(sources)}"
+    changed = sorted(m for m, d in digests().items() if sources[m] != d)
     if changed:
         return f"sources changed since the build: {', '.join(changed)}"
     return None

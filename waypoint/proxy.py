@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from waypoint import authz, engine
 from waypoint.cluster import (
@@ -59,11 +59,11 @@ def _log() -> Any:
     return log.get("waypoint")
 
 MAX_MIRRORS_IN_FLIGHT = 1024
-MIRROR_TIMEOUT_S = 30.0
-RESOLVED_CACHE_SIZE = 4096
-TEXT = (("content-type", "text/plain"),)
+MIRROR_TIMEOUT_S: Final = 30.0
+RESOLVED_CACHE_SIZE: Final = 4096
+TEXT: Final = (("content-type", "text/plain"),)
 # Envoy marks a 503 that circuit breaking produced (clients and tests look for it)
-OVERLOADED = (*TEXT, ("x-envoy-overloaded", "true"))
+OVERLOADED: Final = (*TEXT, ("x-envoy-overloaded", "true"))
 
 
 @dataclass(init=False)
@@ -152,7 +152,7 @@ def speaks_http2(svc: Service, port: int) -> bool:
         proto in ("kubernetes.io/h2c",)
 
 
-_OUTCOMES: dict[int, Outcome] = {}
+_OUTCOMES: Final[dict[int, Outcome]] = {}
 
 
 def _status_outcome(status: int) -> Outcome:
@@ -165,7 +165,7 @@ def _status_outcome(status: int) -> Outcome:
 
 def _request_id(rng: random.Random) -> str:
     """A random UUID as text (what ``str(uuid.UUID(int=...))`` gives, at half the cost)."""
-    h = f"{rng.getrandbits(128):032x}"
+    h = rng.getrandbits(128).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

@@ -19,6 +19,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -41,9 +42,9 @@ HTTP_LABELS = (
 )
 
 # Istio's default buckets (stats filter).
-DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+DURATION_BUCKETS_MS: Final = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                        60000, 300000, 600000, 1800000, 3600000)
-BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+BYTES_BUCKETS: Final = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
 
 
 
@@ -173,7 +174,7 @@ class _Series:
 
 
 # Label sets remembered by what they are made of (bounded: cleared when full).
-LABEL_CACHE_SIZE = 4096
+LABEL_CACHE_SIZE: Final = 4096
 
 
 class HttpCollector(Collector):
@@ -274,7 +275,7 @@ def _access_enabled() -> bool:
     return _access[1]
 
 
-_ACCESS = log.emitter("waypoint.access")
+_ACCESS: Final = log.emitter("waypoint.access")
 
 
 def access_log(rec: RequestRecord) -> None:
@@ -309,17 +310,17 @@ def access_log(rec: RequestRecord) -> None:
 
 # -- W3C trace context --------------------------------------------------------------------
 
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACEPARENT: Final = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
 def next_traceparent(incoming: str | None, rng: random.Random) -> str:
     """The ``traceparent`` for the next hop: the caller's trace id and flags with a new
     span id (this hop), or a new sampled trace when the caller sent none (or a bad one)."""
-    span = f"{rng.getrandbits(64):016x}"
+    span = rng.getrandbits(64).to_bytes(8, "big").hex()  # (half the cost of a format)
     if span == "0" * 16:
         span = "0" * 15 + "1"
     m = _TRACEPARENT.match(incoming.strip().lower()) if incoming else None
     if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
         return f"00-{m.group(2)}-{span}-{m.group(4)}"
-    trace = f"{rng.getrandbits(128):032x}"
+    trace = rng.getrandbits(128).to_bytes(16, "big").hex()
     return f"00-{trace}-{span}-01"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from waypoint.cluster import EndpointRef
 from waypoint.http1 import H1Client
@@ -20,7 +20,7 @@ from waypoint.http2 import H2Client
 from waypoint.pipe import Pipe, TcpPipe
 from waypoint.request import Body, Request, RequestBody, Response, UpstreamError
 
-IDLE_PER_ENDPOINT = 64
+IDLE_PER_ENDPOINT: Final = 64
 
 
 class Connector(Protocol):
@@ -48,7 +48,7 @@ class TcpConnector:
 
 
 # RFC 9110 section 9.2.2: the idempotent methods
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def may_resend(client: H1Client, req: Request) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,21 @@ def test_a_stale_build_is_not_used_and_says_so(tmp_path: Path) -> None:
     out, err = _probe(root)
     assert out == "False py"  # the edited source runs, not its old extension
     assert "stale" in err and "engine" in err
+
+
+def test_a_build_of_another_module_set_is_not_used(tmp_path: Path) -> None:
+    """mypyc's library holds the modules it was built with: a stamp for another set of
+    modules (one added to ``MODULES`` since, or dropped) is stale even if each source
+    it lists is unchanged."""
+    if not _built():
+        pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
+    root = _copy(tmp_path)
+    stamp = root / "waypoint" / native.STAMP.name
+    data = json.loads(stamp.read_text())
+    del data["sources"]["authz"]
+    stamp.write_text(json.dumps(data))
+    out, err = _probe(root)
+    assert out == "False py" and "built for modules" in err
 
 
 def test_pure_mode_runs_the_sources(tmp_path: Path) -> None:
