@@ -136,7 +136,8 @@ async def test_enrolled_workload_on_callers_node_gets_a_verifiable_chain(
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.critical
     assert [str(n.value) for n in san.value] == [ALICE]
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(seconds=600)
+    ttl = dt.timedelta(seconds=600)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == ttl + x509u.backdate(ttl)
     assert leaf.public_key() == key.public_key()
     # the agent side accepts it as a workload certificate
     cert = WorkloadCertificate.from_pem(
@@ -150,7 +151,8 @@ async def test_validity_is_capped_at_the_configured_maximum(controller: Controll
     csr, _ = csr_for(ALICE)
     response = await controller.create(ALICE, csr, ttl_s=10 * MAX_TTL, token=token)
     leaf = x509.load_pem_x509_certificate(response.cert_chain[0].encode())
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(seconds=MAX_TTL)
+    ttl = dt.timedelta(seconds=MAX_TTL)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == ttl + x509u.backdate(ttl)
 
 
 async def test_waypoint_identity_is_allowed_on_its_node(controller: Controller) -> None:
@@ -273,7 +275,7 @@ async def test_secret_manager_over_grpc(controller: Controller) -> None:
         assert cert.identity == ALICE
         assert cert.roots_pem == controller.ca.roots_pem
         assert cert.chain_pem.count(b"BEGIN CERTIFICATE") == 1  # the root is not in the chain
-        assert cert.lifetime == dt.timedelta(seconds=900)
+        assert cert.lifetime == dt.timedelta(seconds=900) + x509u.CLOCK_SKEW_GRACE
         with pytest.raises(CaError, match="PERMISSION_DENIED"):
             await client.sign(x509u.build_csr(x509u.new_key(), BOB), BOB, 60)
     finally:

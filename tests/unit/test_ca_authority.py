@@ -59,6 +59,23 @@ def test_loose_key_permissions_are_tightened(tmp_path: Path) -> None:
     assert mode(key) == 0o600
 
 
+def test_a_fresh_certificate_is_valid_to_a_peer_whose_clock_runs_behind(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path, TD, 3600)
+    before = x509u.utcnow()
+    cert = sign(ca, ttl_s=600)
+    after = x509u.utcnow()
+    assert cert.is_valid(before - dt.timedelta(seconds=90))  # another node, 90 s behind
+    assert not cert.is_valid(before - dt.timedelta(minutes=3))
+    assert before + dt.timedelta(seconds=599) <= cert.not_after <= after + dt.timedelta(seconds=600)
+    # the root too: an agent that loads it checks its validity with its own clock
+    root = ca.issuer.roots[0]
+    assert root.not_valid_before_utc <= before - dt.timedelta(seconds=119)
+    # a short lifetime keeps its renewal point (half of it) in the future
+    short = sign(ca, ttl_s=4)
+    assert short.lifetime == dt.timedelta(seconds=5)
+    assert short.rotate_at > before
+
+
 def test_half_a_key_pair_is_an_error_not_a_new_root(tmp_path: Path) -> None:
     CertificateAuthority.load_or_create(tmp_path, TD, 3600)
     (tmp_path / "ca" / "ca-cert.pem").unlink()
@@ -68,8 +85,9 @@ def test_half_a_key_pair_is_an_error_not_a_new_root(tmp_path: Path) -> None:
 
 def test_sign_csr_checks_and_caps(tmp_path: Path) -> None:
     ca = CertificateAuthority.load_or_create(tmp_path, TD, 3600)
-    assert sign(ca, ttl_s=7200).lifetime == dt.timedelta(seconds=3600)
-    assert sign(ca, ttl_s=60).lifetime == dt.timedelta(seconds=60)
+    # validity starts backdate(ttl) before issue (clock skew) and lasts ttl from issue
+    assert sign(ca, ttl_s=7200).lifetime == dt.timedelta(seconds=3600 + 120)
+    assert sign(ca, ttl_s=60).lifetime == dt.timedelta(seconds=60 + 15)
     with pytest.raises(CsrError, match="signature does not verify"):
         ca.sign_csr(mismatched_csr(ALICE), ALICE, 60)
     other = "spiffe://other.td/ns/default/sa/alice"

@@ -42,21 +42,24 @@ def test_refresh_delay_is_half_life_with_bounded_jitter() -> None:
     cert = ca.issue(ALICE, ttl_s=1000)
     policy = RefreshPolicy(jitter=0.05)
     now = cert.not_before
-    assert refresh_delay(cert, now, 0.0, policy) == pytest.approx(500)
-    assert refresh_delay(cert, now, 1.0, policy) == pytest.approx(550)
-    assert refresh_delay(cert, now, -1.0, policy) == pytest.approx(450)
+    life = cert.lifetime.total_seconds()  # 1000 s from issue + the clock-skew backdate
+    assert life == 1000 + 120
+    assert refresh_delay(cert, now, 0.0, policy) == pytest.approx(life / 2)
+    assert refresh_delay(cert, now, 1.0, policy) == pytest.approx(life * 0.55)
+    assert refresh_delay(cert, now, -1.0, policy) == pytest.approx(life * 0.45)
     rng = random.Random(7)
     delays = {refresh_delay(cert, now, rng.uniform(-1, 1), policy) for _ in range(50)}
     assert len(delays) > 40, "jitter spreads refreshes"
-    assert all(450 <= d <= 550 for d in delays)
+    assert all(life * 0.45 <= d <= life * 0.55 for d in delays)
 
 
 def test_refresh_delay_never_negative_nor_past_expiry() -> None:
     ca = InMemoryCA()
     cert = ca.issue(ALICE, ttl_s=100)
     huge_jitter = RefreshPolicy(jitter=5.0)
-    assert refresh_delay(cert, cert.not_before, 1.0, huge_jitter) <= 90
-    late = cert.not_before + dt.timedelta(seconds=80)
+    life = cert.lifetime.total_seconds()
+    assert refresh_delay(cert, cert.not_before, 1.0, huge_jitter) <= life * 0.9
+    late = cert.not_before + dt.timedelta(seconds=life * 0.8)
     assert refresh_delay(cert, late, 0.0, RefreshPolicy()) == 0.0
 
 
@@ -150,7 +153,7 @@ async def test_describe_lists_validity_and_rotation_never_the_key() -> None:
     assert row["not_after"] == cert.not_after.isoformat()
     assert row["state"] == "valid"
     assert isinstance(row["seconds_to_rotation"], float)
-    assert 250 < row["seconds_to_rotation"] < 350
+    assert 200 < row["seconds_to_rotation"] < 300  # half of 600 s + 120 s backdate, from issue
     text = repr(row) + repr(cert)
     assert "PRIVATE KEY" not in text
     assert cert.key_pem.decode() not in text

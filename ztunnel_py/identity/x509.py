@@ -221,6 +221,17 @@ def _signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | No
     return hashes.SHA256()
 
 
+CLOCK_SKEW_GRACE = dt.timedelta(minutes=2)
+
+
+def backdate(ttl: dt.timedelta) -> dt.timedelta:
+    """How far before its issue a certificate's validity starts: a peer whose clock runs
+    a little behind (another node, or this one stepped back by NTP) must not see a fresh
+    certificate as not yet valid. Two minutes, as Istio's CA, but at most a quarter of a
+    short lifetime so that renewal at half the lifetime stays in the future."""
+    return min(CLOCK_SKEW_GRACE, ttl / 4)
+
+
 def self_signed_root(
     key: CertificateIssuerPrivateKeyTypes,
     trust_domain: str,
@@ -243,7 +254,7 @@ def self_signed_root(
         .issuer_name(name)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - backdate(ttl))
         .not_valid_after(now + ttl)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
@@ -340,12 +351,14 @@ class Issuer:
     ) -> x509.Certificate:
         """Sign a leaf for ``public_key`` with the given SANs (no checks: callers check).
 
-        The validity is ``ttl``, cut short at the CA certificate's own expiry.
+        The validity is ``ttl`` from now, cut short at the CA certificate's own expiry,
+        and starts ``backdate(ttl)`` before now (or at ``not_before`` when given).
         """
         if ttl <= dt.timedelta(0):
             raise CsrError(f"requested validity {ttl.total_seconds()}s must be positive")
-        start = not_before or self.clock()
-        end = min(start + ttl, self.cert.not_valid_after_utc)
+        now = not_before or self.clock()
+        start = not_before or now - backdate(ttl)
+        end = min(now + ttl, self.cert.not_valid_after_utc)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.DNSName(d) for d in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
