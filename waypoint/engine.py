@@ -191,6 +191,9 @@ class Outcome:
     error: str | None = None  # "connect-failure" | "reset" | "refused-stream" | "timeout"
 
 
+NO_OUTCOME: Final = Outcome()  # (frozen: one shared, not one made per request)
+
+
 GRPC_RETRY_ON: Final = {
     "cancelled": "1", "deadline-exceeded": "4", "internal": "13",
     "resource-exhausted": "8", "unavailable": "14",

@@ -321,7 +321,11 @@ class H1Server:
             Request(method, self._url.decode("latin-1"), self._authority, tuple(headers),
                     info.dst[1], "http", info.source, grpc, info.dst[0], False),
             body[0] if len(body) == 1 else b"".join(body),
-            self._keep, parser.get_http_version() == "1.0", upgrade,
+            # HTTP/1.0 only matters to a kept connection, and 1.0 is kept only when it
+            # asked (Connection: keep-alive): the version string is built only then
+            self._keep,
+            self._keep and bool(self._connection) and parser.get_http_version() == "1.0",
+            upgrade,
         ))
         self._body = []
         self._body_len = 0

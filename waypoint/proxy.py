@@ -33,7 +33,7 @@ from waypoint.cluster import (
     effective_policy,
     endpoints_for,
 )
-from waypoint.engine import Forward, Outcome, Respond, Target
+from waypoint.engine import NO_OUTCOME, Forward, Outcome, Respond, Target
 from waypoint.http1 import H1Client, H1Server
 from waypoint.request import (
     Body,
@@ -104,7 +104,7 @@ class _Prior:
         self.ep = ep
         self.resp = resp
         self.error = error
-        self.outcome = outcome if outcome is not None else Outcome()
+        self.outcome = outcome if outcome is not None else NO_OUTCOME
 
 
 class Answerer(Protocol):
@@ -565,7 +565,7 @@ class WaypointProxy:
         resp: Response | None = None
         error: UpstreamError | None = None
         timed_out = False
-        outcome = Outcome()
+        outcome = NO_OUTCOME
         ep: EndpointRef | None = None
         next_ep: EndpointRef | None = None
         attempt = 0
