@@ -408,6 +408,8 @@ class WaypointProxy:
             try:  # (called from the upstream's parser: it must not see an exception)
                 cluster.end(ep)
                 cluster.gate.release()
+                resp: Response | None = None
+                failure: UpstreamError | None = None
                 try:
                     resp = c.result()
                 except UpstreamError as error:
@@ -417,15 +419,14 @@ class WaypointProxy:
                                                      _Prior(next_ep=ep)))
                         return
                     cluster.record(ep, None, eps)
-                    outcome, result, prior = Outcome(error=error.kind), \
-                        _failed(error, [], ep, 1), _Prior(attempts=1, ep=ep, error=error)
+                    failure = error
+                    outcome, result = Outcome(error=error.kind), _failed(error, [], ep, 1)
                 else:
                     self.upstreams.done_h1(c, ep, True, limits.max_requests_per_connection)
                     cluster.record(ep, resp.status, eps)
-                    outcome, result, prior = _status_outcome(resp.status), \
-                        _Result(resp, [], ep, 1), _Prior(attempts=1, ep=ep, resp=resp)
+                    outcome, result = _status_outcome(resp.status), _Result(resp, [], ep, 1)
                 if retry is not None and retry.attempts and engine.should_retry(retry, outcome):
-                    prior.outcome = outcome
+                    prior = _Prior(attempts=1, ep=ep, resp=resp, error=failure, outcome=outcome)
                     server.follow(self._complete(req, body, rec, started, d, prior))
                     return
                 result = self._routed(result, d)
