@@ -411,12 +411,14 @@ def choose_destination(
         return None
     if len(dests) == 1:
         return dests[0]
-    weights = [d.weight or 0 for d in dests]
-    total = sum(weights)
+    total = 0
+    for d in dests:
+        total += d.weight or 0
     if total <= 0:
         return dests[0]
     pick = int(rng.random() * total)  # randrange costs a microsecond more
-    for d, w in zip(dests, weights, strict=True):
+    for d in dests:
+        w = d.weight or 0
         if pick < w:
             return d
         pick -= w

@@ -317,14 +317,27 @@ def access_log(rec: RequestRecord) -> None:
 _TRACEPARENT: Final = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
-def next_traceparent(incoming: str | None, rng: random.Random) -> str:
+_ZERO_SPAN: Final = "0" * 16
+_ZERO_TRACE: Final = "0" * 32
+
+
+def random_ids(rng: random.Random) -> str:
+    """80 random hex digits from one draw: a span id ``[0:16]``, a trace id ``[16:48]``
+    and a request id ``[48:80]`` (one draw and one ``hex`` per request, not three)."""
+    return rng.getrandbits(320).to_bytes(40, "big").hex()
+
+
+def next_traceparent(incoming: str | None, ids: str) -> str:
     """The ``traceparent`` for the next hop: the caller's trace id and flags with a new
-    span id (this hop), or a new sampled trace when the caller sent none (or a bad one)."""
-    span = rng.getrandbits(64).to_bytes(8, "big").hex()  # (half the cost of a format)
-    if span == "0" * 16:
+    span id (this hop), or a new sampled trace when the caller sent none (or a bad one).
+    ``ids`` is ``random_ids``'s."""
+    span = ids[:16]
+    if span == _ZERO_SPAN:
         span = "0" * 15 + "1"
     m = _TRACEPARENT.match(incoming.strip().lower()) if incoming else None
-    if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
+    if m and m.group(1) != "ff" and m.group(2) != _ZERO_TRACE and m.group(3) != _ZERO_SPAN:
         return f"00-{m.group(2)}-{span}-{m.group(4)}"
-    trace = rng.getrandbits(128).to_bytes(16, "big").hex()
+    trace = ids[16:48]
+    if trace == _ZERO_TRACE:
+        trace = "0" * 31 + "1"
     return f"00-{trace}-{span}-01"
