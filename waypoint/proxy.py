@@ -47,7 +47,13 @@ from waypoint.request import (
     set_header,
 )
 from waypoint.routes import RouteTable, ServiceRoutes, qualify
-from waypoint.telemetry import RequestRecord, WaypointMetrics, next_traceparent, random_ids
+from waypoint.telemetry import (
+    RequestRecord,
+    WaypointMetrics,
+    next_traceparent,
+    random_ids,
+    request_id,
+)
 from waypoint.upstream import Upstreams, may_resend
 from ztunnel_py import log
 from ztunnel_py.state.model import AuthorizationPolicy, Service, Workload
@@ -161,12 +167,6 @@ def _status_outcome(status: int) -> Outcome:
     if out is None:
         out = _OUTCOMES[status] = Outcome(status)
     return out
-
-
-def _request_id(ids: str) -> str:
-    """A random UUID as text (what ``str(uuid.UUID(int=...))`` gives) from the request
-    id digits of ``random_ids``."""
-    return f"{ids[48:56]}-{ids[56:60]}-{ids[60:64]}-{ids[64:68]}-{ids[68:80]}"
 
 
 def _error_response(status: int, body: str) -> Response:
@@ -478,19 +478,19 @@ class WaypointProxy:
                 _log().debug("request denied", reason=verdict.reason, path=req.path)
                 return req, _Result(Response(403, TEXT, authz.DENIED_BODY), ["-"])
         incoming_tp: str | None = None
-        request_id = False
+        has_request_id = False
         for k, v in req.headers:
             if k == "traceparent":
                 incoming_tp = v
             elif k == "x-request-id":
-                request_id = True
+                has_request_id = True
         ids = random_ids(self.rng)
         tp = next_traceparent(incoming_tp, ids)
         rec.traceparent = tp
         headers: Headers = set_header(req.headers, "traceparent", tp) if incoming_tp is not None \
             else (*req.headers, ("traceparent", tp))
-        if not request_id:
-            headers = (*headers, ("x-request-id", _request_id(ids)))
+        if not has_request_id:
+            headers = (*headers, ("x-request-id", request_id(ids)))
         req = req.with_headers(headers)
         if svc is None:  # a pod addressed directly: no service routes apply
             rec.route = "workload"

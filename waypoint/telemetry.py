@@ -327,6 +327,12 @@ def random_ids(rng: random.Random) -> str:
     return rng.getrandbits(320).to_bytes(40, "big").hex()
 
 
+def request_id(ids: str) -> str:
+    """``random_ids``'s request id digits as a UUID's text (what ``str(uuid.UUID(int=...))``
+    gives)."""
+    return f"{ids[48:56]}-{ids[56:60]}-{ids[60:64]}-{ids[64:68]}-{ids[68:80]}"
+
+
 def next_traceparent(incoming: str | None, ids: str) -> str:
     """The ``traceparent`` for the next hop: the caller's trace id and flags with a new
     span id (this hop), or a new sampled trace when the caller sent none (or a bad one).

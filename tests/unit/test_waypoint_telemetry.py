@@ -15,6 +15,7 @@ from waypoint.telemetry import (
     labels_of,
     next_traceparent,
     random_ids,
+    request_id,
 )
 from ztunnel_py.state.model import FrozenMap, Workload
 
@@ -188,12 +189,10 @@ def test_access_log_goes_through_structlog_when_logs_are_captured() -> None:
 def test_one_draw_gives_span_trace_and_request_id_from_separate_digits() -> None:
     import uuid
 
-    from waypoint.proxy import _request_id
-
     ids = random_ids(random.Random(3))
     assert len(ids) == 80 and int(ids, 16) >= 0
     _version, trace, span, _flags = next_traceparent(None, ids).split("-")
-    rid = _request_id(ids)
+    rid = request_id(ids)
     assert (span, trace) == (ids[:16], ids[16:48])
     assert str(uuid.UUID(rid)) == rid and rid.replace("-", "") == ids[48:]
     assert random_ids(random.Random(4)) != ids

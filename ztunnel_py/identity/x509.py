@@ -356,8 +356,11 @@ class Issuer:
         """
         if ttl <= dt.timedelta(0):
             raise CsrError(f"requested validity {ttl.total_seconds()}s must be positive")
-        now = not_before or self.clock()
-        start = not_before or now - backdate(ttl)
+        if not_before is None:
+            now = self.clock()
+            start = now - backdate(ttl)
+        else:
+            now = start = not_before
         end = min(now + ttl, self.cert.not_valid_after_utc)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.DNSName(d) for d in dns_names]
