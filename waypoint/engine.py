@@ -260,24 +260,78 @@ def retry_policy(retries: r.HTTPRetry | None) -> RetryPolicy | None:
     return RetryPolicy(retries.attempts, per_try, frozenset(words), frozenset(codes))
 
 
-# route -> (timeout, retry policy), by identity: the route is kept in the entry so that
-# its id cannot be reused while the entry lives (bounded: cleared when full).
-_ROUTE_SETTINGS: Final[dict[int, tuple[r.HTTPRoute, float | None, RetryPolicy | None]]] = {}
+@dataclass(init=False)
+class RoutePlan:
+    """What ``decide`` needs of one route, worked out once per route object: its timeout
+    and retry policy (parsing ``retryOn`` and durations cost microseconds per request),
+    and whether it only forwards (no fault, redirect, direct response, rewrite, header
+    operations or mirrors: the common route), in which case ``decide`` picks among its
+    destinations' weights without reading the route's dataclasses again."""
+
+    route: r.HTTPRoute
+    name: str
+    timeout_s: float | None
+    retry: RetryPolicy | None
+    forward_only: bool
+    weights: tuple[int, ...]
+    total: int
+    _port: int
+    _targets: tuple[Target, ...]
+
+    def __init__(self, route: r.HTTPRoute) -> None:
+        self.route = route
+        self.name = route.name or ""
+        self.timeout_s = (r.parse_duration(route.timeout) if route.timeout else None) or None
+        self.retry = retry_policy(route.retries)
+        self.forward_only = (
+            route.fault is None and route.redirect is None and route.direct_response is None
+            and route.rewrite is None and route.headers is None and route.mirror is None
+            and not route.mirrors and all(d.headers is None for d in route.route))
+        self.weights = tuple(d.weight or 0 for d in route.route)
+        self.total = sum(self.weights)
+        self._port = -1
+        self._targets = ()
+
+    def pick(self, rng: random.Random) -> int:
+        """``choose_destination``'s pick, as an index (the same draws from ``rng``);
+        -1 for a route without destinations."""
+        weights = self.weights
+        n = len(weights)
+        if n <= 1 or self.total <= 0:
+            return n - 1 if n <= 1 else 0
+        pick = int(rng.random() * self.total)
+        for i in range(n):
+            w = weights[i]
+            if pick < w:
+                return i
+            pick -= w
+        return n - 1  # pragma: no cover - arithmetic guarantees a pick
+
+    def target(self, i: int, service: Service, req_port: int) -> Target:
+        """The ``i``-th destination's target for a request to ``req_port`` (remembered for
+        the last port asked: a service's requests mostly come to one)."""
+        if req_port != self._port:
+            self._targets = tuple(_target(d.destination, service, req_port)
+                                  for d in self.route.route)
+            self._port = req_port
+        return self._targets[i]
+
+
+# route -> its plan, by identity: the route is kept in the plan so that its id cannot
+# be reused while the entry lives (bounded: cleared when full).
+_PLANS: Final[dict[int, RoutePlan]] = {}
 ROUTES_REMEMBERED: Final = 4096
 
 
-def route_settings(route: r.HTTPRoute) -> tuple[float | None, RetryPolicy | None]:
-    """The route's ``timeout`` (seconds, None: none) and retry policy, parsed once per
-    route object (parsing ``retryOn`` and durations cost microseconds per request)."""
-    hit = _ROUTE_SETTINGS.get(id(route))
-    if hit is not None and hit[0] is route:
-        return hit[1], hit[2]
-    timeout = (r.parse_duration(route.timeout) if route.timeout else None) or None
-    retry = retry_policy(route.retries)
-    if len(_ROUTE_SETTINGS) >= ROUTES_REMEMBERED:
-        _ROUTE_SETTINGS.clear()
-    _ROUTE_SETTINGS[id(route)] = (route, timeout, retry)
-    return timeout, retry
+def route_plan(route: r.HTTPRoute) -> RoutePlan:
+    plan = _PLANS.get(id(route))
+    if plan is not None and plan.route is route:
+        return plan
+    plan = RoutePlan(route)
+    if len(_PLANS) >= ROUTES_REMEMBERED:
+        _PLANS.clear()
+    _PLANS[id(route)] = plan
+    return plan
 
 
 @dataclass(frozen=True)
@@ -449,7 +503,15 @@ def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> D
     if found is None:
         return Respond(404, b"", flags=NO_ROUTE, reason="no route matched")
     route, matched = found
-    name = route.name or ""
+    plan = route_plan(route)
+    name = plan.name
+    if plan.forward_only:
+        i = plan.pick(rng)
+        if i < 0:
+            return Respond(404, b"", flags=NO_ROUTE, route=name,
+                           reason="route has no destination")
+        return Forward(plan.target(i, service, req.port), req, (), plan.timeout_s, plan.retry,
+                       0.0, (), name, "-")
     fault = route.fault
     delay_s = 0.0
     flags = "-"
@@ -491,9 +553,8 @@ def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> D
     for m in route.mirrors:
         if _hit(_pct(m.percentage), rng):
             mirrors.append(_target(m.destination, service, req.port))
-    timeout, retry = route_settings(route)
     return Forward(_target(dest.destination, service, req.port), out, tuple(response_ops),
-                   timeout, retry, delay_s, tuple(mirrors), name, flags)
+                   plan.timeout_s, plan.retry, delay_s, tuple(mirrors), name, flags)
 
 
 def shadow_authority(authority: str) -> str:

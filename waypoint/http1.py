@@ -128,6 +128,31 @@ def header_name(raw: bytes) -> str:
     return name
 
 
+class _Names:
+    """A connection's header names as text, remembered by position: a peer sends the same
+    names in the same order message after message, and comparing two short byte strings
+    costs less than hashing a fresh one for ``header_name``'s cache."""
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+        self.text: list[str] = []
+
+    def name(self, i: int, raw: bytes) -> str:
+        """The ``i``-th header's name of the message being read, as ``header_name``."""
+        if i < len(self.raw):
+            if self.raw[i] == raw:
+                return self.text[i]
+            name = header_name(raw)
+            self.raw[i] = raw
+            self.text[i] = name
+            return name
+        name = header_name(raw)
+        if i == len(self.raw):
+            self.raw.append(raw)
+            self.text.append(name)
+        return name
+
+
 class _Reject(Exception):
     """Raised from a parser callback: answer ``status`` and close."""
 
@@ -186,6 +211,7 @@ class H1Server:
         self._partial = 0
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._names = _Names()
         self._headers: list[tuple[str, str]] = []
         self._authority = ""
         self._connection = ""
@@ -267,9 +293,10 @@ class H1Server:
         authority = connection = ""
         upgrade: list[tuple[str, str]] = []
         expect = False
-        for name, value in self._raw:
+        names = self._names
+        for i, (name, value) in enumerate(self._raw):
             size += len(name) + len(value) + 4
-            k = _NAMES.get(name) or header_name(name)
+            k = names.name(i, name)
             v = value.decode("latin-1")
             if k not in HOP_BY_HOP:
                 if k == "expect":
@@ -512,6 +539,7 @@ class H1Client:
         self._on_done: Callable[[H1Client], None] | None = None
         self._status = 0
         self._raw: list[tuple[bytes, bytes]] = []
+        self._names = _Names()
         self._headers: list[tuple[str, str]] = []
         self._trailers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
@@ -600,9 +628,9 @@ class H1Client:
             self._interim = True  # 100 Continue and friends: the answer follows
             return
         self._status = status
-        names = _NAMES
-        self._headers = [(names.get(k) or header_name(k), v.decode("latin-1"))
-                         for k, v in self._raw]
+        names = self._names
+        self._headers = [(names.name(i, k), v.decode("latin-1"))
+                         for i, (k, v) in enumerate(self._raw)]
         if self._head_only:
             self._done = True
             self._keep = self.parser.should_keep_alive()
@@ -643,8 +671,7 @@ class H1Client:
         self.answered = False
         self._status, self._done, self._error, self._switched = 0, False, None, False
         self._head_only = req.method == "HEAD"
-        self._headers, self._trailers, self._body, self._body_len = [], [], [], 0
-        self._on_done = on_done
+        self._on_done = on_done  # (the message's lists are fresh from on_message_begin)
         self._waiter = None if on_done is not None else \
             asyncio.get_running_loop().create_future()
 

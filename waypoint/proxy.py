@@ -205,7 +205,9 @@ class WaypointProxy:
         self._targets: dict[
             Target, tuple[Service | None, tuple[EndpointRef, ...]] | UnknownSubset] = {}
         self._policies: dict[Target, ClusterPolicy] = {}
-        self._http2: dict[tuple[Target, bool], bool] = {}
+        self._http2: dict[Target, bool] = {}
+        self._clusters_h1: dict[Target, Cluster] = {}  # per routing table, policy set
+        self._clusters_h2: dict[Target, Cluster] = {}
         # Per routing table: (dst, port, authority) -> (pod dialled, service, service port),
         # and the authorization policies per service host.
         self._resolved: dict[tuple[str, int, str], tuple[Workload | None, Service | None, int]] \
@@ -220,6 +222,8 @@ class WaypointProxy:
         self._targets.clear()
         self._policies.clear()
         self._http2.clear()
+        self._clusters_h1.clear()
+        self._clusters_h2.clear()
         self._resolved.clear()
         self._authz.clear()
         for p in self.table.problems:
@@ -261,6 +265,12 @@ class WaypointProxy:
         return svc, req.with_port(port)
 
     def cluster(self, target: Target, http2: bool) -> Cluster:
+        """The target's cluster (kept across routing tables: its connection-pool and
+        outlier state), with the current table's policy (set once per table)."""
+        memo = self._clusters_h2 if http2 else self._clusters_h1
+        c = memo.get(target)  # (keyed by the target itself: its hash is kept)
+        if c is not None:
+            return c
         key = (target.host, target.subset, target.port, http2)
         c = self.clusters.get(key)
         if c is None:
@@ -273,6 +283,7 @@ class WaypointProxy:
             policy = self._policies[target] = effective_policy(
                 self.table.destination_rule(target.host), target.subset, target.port)
         c.policy = policy
+        memo[target] = c
         return c
 
     def _endpoints(self, target: Target) -> tuple[Service | None, tuple[EndpointRef, ...]]:
@@ -539,9 +550,9 @@ class WaypointProxy:
         return resp
 
     def _speaks_http2(self, target: Target, svc: Service) -> bool:
-        memo = self._http2.get((target, False))
+        memo = self._http2.get(target)
         if memo is None:
-            memo = self._http2[(target, False)] = speaks_http2(svc, target.port)
+            memo = self._http2[target] = speaks_http2(svc, target.port)
         return memo
 
     async def _tries(self, d: Forward, body: Body, prior: _Prior | None = None) -> _Result:

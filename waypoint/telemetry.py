@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -139,16 +138,19 @@ def labels_of(rec: RequestRecord, cluster: str = DEFAULT_CLUSTER) -> tuple[str, 
 
 
 class _Hist:
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("bounds", "buckets", "count", "sum")
 
-    def __init__(self, n: int) -> None:
-        self.buckets = [0] * (n + 1)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        # Kept here, not read from the module constant per request: compiled, a ``Final``
+        # tuple is rebuilt (its elements boxed) at every use.
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
 
-    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+    def observe(self, value: float) -> None:
         i = 0  # bisect_left by hand: compiled, a few float compares beat a generic call
-        for bound in bounds:
+        for bound in self.bounds:
             if value <= bound:
                 break
             i += 1
@@ -156,10 +158,10 @@ class _Hist:
         self.count += 1
         self.sum += value
 
-    def family_buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    def family_buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         acc = 0
-        for bound, n in zip((*bounds, float("inf")), self.buckets, strict=True):
+        for bound, n in zip((*self.bounds, float("inf")), self.buckets, strict=True):
             acc += n
             out.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
         return out
@@ -168,13 +170,14 @@ class _Hist:
 class _Series:
     """One label set's counter and histograms."""
 
-    __slots__ = ("count", "duration", "req_bytes", "resp_bytes")
+    __slots__ = ("count", "duration", "key", "req_bytes", "resp_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, ...]) -> None:
+        self.key = key  # its labels
         self.count = 0
-        self.duration = _Hist(len(DURATION_BUCKETS_MS))
-        self.req_bytes = _Hist(len(BYTES_BUCKETS))
-        self.resp_bytes = _Hist(len(BYTES_BUCKETS))
+        self.duration = _Hist(DURATION_BUCKETS_MS)
+        self.req_bytes = _Hist(BYTES_BUCKETS)
+        self.resp_bytes = _Hist(BYTES_BUCKETS)
 
 
 # Label sets remembered by what they are made of (bounded: cleared when full).
@@ -186,14 +189,14 @@ class HttpCollector(Collector):
         self.cluster = cluster
         self.series: dict[tuple[str, ...], _Series] = {}
         # (id(source workload), id(destination workload), the record's own label fields)
-        # -> (labels, source workload, destination workload): the workloads are kept so
-        # that an id is never reused while its entry lives.
-        self._labels: dict[tuple[object, ...], tuple[tuple[str, ...], object, object]] = {}
+        # -> (its series, source workload, destination workload): the workloads are kept
+        # so that an id is never reused while its entry lives.
+        self._labels: dict[tuple[object, ...], tuple[_Series, object, object]] = {}
 
-    def labels(self, rec: RequestRecord) -> tuple[str, ...]:
-        """``labels_of(rec)``, remembered: building the 25 labels (canonical names and
-        revisions looked up in the workloads' label maps) costs more than the rest of
-        ``record``."""
+    def series_of(self, rec: RequestRecord) -> _Series:
+        """The series for ``labels_of(rec)``, remembered by what the labels are made of:
+        building the 25 labels (canonical names and revisions looked up in the workloads'
+        label maps), or even hashing them, costs more than the rest of ``record``."""
         src, dst = rec.source.workload, rec.destination
         ck = (id(src), id(dst), rec.source.principal, rec.destination_service, rec.protocol,
               rec.status, rec.grpc_status, rec.flags, rec.security)
@@ -201,40 +204,39 @@ class HttpCollector(Collector):
         if hit is not None and hit[1] is src and hit[2] is dst:
             return hit[0]
         key = labels_of(rec, self.cluster)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series(key)
         if len(self._labels) >= LABEL_CACHE_SIZE:
             self._labels.clear()
-        self._labels[ck] = (key, src, dst)
-        return key
+        self._labels[ck] = (series, src, dst)
+        return series
 
     @property
     def requests(self) -> dict[tuple[str, ...], int]:
         return {k: s.count for k, s in self.series.items()}
 
     def record(self, rec: RequestRecord) -> None:
-        key = self.labels(rec)
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = _Series()
+        series = self.series_of(rec)
         series.count += 1
-        series.duration.observe(DURATION_BUCKETS_MS, rec.duration_ms)
-        series.req_bytes.observe(BYTES_BUCKETS, rec.request_bytes)
-        series.resp_bytes.observe(BYTES_BUCKETS, rec.response_bytes)
+        series.duration.observe(rec.duration_ms)
+        series.req_bytes.observe(rec.request_bytes)
+        series.resp_bytes.observe(rec.response_bytes)
 
     def collect(self) -> Iterator[Metric]:
         c = CounterMetricFamily("istio_requests", "Total requests", labels=HTTP_LABELS)
         for key, series in self.series.items():
             c.add_metric(key, series.count)
         yield c
-        for name, doc, attr, bounds in (
-            ("istio_request_duration_milliseconds", "Request duration", "duration",
-             DURATION_BUCKETS_MS),
-            ("istio_request_bytes", "Request body sizes", "req_bytes", BYTES_BUCKETS),
-            ("istio_response_bytes", "Response body sizes", "resp_bytes", BYTES_BUCKETS),
+        for name, doc, attr in (
+            ("istio_request_duration_milliseconds", "Request duration", "duration"),
+            ("istio_request_bytes", "Request body sizes", "req_bytes"),
+            ("istio_response_bytes", "Response body sizes", "resp_bytes"),
         ):
             h = HistogramMetricFamily(name, doc, labels=HTTP_LABELS)
             for key, series in self.series.items():
                 hist: _Hist = getattr(series, attr)
-                h.add_metric(list(key), hist.family_buckets(bounds), hist.sum)
+                h.add_metric(list(key), hist.family_buckets(), hist.sum)
             yield h
 
     def describe(self) -> Iterator[Metric]:
@@ -263,27 +265,11 @@ class WaypointMetrics:
                    if all(key[idx[k]] == v for k, v in labels.items()))
 
 
-# (structlog set-up it was decided for, whether INFO is on)
-_access: tuple[tuple[object, object], bool] | None = None
-
-
-def _access_enabled() -> bool:
-    """Whether access-log lines are kept, re-decided whenever ``log.configure`` changed
-    the set-up (a new logger factory or level), not on every request."""
-    global _access
-    cfg = structlog.get_config()
-    key = (cfg["wrapper_class"], cfg["logger_factory"])
-    if _access is None or _access[0][0] is not key[0] or _access[0][1] is not key[1]:
-        enabled = getattr(log.get("waypoint.access"), "is_enabled_for", None)
-        _access = (key, enabled is None or bool(enabled(logging.INFO)))
-    return _access[1]
-
-
 _ACCESS: Final = log.emitter("waypoint.access")
 
 
 def access_log(rec: RequestRecord) -> None:
-    if not _access_enabled():
+    if not log.enabled(logging.INFO):
         return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,

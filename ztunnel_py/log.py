@@ -248,6 +248,24 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
     logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
 
+def reset() -> None:
+    """structlog's defaults back (tests), and ``enabled`` forgets ``configure``'s level:
+    structlog's default logger keeps every level."""
+    global _setup
+    if _setup is not None:
+        _setup.lines.flush()
+    _setup = None
+    structlog.reset_defaults()
+
+
+def enabled(level: int) -> bool:
+    """Whether lines at ``level`` are kept, by the level ``configure`` set (structlog's
+    level is set there and by ``reset`` only): a hot path asks before it builds a line
+    that would be dropped, at the cost of an attribute read."""
+    setup = _setup
+    return setup is None or level >= setup.level
+
+
 def get(name: str) -> Any:
     """A lazy structlog logger carrying ``component=name``.
 

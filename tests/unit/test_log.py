@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -27,7 +28,7 @@ def json_log() -> Iterator[io.StringIO]:
     try:
         yield out
     finally:
-        structlog.reset_defaults()
+        log.reset()
 
 
 def lines(out: io.StringIO) -> list[dict[str, object]]:
@@ -72,7 +73,7 @@ def test_console_set_up_still_works() -> None:
     try:
         log.emitter("access").info("connection complete", {"key": PEM})
     finally:
-        structlog.reset_defaults()
+        log.reset()
     assert "connection complete" in out.getvalue()
     assert "PRIVATE KEY" not in out.getvalue().replace("[private key redacted]", "")
 
@@ -154,7 +155,7 @@ def test_emitter_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
         assert asyncio.run(main()) == []
         em.info("no loop", FIELDS)  # outside a loop: at once
     finally:
-        structlog.reset_defaults()
+        log.reset()
     events = [[json.loads(line)["event"] for line in w.splitlines()] for w in out.writes]
     assert events == [["first", "second"], ["third", "urgent"], ["no loop"]]
     assert all(w.endswith("\n") for w in out.writes)
@@ -174,7 +175,7 @@ def test_a_full_buffer_goes_out_at_once() -> None:
 
         assert asyncio.run(main()) == 1
     finally:
-        structlog.reset_defaults()
+        log.reset()
     assert len(out.writes) == 2  # the rest at the end of the iteration
     assert sum(w.count("\n") for w in out.writes) == 80
 
@@ -202,4 +203,16 @@ def test_a_loop_that_stops_before_its_flush_does_not_keep_the_lines() -> None:
         assert events == ["first", "second"]
     finally:
         first.close()
-        structlog.reset_defaults()
+        log.reset()
+
+
+def test_enabled_follows_the_configured_level_until_reset() -> None:
+    out = io.StringIO()
+    log.configure(LogConfig(format="json", level="warning"), stream=out)
+    try:
+        assert not log.enabled(logging.INFO) and log.enabled(logging.WARNING)
+        log.configure(LogConfig(format="json", level="debug"), stream=out)
+        assert log.enabled(logging.DEBUG)
+    finally:
+        log.reset()
+    assert log.enabled(logging.DEBUG)  # structlog's defaults keep every level

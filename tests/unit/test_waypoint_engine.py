@@ -251,6 +251,34 @@ def test_zero_weight_never_chosen() -> None:
             for _ in range(200)} == {"a"}
 
 
+@pytest.mark.parametrize("weights", [(90, 10), (100, 0), (0, 0), (None, None), (1,), ()])
+def test_a_forward_only_route_picks_as_choose_destination_does(
+        weights: tuple[int | None, ...]) -> None:
+    dests = tuple(r.HTTPRouteDestination(r.Destination(f"d{i}"), w)
+                  for i, w in enumerate(weights))
+    plan = engine.RoutePlan(r.HTTPRoute(name="split", route=dests))
+    assert plan.forward_only and plan.name == "split"
+    slow, fast = random.Random(5), random.Random(5)
+    for _ in range(300):
+        chosen = engine.choose_destination(dests, slow)
+        i = plan.pick(fast)
+        assert (dests[i] if i >= 0 else None) is chosen
+    assert slow.random() == fast.random()  # the same draws: seeded tests see the same picks
+
+
+def test_a_route_that_does_more_than_forward_is_not_forward_only() -> None:
+    dest = (r.HTTPRouteDestination(r.Destination("a")),)
+    ops = r.Headers(request=r.HeaderOperations(remove=("x-a",)))
+    for route in (r.HTTPRoute(route=dest, headers=ops),
+                  r.HTTPRoute(route=(r.HTTPRouteDestination(r.Destination("a"), 100, ops),)),
+                  r.HTTPRoute(route=dest, mirror=r.Destination("b")),
+                  r.HTTPRoute(route=dest, rewrite=r.HTTPRewrite(uri="/x")),
+                  r.HTTPRoute(route=dest, fault=r.HTTPFaultInjection(
+                      abort=r.FaultAbort(http_status=500)))):
+        assert not engine.RoutePlan(route).forward_only
+    assert engine.route_plan(route) is engine.route_plan(route)  # once per route object
+
+
 def test_destination_port_selector() -> None:
     t = table(_vs("""  - route: [{destination: {host: ratings, port: {number: 9080}}}]"""))
     assert fwd(decide(t, req(port=9080))).target == Target(RATINGS, 9080)

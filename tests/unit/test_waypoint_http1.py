@@ -476,6 +476,24 @@ def test_header_names_are_lower_cased_once_and_the_cache_is_bounded() -> None:
     assert http1.header_name(b"Content-Type") == "content-type"
 
 
+
+async def test_header_names_stay_right_when_a_connection_changes_them_between_messages(
+) -> None:
+    _, client = _client()  # (names are remembered per connection, by position)
+    req = Request("GET", "/", "r:9080")
+    answers = [
+        (b"X-A: 1\r\nX-B: 2\r\n", [("x-a", "1"), ("x-b", "2")]),
+        (b"X-A: 3\r\nX-B: 4\r\n", [("x-a", "3"), ("x-b", "4")]),  # the same names
+        (b"X-B: 5\r\nX-C: 6\r\nX-D: 7\r\n", [("x-b", "5"), ("x-c", "6"), ("x-d", "7")]),
+        (b"X-A: 8\r\n", [("x-a", "8")]),  # fewer than before
+        (b"X-B: 9\r\nX-C: 10\r\nX-D: 11\r\n", [("x-b", "9"), ("x-c", "10"), ("x-d", "11")]),
+    ]
+    for head, want in answers:
+        resp = await _exchange(client, req, b"HTTP/1.1 200 OK\r\n" + head
+                               + b"Content-Length: 0\r\n\r\n")
+        assert list(resp.headers) == [*want, ("content-length", "0")]
+        assert client.recycle()
+
 async def test_tcp_pipes_write_at_the_end_of_the_iteration_in_order_before_fin_and_close(
 ) -> None:
     from waypoint.pipe import TcpPipe

@@ -160,7 +160,7 @@ def test_access_log_line_per_request_under_json(level: str) -> None:
         structlog.get_logger().bind(component="waypoint.access").info(
             "request complete", **{"src.addr": "10.0.0.1"})  # the chain's own line, to compare
     finally:
-        structlog.reset_defaults()
+        log.reset()
     lines = _json_lines(out)
     if level == "warning":
         assert lines == []  # not built, not written
