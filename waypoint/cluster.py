@@ -282,7 +282,8 @@ class Cluster:
     rng: random.Random = field(default_factory=random.Random)
     clock: Clock = field(default=lambda: 0.0)
     gate: Gate = field(default_factory=Gate)
-    in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
+    in_flight: dict[str, int] = field(default_factory=dict)  # (a plain dict: compiled, a
+    # Counter's missing keys cost an interpreted __missing__ call per request)
     health: dict[str, _Health] = field(default_factory=dict)
     _rr: int = 0
     _limits: tuple[ClusterPolicy, Limits, Limits] | None = None
@@ -346,6 +347,8 @@ class Cluster:
         healthy = [e for e in endpoints if not self.is_ejected(e)] if self.health else endpoints
         if not healthy:
             return None
+        if len(healthy) == 1:  # no choice to make (nor a random draw to spend on it)
+            return healthy[0]
         lb = self.policy.load_balancer
         if lb is not None and lb.consistent_hash is not None:
             key = hash_key(lb.consistent_hash, req)
@@ -357,16 +360,18 @@ class Cluster:
             ep = healthy[self._rr % len(healthy)]
             self._rr += 1
             return ep
-        if simple == "RANDOM" or len(healthy) == 1:
+        if simple == "RANDOM":
             return self.rng.choice(healthy)
         # LEAST_REQUEST (Istio's default): power of two choices.
         a, b = self.rng.sample(healthy, 2)
-        return a if self.in_flight[a.key] <= self.in_flight[b.key] else b
+        return a if self.in_flight.get(a.key, 0) <= self.in_flight.get(b.key, 0) else b
 
     def begin(self, ep: EndpointRef) -> None:
-        self.in_flight[ep.key] += 1
+        self.in_flight[ep.key] = self.in_flight.get(ep.key, 0) + 1
 
     def end(self, ep: EndpointRef) -> None:
-        self.in_flight[ep.key] -= 1
-        if self.in_flight[ep.key] <= 0:
-            del self.in_flight[ep.key]
+        n = self.in_flight.get(ep.key, 0) - 1
+        if n > 0:
+            self.in_flight[ep.key] = n
+        else:
+            self.in_flight.pop(ep.key, None)

@@ -538,10 +538,9 @@ class H1Client:
         self._waiter: asyncio.Future[None] | None = None
         self._on_done: Callable[[H1Client], None] | None = None
         self._status = 0
-        self._raw: list[tuple[bytes, bytes]] = []
         self._names = _Names()
         self._headers: list[tuple[str, str]] = []
-        self._trailers: list[tuple[str, str]] = []
+        self._trailers: list[tuple[str, str]] | None = None  # made when one arrives
         self._body: list[bytes] = []
         self._body_len = 0
         self._in_head = False
@@ -609,17 +608,19 @@ class H1Client:
     def on_message_begin(self) -> None:
         self._in_head = True
         self._interim = False
-        self._raw = []
         self._headers = []
-        self._trailers = []
+        self._trailers = None
         self._body = []
         self._body_len = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
         if self._in_head:
-            self._raw.append((name, value))
-        else:
-            self._trailers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+            headers.append((self._names.name(len(headers), name), value.decode("latin-1")))
+            return
+        if self._trailers is None:
+            self._trailers = []
+        self._trailers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -628,9 +629,6 @@ class H1Client:
             self._interim = True  # 100 Continue and friends: the answer follows
             return
         self._status = status
-        names = self._names
-        self._headers = [(names.name(i, k), v.decode("latin-1"))
-                         for i, (k, v) in enumerate(self._raw)]
         if self._head_only:
             self._done = True
             self._keep = self.parser.should_keep_alive()
@@ -678,7 +676,8 @@ class H1Client:
     def _response(self) -> Response:
         body = self._body
         return Response(self._status, tuple(self._headers),
-                        body[0] if len(body) == 1 else b"".join(body), tuple(self._trailers))
+                        body[0] if len(body) == 1 else b"".join(body),
+                        tuple(self._trailers) if self._trailers else ())
 
     def begin(self, req: Request, body: bytes, on_done: Callable[[H1Client], None]) -> None:
         """One exchange on callbacks: the request is written now; ``on_done(self)`` once

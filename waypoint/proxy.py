@@ -113,6 +113,28 @@ class _Prior:
         self.outcome = outcome if outcome is not None else NO_OUTCOME
 
 
+@dataclass(init=False)
+class _Resolved:
+    """Where a (dialled address, port, authority) goes under one routing table: the pod
+    dialled, else the service (and its port), its routes and authorization policies."""
+
+    pod: Workload | None
+    service: Service | None
+    port: int
+    routes: ServiceRoutes | None  # None: a pod addressed directly (no service routes)
+    policies: tuple[AuthorizationPolicy, ...]
+
+    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    def __init__(self, pod: Workload | None, service: Service | None, port: int,
+                 routes: ServiceRoutes | None,
+                 policies: tuple[AuthorizationPolicy, ...]) -> None:
+        self.pod = pod
+        self.service = service
+        self.port = port
+        self.routes = routes
+        self.policies = policies
+
+
 class Answerer(Protocol):
     """The downstream side of ``handle_now`` (``waypoint.http1.H1Server``)."""
 
@@ -210,8 +232,7 @@ class WaypointProxy:
         self._clusters_h2: dict[Target, Cluster] = {}
         # Per routing table: (dst, port, authority) -> (pod dialled, service, service port),
         # and the authorization policies per service host.
-        self._resolved: dict[tuple[str, int, str], tuple[Workload | None, Service | None, int]] \
-            = {}
+        self._resolved: dict[tuple[str, int, str], _Resolved] = {}
         self._authz: dict[str, tuple[AuthorizationPolicy, ...]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.spawned = 0  # tasks started for requests (the general path), ever
@@ -455,8 +476,9 @@ class WaypointProxy:
             self.upstreams.idle_again(client, ep)
             server.follow(self._complete(req, body, rec, started, d, _Prior(next_ep=ep)))
 
-    def _resolve_cached(self, req: Request) -> tuple[Workload | None, Service | None, int]:
-        """``_addressed_workload`` and ``resolve``, remembered per routing table."""
+    def _resolve_cached(self, req: Request) -> _Resolved:
+        """``_addressed_workload`` and ``resolve``, with the service's routes and policies,
+        remembered per routing table."""
         key = (req.dst, req.port, req.authority)
         hit = self._resolved.get(key)
         if hit is None:
@@ -464,7 +486,10 @@ class WaypointProxy:
             svc, resolved = (None, req) if pod is not None else self.resolve(req)
             if len(self._resolved) >= RESOLVED_CACHE_SIZE:
                 self._resolved.clear()
-            hit = self._resolved[key] = (pod, svc, resolved.port)
+            hit = self._resolved[key] = _Resolved(
+                pod, svc, resolved.port,
+                self.table.routes_for(svc, resolved.port) if svc is not None else None,
+                self._policies_for(svc))
         return hit
 
     def _policies_for(self, svc: Service | None) -> tuple[AuthorizationPolicy, ...]:
@@ -475,14 +500,15 @@ class WaypointProxy:
         return found
 
     def _prepare(self, req: Request, rec: RequestRecord) -> tuple[Request, _Result | Forward]:
-        pod, svc, port = self._resolve_cached(req)
-        if pod is None:
+        resolved = self._resolve_cached(req)
+        svc = resolved.service
+        if resolved.pod is None:
             if svc is None:
                 return req, _Result(_error_response(404, f"no service for {req.authority!r}"),
                                     ["NR"])
-            req = req.with_port(port)
+            req = req.with_port(resolved.port)
             rec.destination_service = svc.hostname
-        policies = self._policies_for(svc)
+        policies = resolved.policies
         if policies:
             verdict = authz.evaluate(policies, req)
             if not verdict.allowed:
@@ -503,10 +529,10 @@ class WaypointProxy:
         if not has_request_id:
             headers = (*headers, ("x-request-id", request_id(ids)))
         req = req.with_headers(headers)
-        if svc is None:  # a pod addressed directly: no service routes apply
+        routes = resolved.routes
+        if routes is None:  # a pod addressed directly: no service routes apply
             rec.route = "workload"
             return req, Forward(engine.target(req.dst, req.port), req, route="workload")
-        routes: ServiceRoutes = self.table.routes_for(svc, req.port)
         decision = engine.decide(req, routes, self.rng)
         rec.route = decision.route
         if isinstance(decision, Respond):

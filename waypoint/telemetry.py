@@ -40,9 +40,14 @@ HTTP_LABELS = (
 )
 
 # Istio's default buckets (stats filter).
-DURATION_BUCKETS_MS: Final = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
-                       60000, 300000, 600000, 1800000, 3600000)
-BYTES_BUCKETS: Final = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+# (floats: the histograms compare each value with them as C doubles; not Final: mypyc
+# 2.4 leaves a Final tuple of floats unset at run time)
+DURATION_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0)
+BYTES_BUCKETS: tuple[float, ...] = (
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0, 100000000.0,
+    1000000000.0)
 
 
 
@@ -266,10 +271,11 @@ class WaypointMetrics:
 
 
 _ACCESS: Final = log.emitter("waypoint.access")
+_INFO: Final = logging.INFO
 
 
 def access_log(rec: RequestRecord) -> None:
-    if not log.enabled(logging.INFO):
+    if log.level > _INFO:  # (``log.enabled``, as one attribute read)
         return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,

@@ -200,6 +200,7 @@ def _config_key() -> tuple[Any, ...]:
 
 
 _setup: _Setup | None = None
+level = logging.NOTSET  # the lowest level kept, as ``configure`` set it
 
 
 @atexit.register
@@ -212,10 +213,10 @@ def _flush_at_exit() -> None:
 
 def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
-    global _setup
+    global _setup, level
     cfg = cfg or LogConfig()
-    level = getattr(logging, cfg.level.upper(), None)
-    if not isinstance(level, int):
+    chosen = getattr(logging, cfg.level.upper(), None)
+    if not isinstance(chosen, int):
         raise ValueError(f"LOG_LEVEL={cfg.level!r}: expected debug, info, warning or error")
     stamper = UtcStamper()
     tail: list[Any]
@@ -233,7 +234,7 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         structlog.processors.format_exc_info,
         *tail,
     ]
-    wrapper_class = structlog.make_filtering_bound_logger(level)
+    wrapper_class = structlog.make_filtering_bound_logger(chosen)
     if _setup is not None:  # the old stream's lines out before the new one takes over
         _setup.lines.flush()
     lines = _Lines(out)
@@ -244,26 +245,26 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    _setup = _Setup(_config_key(), level, cfg.format == "json", stamper, lines)
-    logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s: %(message)s")
+    _setup = _Setup(_config_key(), chosen, cfg.format == "json", stamper, lines)
+    level = chosen
+    logging.basicConfig(level=chosen, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
 
 def reset() -> None:
-    """structlog's defaults back (tests), and ``enabled`` forgets ``configure``'s level:
-    structlog's default logger keeps every level."""
-    global _setup
+    """structlog's defaults back (tests); ``level`` too: structlog's default logger keeps
+    every level."""
+    global _setup, level
     if _setup is not None:
         _setup.lines.flush()
     _setup = None
+    level = logging.NOTSET
     structlog.reset_defaults()
 
 
-def enabled(level: int) -> bool:
-    """Whether lines at ``level`` are kept, by the level ``configure`` set (structlog's
-    level is set there and by ``reset`` only): a hot path asks before it builds a line
-    that would be dropped, at the cost of an attribute read."""
-    setup = _setup
-    return setup is None or level >= setup.level
+def enabled(at: int) -> bool:
+    """Whether lines at level ``at`` are kept (structlog's level is set by ``configure``
+    and ``reset`` only). A hot path reads ``level`` itself: one attribute read."""
+    return at >= level
 
 
 def get(name: str) -> Any:
