@@ -95,17 +95,35 @@ class BadHead(ValueError):
     is not latin-1."""
 
 
-def encode_head(parts: list[str]) -> bytes:
-    """The head from lines that each end with CRLF (the blank line included). A CR or LF
-    anywhere else would split a header in two (response splitting): counted, not hoped."""
-    text = "".join(parts)
-    n = len(parts)
-    if text.count("\n") != n or text.count("\r") != n:
-        raise BadHead("a header name or value contains CR or LF")
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError as exc:
-        raise BadHead(f"a header value is not latin-1: {exc}") from exc
+class Head:
+    """A message head, built as pieces and joined once (a string per piece, not one more
+    per line): ``Head(first_line).field(name, value)...encode()``."""
+
+    def __init__(self, first_line: str) -> None:
+        """``first_line`` ends with CRLF (a status line, a request line)."""
+        self.parts = [first_line]
+        self.lines = 1
+
+    def field(self, name: str, value: str) -> None:
+        parts = self.parts
+        parts.append(name)
+        parts.append(": ")
+        parts.append(value)
+        parts.append("\r\n")
+        self.lines += 1
+
+    def encode(self) -> bytes:
+        """The head, the blank line included. A CR or LF anywhere but at the end of a line
+        would split a header in two (response splitting): counted, not hoped."""
+        self.parts.append("\r\n")
+        text = "".join(self.parts)
+        n = self.lines + 1
+        if text.count("\n") != n or text.count("\r") != n:
+            raise BadHead("a header name or value contains CR or LF")
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise BadHead(f"a header value is not latin-1: {exc}") from exc
 
 
 _METHODS: Final = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
@@ -437,24 +455,23 @@ class H1Server:
         body = resp.body
         status = resp.status
         head_only = item is not None and item.request.method == "HEAD"
-        parts = [status_line(status)]
+        out = Head(status_line(status))
         for k, v in resp.headers:
             if k not in HOP_BY_HOP:
-                parts.append(f"{k}: {v}\r\n")
+                out.field(k, v)
         if status == 204 or status == 304 or status < 200:
             body = b""  # no body, and no length to announce (RFC 9110 8.6)
         elif head_only and not body:  # the length a GET would get, as the upstream said
-            length = next((v for k, v in resp.headers if k == "content-length"), "0")
-            parts.append(f"content-length: {length}\r\n")
+            out.field("content-length",
+                      next((v for k, v in resp.headers if k == "content-length"), "0"))
         else:
-            parts.append(f"content-length: {len(body)}\r\n")
+            out.field("content-length", str(len(body)))
         if not keep:
-            parts.append("connection: close\r\n")
+            out.field("connection", "close")
         elif item is not None and item.http10:
-            parts.append("connection: keep-alive\r\n")
-        parts.append("\r\n")
+            out.field("connection", "keep-alive")
         try:
-            head = encode_head(parts)
+            head = out.encode()
         except BadHead as exc:
             _log().warning("response not sent", error=str(exc), status=resp.status)
             self._fail(502)
@@ -478,11 +495,11 @@ class H1Server:
     def switch(self, resp: Response) -> bytes:
         """Send the upstream's 101 and go raw; returns bytes the client sent after the
         request (already part of the new protocol)."""
-        parts = [status_line(101)]
-        parts += [f"{k}: {v}\r\n" for k, v in resp.headers
-                  if k not in ("content-length", "transfer-encoding")]
-        parts.append("\r\n")
-        self.pipe.write(encode_head(parts))
+        out = Head(status_line(101))
+        for k, v in resp.headers:
+            if k not in ("content-length", "transfer-encoding"):
+                out.field(k, v)
+        self.pipe.write(out.encode())
         held, self._held = self._held, None
         self._busy = False
         return bytes(held or b"")
@@ -516,14 +533,14 @@ def request_head(req: Request, body_len: int | None, *, upgrade: bool = False) -
     """The upstream request's head (``body_len`` None: no ``content-length``)."""
     if " " in req.path or not req.path:
         raise BadHead(f"request target {req.path!r} is not valid")
-    parts = [f"{req.method} {req.path} HTTP/1.1\r\n", f"host: {req.authority}\r\n"]
+    out = Head(f"{req.method} {req.path} HTTP/1.1\r\n")
+    out.field("host", req.authority)
     for k, v in req.headers:
         if k not in HOP_BY_HOP or (upgrade and (k == "upgrade" or k == "connection")):
-            parts.append(f"{k}: {v}\r\n")
+            out.field(k, v)
     if body_len is not None:
-        parts.append(f"content-length: {body_len}\r\n")
-    parts.append("\r\n")
-    return encode_head(parts)
+        out.field("content-length", str(body_len))
+    return out.encode()
 
 
 class H1Client:

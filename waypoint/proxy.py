@@ -48,10 +48,10 @@ from waypoint.request import (
 )
 from waypoint.routes import RouteTable, ServiceRoutes, qualify
 from waypoint.telemetry import (
+    RandomIds,
     RequestRecord,
     WaypointMetrics,
     next_traceparent,
-    random_ids,
     request_id,
 )
 from waypoint.upstream import Upstreams, may_resend
@@ -217,6 +217,7 @@ class WaypointProxy:
         self.upstreams = upstreams
         self.metrics = metrics or WaypointMetrics()
         self.rng = rng or random.Random()  # noqa: S311 - load balancing, not secrets
+        self.ids = RandomIds()  # trace, span and request ids
         self.clock = clock
         self.own_workloads = own_workloads
         self.security = security
@@ -521,7 +522,7 @@ class WaypointProxy:
                 incoming_tp = v
             elif k == "x-request-id":
                 has_request_id = True
-        ids = random_ids(self.rng)
+        ids = self.ids.next()
         tp = next_traceparent(incoming_tp, ids)
         rec.traceparent = tp
         headers: Headers = set_header(req.headers, "traceparent", tp) if incoming_tp is not None \

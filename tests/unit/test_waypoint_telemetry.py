@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from waypoint import telemetry
 from waypoint.request import Peer
 from waypoint.telemetry import (
     HTTP_LABELS,
+    RandomIds,
     RequestRecord,
     WaypointMetrics,
     labels_of,
@@ -123,7 +126,6 @@ def test_remembered_labels_are_those_of_the_record() -> None:
 
 
 def test_label_cache_is_bounded() -> None:
-    from waypoint import telemetry
 
     m = WaypointMetrics()
     for i in range(telemetry.LABEL_CACHE_SIZE + 10):
@@ -196,3 +198,19 @@ def test_one_draw_gives_span_trace_and_request_id_from_separate_digits() -> None
     assert (span, trace) == (ids[:16], ids[16:48])
     assert str(uuid.UUID(rid)) == rid and rid.replace("-", "") == ids[48:]
     assert random_ids(random.Random(4)) != ids
+
+
+def test_ids_drawn_in_batches_are_fresh_for_every_request() -> None:
+    draws: list[int] = []
+
+    def draw(n: int) -> bytes:
+        draws.append(n)
+        return os.urandom(n)
+
+    source = RandomIds(draw)
+    seen = [source.next() for _ in range(3 * telemetry.IDS_PER_DRAW + 1)]
+    assert draws == [40 * telemetry.IDS_PER_DRAW] * 4  # a draw per IDS_PER_DRAW requests
+    assert all(len(ids) == 80 and int(ids, 16) >= 0 for ids in seen)
+    assert len(set(seen)) == len(seen)
+    seeded = random.Random(5)
+    assert RandomIds(seeded.randbytes).next() == random.Random(5).randbytes(640).hex()[:80]
