@@ -108,24 +108,17 @@ def request_matches(m: r.HTTPMatchRequest, req: Request) -> bool:
     return not (m.source_namespace is not None and m.source_namespace != req.source.namespace)
 
 
-def route_matches(route: r.HTTPRoute, req: Request) -> r.HTTPMatchRequest | bool | None:
-    """The HTTPMatchRequest that matched, True for a route without matches, False if none."""
-    if not route.match:
-        return True
-    for m in route.match:
-        if request_matches(m, req):
-            return m
-    return False
-
-
-def first_route(
-    routes: tuple[r.HTTPRoute, ...], req: Request
-) -> tuple[r.HTTPRoute, r.HTTPMatchRequest | None] | None:
-    for route in routes:
-        hit = route_matches(route, req)
-        if hit is False:
-            continue
-        return route, (hit if isinstance(hit, r.HTTPMatchRequest) else None)
+def first_match(
+    plans: tuple[RoutePlan, ...], req: Request
+) -> tuple[RoutePlan, r.HTTPMatchRequest | None] | None:
+    """The first route whose matches hit (a route without matches hits everything), with
+    the HTTPMatchRequest that hit; Istio: first match wins."""
+    for plan in plans:
+        if not plan.matches:
+            return plan, None
+        for m in plan.matches:
+            if request_matches(m, req):
+                return plan, m
     return None
 
 
@@ -269,6 +262,7 @@ class RoutePlan:
     destinations' weights without reading the route's dataclasses again."""
 
     route: r.HTTPRoute
+    matches: tuple[r.HTTPMatchRequest, ...]
     name: str
     timeout_s: float | None
     retry: RetryPolicy | None
@@ -280,6 +274,7 @@ class RoutePlan:
 
     def __init__(self, route: r.HTTPRoute) -> None:
         self.route = route
+        self.matches = route.match
         self.name = route.name or ""
         self.timeout_s = (r.parse_duration(route.timeout) if route.timeout else None) or None
         self.retry = retry_policy(route.retries)
@@ -495,15 +490,25 @@ def _grpc_abort(code: str) -> str:
     return str(GRPC_CODES.get(c, 2))
 
 
+def plans_for(service_routes: ServiceRoutes) -> tuple[RoutePlan, ...]:
+    """The plans of a service's routes, in order (the proxy keeps them per routing table)."""
+    return tuple(route_plan(route) for route in service_routes.routes)
+
+
 def decide(req: Request, service_routes: ServiceRoutes, rng: random.Random) -> Decision:
-    service = service_routes.service
-    if not service_routes.routes:
+    return decide_planned(req, service_routes.service, plans_for(service_routes), rng)
+
+
+def decide_planned(req: Request, service: Service, plans: tuple[RoutePlan, ...],
+                   rng: random.Random) -> Decision:
+    """``decide`` from the routes' plans (``plans_for``)."""
+    if not plans:
         return Forward(target(service.hostname, req.port), req, route="default")
-    found = first_route(service_routes.routes, req)
+    found = first_match(plans, req)
     if found is None:
         return Respond(404, b"", flags=NO_ROUTE, reason="no route matched")
-    route, matched = found
-    plan = route_plan(route)
+    plan, matched = found
+    route = plan.route
     name = plan.name
     if plan.forward_only:
         i = plan.pick(rng)

@@ -46,7 +46,7 @@ from waypoint.request import (
     header,
     set_header,
 )
-from waypoint.routes import RouteTable, ServiceRoutes, qualify
+from waypoint.routes import RouteTable, qualify
 from waypoint.telemetry import (
     RandomIds,
     RequestRecord,
@@ -121,17 +121,17 @@ class _Resolved:
     pod: Workload | None
     service: Service | None
     port: int
-    routes: ServiceRoutes | None  # None: a pod addressed directly (no service routes)
+    plans: tuple[engine.RoutePlan, ...] | None  # its routes; None: a pod addressed directly
     policies: tuple[AuthorizationPolicy, ...]
 
     # written out, not made by @dataclass: compiled (``waypoint.native``)
     def __init__(self, pod: Workload | None, service: Service | None, port: int,
-                 routes: ServiceRoutes | None,
+                 plans: tuple[engine.RoutePlan, ...] | None,
                  policies: tuple[AuthorizationPolicy, ...]) -> None:
         self.pod = pod
         self.service = service
         self.port = port
-        self.routes = routes
+        self.plans = plans
         self.policies = policies
 
 
@@ -489,7 +489,8 @@ class WaypointProxy:
                 self._resolved.clear()
             hit = self._resolved[key] = _Resolved(
                 pod, svc, resolved.port,
-                self.table.routes_for(svc, resolved.port) if svc is not None else None,
+                engine.plans_for(self.table.routes_for(svc, resolved.port))
+                if svc is not None else None,
                 self._policies_for(svc))
         return hit
 
@@ -503,14 +504,16 @@ class WaypointProxy:
     def _prepare(self, req: Request, rec: RequestRecord) -> tuple[Request, _Result | Forward]:
         resolved = self._resolve_cached(req)
         svc = resolved.service
+        port = req.port  # the service port, for a service (the copy with it made below)
         if resolved.pod is None:
             if svc is None:
                 return req, _Result(_error_response(404, f"no service for {req.authority!r}"),
                                     ["NR"])
-            req = req.with_port(resolved.port)
+            port = resolved.port
             rec.destination_service = svc.hostname
         policies = resolved.policies
         if policies:
+            req = req.with_port(port)
             verdict = authz.evaluate(policies, req)
             if not verdict.allowed:
                 _log().debug("request denied", reason=verdict.reason, path=req.path)
@@ -525,16 +528,21 @@ class WaypointProxy:
         ids = self.ids.next()
         tp = next_traceparent(incoming_tp, ids)
         rec.traceparent = tp
-        headers: Headers = set_header(req.headers, "traceparent", tp) if incoming_tp is not None \
-            else (*req.headers, ("traceparent", tp))
-        if not has_request_id:
-            headers = (*headers, ("x-request-id", request_id(ids)))
-        req = req.with_headers(headers)
-        routes = resolved.routes
-        if routes is None:  # a pod addressed directly: no service routes apply
+        headers: Headers
+        if incoming_tp is not None:
+            headers = set_header(req.headers, "traceparent", tp)
+            if not has_request_id:
+                headers = (*headers, ("x-request-id", request_id(ids)))
+        elif has_request_id:
+            headers = (*req.headers, ("traceparent", tp))
+        else:  # (the common case: one tuple)
+            headers = (*req.headers, ("traceparent", tp), ("x-request-id", request_id(ids)))
+        req = req.with_headers(headers, port)
+        plans = resolved.plans
+        if svc is None or plans is None:  # a pod addressed directly: no service routes
             rec.route = "workload"
             return req, Forward(engine.target(req.dst, req.port), req, route="workload")
-        decision = engine.decide(req, routes, self.rng)
+        decision = engine.decide_planned(req, svc, plans, self.rng)
         rec.route = decision.route
         if isinstance(decision, Respond):
             return req, _Result(self._respond(decision, req), [decision.flags])

@@ -130,11 +130,14 @@ class Request:
             return a.split("]", 1)[0] + "]"
         return a.rsplit(":", 1)[0] if a.count(":") == 1 else a
 
-    def with_headers(self, headers: Headers) -> Request:
-        if headers is self.headers:
+    def with_headers(self, headers: Headers, port: int = -1) -> Request:
+        """This request with ``headers`` (and ``port``, unless -1): one copy for both."""
+        if port < 0:
+            port = self.port
+        if headers is self.headers and port == self.port:
             return self
         # by hand: dataclasses.replace costs several microseconds on this hot path
-        return Request(self.method, self.path, self.authority, headers, self.port,
+        return Request(self.method, self.path, self.authority, headers, port,
                        self.scheme, self.source, self.grpc, self.dst, self.http2)
 
     def with_port(self, port: int) -> Request:
