@@ -276,7 +276,7 @@ _INFO: Final = logging.INFO
 
 
 def access_log(rec: RequestRecord) -> None:
-    if log.level > _INFO:  # (``log.enabled``, as one attribute read)
+    if log.level > _INFO:  # (one attribute read)
         return  # skip building the line when it would be dropped
     fields = {
         "src.addr": rec.source.ip,

@@ -200,7 +200,10 @@ def _config_key() -> tuple[Any, ...]:
 
 
 _setup: _Setup | None = None
-level = logging.NOTSET  # the lowest level kept, as ``configure`` set it
+# The lowest level kept, as ``configure`` set it (structlog's level is set there and by
+# ``reset`` only): a hot path compares with it before it builds a line that would be
+# dropped, one attribute read.
+level = logging.NOTSET
 
 
 @atexit.register
@@ -259,12 +262,6 @@ def reset() -> None:
     _setup = None
     level = logging.NOTSET
     structlog.reset_defaults()
-
-
-def enabled(at: int) -> bool:
-    """Whether lines at level ``at`` are kept (structlog's level is set by ``configure``
-    and ``reset`` only). A hot path reads ``level`` itself: one attribute read."""
-    return at >= level
 
 
 def get(name: str) -> Any:

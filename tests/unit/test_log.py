@@ -206,13 +206,13 @@ def test_a_loop_that_stops_before_its_flush_does_not_keep_the_lines() -> None:
         log.reset()
 
 
-def test_enabled_follows_the_configured_level_until_reset() -> None:
+def test_level_follows_the_configured_level_until_reset() -> None:
     out = io.StringIO()
     log.configure(LogConfig(format="json", level="warning"), stream=out)
     try:
-        assert not log.enabled(logging.INFO) and log.enabled(logging.WARNING)
+        assert log.level == logging.WARNING
         log.configure(LogConfig(format="json", level="debug"), stream=out)
-        assert log.enabled(logging.DEBUG)
+        assert log.level == logging.DEBUG
     finally:
         log.reset()
-    assert log.enabled(logging.DEBUG)  # structlog's defaults keep every level
+    assert log.level == logging.NOTSET  # structlog's defaults keep every level
