@@ -90,6 +90,15 @@ def _wait_port(port: int, deadline_s: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s}s")
 
 
+def _backends(v1: int, v2: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """reviews v1 and v2: the demo's HTTP service, one process each."""
+    return [subprocess.Popen(
+        [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod, "--version",
+         version, "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for pod, version, port in (("reviews-v1", "v1", v1), ("reviews-v2", "v2", v2))]
+
+
 # -- the waypoint, in a child process ----------------------------------------------------
 
 
@@ -345,11 +354,7 @@ def count_instructions(requests: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             v1, v2, wp_port = (_free_port() for _ in range(3))
-            for pod, version, port in (("reviews-v1", "v1", v1), ("reviews-v2", "v2", v2)):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod,
-                     "--version", version, "--host", "127.0.0.1", "--port", str(port)],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs += _backends(v1, v2, env)
             out = Path(tmp) / "callgrind.out"
             waypoint = subprocess.Popen(
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
@@ -419,11 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     try:
         v1, v2, wp_port, ha_port, floor_port = (_free_port() for _ in range(5))
-        for pod, version, port in (("reviews-v1", "v1", v1), ("reviews-v2", "v2", v2)):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "ztunnel_py.demo.httpservice", "--pod", pod,
-                 "--version", version, "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs += _backends(v1, v2, env)
         waypoint = subprocess.Popen(
             [sys.executable, "-m", "bench.waypoint", "--serve-waypoint", str(wp_port), str(v1),
              str(v2)], env=env, stdout=subprocess.DEVNULL, cwd=REPO)

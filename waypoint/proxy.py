@@ -26,7 +26,6 @@ from typing import Any, Final, Protocol
 from waypoint import authz, engine
 from waypoint.cluster import (
     Cluster,
-    ClusterPolicy,
     EndpointRef,
     Overflow,
     UnknownSubset,
@@ -121,12 +120,12 @@ class _Resolved:
     pod: Workload | None
     service: Service | None
     port: int
-    plans: tuple[engine.RoutePlan, ...] | None  # its routes; None: a pod addressed directly
+    plans: tuple[engine.RoutePlan, ...]  # the service's routes (none for a pod dialled)
     policies: tuple[AuthorizationPolicy, ...]
 
     # written out, not made by @dataclass: compiled (``waypoint.native``)
     def __init__(self, pod: Workload | None, service: Service | None, port: int,
-                 plans: tuple[engine.RoutePlan, ...] | None,
+                 plans: tuple[engine.RoutePlan, ...],
                  policies: tuple[AuthorizationPolicy, ...]) -> None:
         self.pod = pod
         self.service = service
@@ -224,15 +223,14 @@ class WaypointProxy:
         self.table = RouteTable.build(store.current, namespace, name)
         self.clusters: dict[tuple[str, str | None, int, bool], Cluster] = {}
         self.mirror_tasks: set[asyncio.Task[None]] = set()
-        # Per routing table: a target's service and endpoints, and its cluster policy.
+        # Per routing table: a target's service and endpoints.
         self._targets: dict[
             Target, tuple[Service | None, tuple[EndpointRef, ...]] | UnknownSubset] = {}
-        self._policies: dict[Target, ClusterPolicy] = {}
         self._http2: dict[Target, bool] = {}
         self._clusters_h1: dict[Target, Cluster] = {}  # per routing table, policy set
         self._clusters_h2: dict[Target, Cluster] = {}
-        # Per routing table: (dst, port, authority) -> (pod dialled, service, service port),
-        # and the authorization policies per service host.
+        # Per routing table: (dst, port, authority) -> where it goes (``_Resolved``), and
+        # the authorization policies per service host.
         self._resolved: dict[tuple[str, int, str], _Resolved] = {}
         self._authz: dict[str, tuple[AuthorizationPolicy, ...]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -242,7 +240,6 @@ class WaypointProxy:
     def _swapped(self, _old: Snapshot, new: Snapshot) -> None:
         self.table = RouteTable.build(new, self.namespace, self.name)
         self._targets.clear()
-        self._policies.clear()
         self._http2.clear()
         self._clusters_h1.clear()
         self._clusters_h2.clear()
@@ -300,11 +297,8 @@ class WaypointProxy:
                 f"outbound|{target.port}|{target.subset or ''}|{target.host}",
                 rng=self.rng, clock=self.clock,
             )
-        policy = self._policies.get(target)
-        if policy is None:  # once per target and routing table
-            policy = self._policies[target] = effective_policy(
-                self.table.destination_rule(target.host), target.subset, target.port)
-        c.policy = policy
+        c.policy = effective_policy(  # once per target, protocol and routing table
+            self.table.destination_rule(target.host), target.subset, target.port)
         memo[target] = c
         return c
 
@@ -490,7 +484,7 @@ class WaypointProxy:
             hit = self._resolved[key] = _Resolved(
                 pod, svc, resolved.port,
                 engine.plans_for(self.table.routes_for(svc, resolved.port))
-                if svc is not None else None,
+                if svc is not None else (),
                 self._policies_for(svc))
         return hit
 
@@ -538,11 +532,10 @@ class WaypointProxy:
         else:  # (the common case: one tuple)
             headers = (*req.headers, ("traceparent", tp), ("x-request-id", request_id(ids)))
         req = req.with_headers(headers, port)
-        plans = resolved.plans
-        if svc is None or plans is None:  # a pod addressed directly: no service routes
+        if svc is None:  # a pod addressed directly: no service routes apply
             rec.route = "workload"
             return req, Forward(engine.target(req.dst, req.port), req, route="workload")
-        decision = engine.decide_planned(req, svc, plans, self.rng)
+        decision = engine.decide_planned(req, svc, resolved.plans, self.rng)
         rec.route = decision.route
         if isinstance(decision, Respond):
             return req, _Result(self._respond(decision, req), [decision.flags])

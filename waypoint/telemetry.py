@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -322,20 +321,15 @@ _ZERO_SPAN: Final = "0" * 16
 _ZERO_TRACE: Final = "0" * 32
 
 
-def random_ids(rng: random.Random) -> str:
-    """80 random hex digits from one draw: a span id ``[0:16]``, a trace id ``[16:48]``
-    and a request id ``[48:80]`` (one draw and one ``hex`` per request, not three)."""
-    return rng.getrandbits(320).to_bytes(40, "big").hex()
-
-
 IDS_PER_DRAW: Final = 16
 
 
 class RandomIds:
-    """``random_ids``'s 80 digits for one request after another, drawn ``IDS_PER_DRAW``
-    requests at a time from ``draw`` (``os.urandom``; tests pass a seeded one): per
-    request one slice of the digits. (A Mersenne Twister draw made as large costs more
-    than the kernel's: its conversion to bytes dominates.)"""
+    """A request's ids as 80 random hex digits: a span id ``[0:16]``, a trace id
+    ``[16:48]`` and a request id ``[48:80]``, drawn ``IDS_PER_DRAW`` requests at a time
+    from ``draw`` (``os.urandom``; tests pass a seeded one): per request one slice of the
+    digits. (A Mersenne Twister draw made as large costs more than the kernel's: its
+    conversion to bytes dominates.)"""
 
     def __init__(self, draw: Callable[[int], bytes] = os.urandom) -> None:
         self.draw = draw
@@ -352,7 +346,7 @@ class RandomIds:
 
 
 def request_id(ids: str) -> str:
-    """``random_ids``'s request id digits as a UUID's text (what ``str(uuid.UUID(int=...))``
+    """``RandomIds``'s request id digits as a UUID's text (what ``str(uuid.UUID(int=...))``
     gives)."""
     return f"{ids[48:56]}-{ids[56:60]}-{ids[60:64]}-{ids[64:68]}-{ids[68:80]}"
 
@@ -360,7 +354,7 @@ def request_id(ids: str) -> str:
 def next_traceparent(incoming: str | None, ids: str) -> str:
     """The ``traceparent`` for the next hop: the caller's trace id and flags with a new
     span id (this hop), or a new sampled trace when the caller sent none (or a bad one).
-    ``ids`` is ``random_ids``'s."""
+    ``ids`` is ``RandomIds.next``'s."""
     span = ids[:16]
     if span == _ZERO_SPAN:
         span = "0" * 15 + "1"

@@ -186,7 +186,6 @@ class _Setup:
     still runs exactly this (the same processors, wrapper and logger factory)."""
 
     key: tuple[Any, ...]  # see ``_config_key``
-    level: int
     json: bool
     stamper: UtcStamper
     lines: _Lines
@@ -248,7 +247,7 @@ def configure(cfg: LogConfig | None = None, *, stream: Any = None) -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    _setup = _Setup(_config_key(), chosen, cfg.format == "json", stamper, lines)
+    _setup = _Setup(_config_key(), cfg.format == "json", stamper, lines)
     level = chosen
     logging.basicConfig(level=chosen, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
@@ -307,14 +306,14 @@ class Emitter:
             self._fast = None
             self._logger = structlog.get_logger().bind(component=self.component)
 
-    def _emit(self, level: int, name: str, event: str, fields: Mapping[str, Any]) -> None:
+    def _emit(self, at: int, name: str, event: str, fields: Mapping[str, Any]) -> None:
         self._resolve()
         setup = self._fast
         if setup is None or "exc_info" in fields:
             getattr(self._logger or structlog.get_logger().bind(component=self.component),
                     name)(event, **fields)
             return
-        if level < setup.level:
+        if at < level:
             return
         ev: dict[str, Any] = {"component": self.component, **fields, "event": event}
         structlog.contextvars.merge_contextvars(None, name, ev)

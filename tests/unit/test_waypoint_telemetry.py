@@ -17,7 +17,6 @@ from waypoint.telemetry import (
     WaypointMetrics,
     labels_of,
     next_traceparent,
-    random_ids,
     request_id,
 )
 from ztunnel_py.state.model import FrozenMap, Workload
@@ -87,18 +86,19 @@ def test_exposition_has_counter_and_histograms() -> None:
 def test_traceparent_keeps_the_trace_and_makes_a_new_span() -> None:
     rng = random.Random(1)
     incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    out = next_traceparent(incoming, random_ids(rng))
+    out = next_traceparent(incoming, RandomIds(rng.randbytes).next())
     version, trace, span, flags = out.split("-")
     assert (version, trace, flags) == ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
     assert span != "00f067aa0ba902b7" and len(span) == 16
-    assert next_traceparent(incoming, random_ids(rng)).split("-")[2] != span  # a new span every hop
+    ids = RandomIds(rng.randbytes).next()
+    assert next_traceparent(incoming, ids).split("-")[2] != span  # a new span every hop
 
 
 @pytest.mark.parametrize("bad", [None, "", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
                                  "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
 def test_traceparent_starts_a_trace_when_the_caller_sent_none_or_a_bad_one(
         bad: str | None) -> None:
-    out = next_traceparent(bad, random_ids(random.Random(2)))
+    out = next_traceparent(bad, RandomIds(random.Random(2).randbytes).next())
     version, trace, _span, flags = out.split("-")
     assert version == "00" and len(trace) == 32 and trace != "0" * 32 and flags == "01"
 
@@ -191,13 +191,13 @@ def test_access_log_goes_through_structlog_when_logs_are_captured() -> None:
 def test_one_draw_gives_span_trace_and_request_id_from_separate_digits() -> None:
     import uuid
 
-    ids = random_ids(random.Random(3))
+    ids = RandomIds(random.Random(3).randbytes).next()
     assert len(ids) == 80 and int(ids, 16) >= 0
     _version, trace, span, _flags = next_traceparent(None, ids).split("-")
     rid = request_id(ids)
     assert (span, trace) == (ids[:16], ids[16:48])
     assert str(uuid.UUID(rid)) == rid and rid.replace("-", "") == ids[48:]
-    assert random_ids(random.Random(4)) != ids
+    assert RandomIds(random.Random(4).randbytes).next() != ids
 
 
 def test_ids_drawn_in_batches_are_fresh_for_every_request() -> None:
