@@ -10,7 +10,7 @@ export BCC_KERNEL_SOURCE ?= /opt/ztunnel-py/kernel-headers
 setup:
 	@bash scripts/setup.sh
 
-## The waypoint's per-request modules, compiled by mypyc (setup does it; a no-op while current).
+## The hot modules (agent and waypoint), compiled by mypyc (setup does it; a no-op while current).
 native: setup
 	$(PY) scripts/build_native.py
 

@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python -m bench.hbone [--duration 10] [--rate 2000] [--repeat 3]
         [--only latency] [--path agents --path haproxy] [--hops]
+    sudo .venv/bin/python -m bench.hbone --instructions 1000
 
 One namespace topology (``ztunnel_py.topology``): node1 with a client pod,
 node2 with a server pod, joined by the underlay. The server pod runs iperf3
@@ -38,6 +39,11 @@ each proxy pair's CPU time to the work done; its last row (CPU per request durin
 the fixed-rate run, where requests come one at a time) is the one that tracks
 latency: there every request pays its own wakeups and syscalls, which saturation
 amortizes.
+
+``--instructions N`` replaces the tables with a yardstick for comparing builds: both
+agents under callgrind, and their user-space instructions per kept-alive request and per
+new connection (N of each, one at a time), repeatable to a fraction of a percent where
+CPU time here moves by 10-15 % between runs. The kernel's part is not counted.
 
 ``--hops`` explains the latency figure: tcpdump on both nodes during each
 fixed-rate run, and a table of the p50 time each hop adds (node1's proxy, the
@@ -244,6 +250,104 @@ def run_latency(host: str, port: int, rate: float, duration: float, conns: int) 
     return 0
 
 
+# -- instructions per request / connection (callgrind, --instructions) -----------------
+
+WARM_UP = 2000  # requests (and half as many connections) before the counters are zeroed
+
+
+def run_count(host: str, port: int, requests: int, close: bool, conns: int) -> int:
+    """``requests`` HTTP/1.1 GETs, one at a time: in turn over ``conns`` kept-alive
+    connections, or each on a connection of its own (``close``: ``Connection: close``,
+    read to the end). Prints how many got their response."""
+    import socket
+
+    def exchange(s: socket.socket, request: bytes) -> bool:
+        s.sendall(request)
+        buf = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return close and b"\r\n\r\n" in buf
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0 and not close:
+                m = re.search(rb"(?i)content-length:\s*(\d+)", buf[:end])
+                if len(buf) >= end + 4 + (int(m.group(1)) if m else 0):
+                    return True
+
+    header = "Connection: close\r\n" if close else ""
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\n{header}\r\n".encode()
+    ok = 0
+    if close:
+        for _ in range(requests):
+            with socket.create_connection((host, port), timeout=60) as s:
+                ok += exchange(s, request)
+    else:
+        socks = [socket.create_connection((host, port), timeout=60) for _ in range(conns)]
+        for i in range(requests):
+            ok += exchange(socks[i % conns], request)
+        for s in socks:
+            s.close()
+    print(json.dumps({"ok": ok}), flush=True)
+    return 0 if ok == requests else 1
+
+
+def _count(topo: Any, host: str, port: int, requests: int, close: bool) -> None:
+    argv = [sys.executable, "-m", "bench.hbone", "count", host, str(port),
+            "--requests", str(requests)] + (["--close"] if close else [])
+    res = topo.run("client", argv, timeout=3600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if res.returncode != 0:
+        raise RuntimeError(f"count client to {host}:{port}: {res.stdout}{res.stderr}")
+
+
+def _callgrind(command: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", f"--{command}", str(pid)], capture_output=True,
+                   check=True, timeout=120)
+
+
+def _build() -> str:
+    """How the agents run their hot modules (``ztunnel_py.native``)."""
+    if os.environ.get("ZTUNNEL_PY_PURE") == "1":
+        return "interpreted: ZTUNNEL_PY_PURE=1"
+    from ztunnel_py import native
+
+    reason = native.stale_reason()
+    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
+
+
+def count_instructions(topo: Any, workdir: Path, pids: dict[str, int], host: str, port: int,
+                       requests: int) -> None:
+    """Each agent's user-space instructions per request on a kept-alive connection (one
+    request at a time, as at the fixed rate) and per new connection (one request each):
+    both agents under ``valgrind --tool=callgrind``, counters zeroed after a warm-up,
+    dumped after ``requests`` of each kind. Deterministic to a fraction of a percent,
+    where CPU time on a shared box moves by 10-15 %: for comparing two builds."""
+    _count(topo, host, port, WARM_UP, close=False)
+    _count(topo, host, port, WARM_UP // 2, close=True)
+    rows: dict[str, dict[str, float]] = {}
+    for label, close in (("instructions per request (keep-alive)", False),
+                         ("instructions per new connection", True)):
+        for pid in pids.values():
+            _callgrind("zero", pid)
+        _count(topo, host, port, requests, close)
+        for pid in pids.values():
+            _callgrind("dump", pid)
+        rows[label] = {}
+        for node in pids:
+            dumps = sorted(workdir.glob(f"callgrind-{node}.out.*"),
+                           key=lambda p: int(p.suffix[1:]))
+            total = next(int(line.split()[1]) for line in dumps[-1].read_text().splitlines()
+                         if line.startswith(("summary:", "totals:")))
+            rows[label][node] = total / requests
+    print(f"\nagents' user-space instructions ({_build()}; callgrind; {requests} of each after "
+          f"a warm-up of {WARM_UP}; one at a time)\n")
+    print(f"{'metric':40} {'node1':>10} {'node2':>10} {'both':>10}")
+    print("-" * 73)
+    for label, r in rows.items():
+        print(f"{label:40} {r['node1']:>10,.0f} {r['node2']:>10,.0f} "
+              f"{r['node1'] + r['node2']:>10,.0f}")
+
+
 # -- where the latency goes: per-hop times from packet captures (--hops) ----------------
 
 HOPS = ("node1 proxy, request", "underlay, request", "node2 proxy, request", "app",
@@ -420,6 +524,7 @@ def orchestrate(
     paths: frozenset[str] = frozenset(PATHS),
     repeat: int = 1,
     hops: bool = False,
+    instructions: int = 0,
 ) -> int:
     from ztunnel_py.identity.testing import InMemoryCA
     from ztunnel_py.state.model import spiffe_id
@@ -481,16 +586,18 @@ def orchestrate(
             path = workdir / f"agent-{node}.json"
             path.write_text(json.dumps(acfg))
             os.chmod(path, 0o600)
+            wrap = ["valgrind", "--tool=callgrind",
+                    f"--callgrind-out-file={workdir}/callgrind-{node}.out"] if instructions else []
             agent_pids.append(topo.popen(
-                node, [sys.executable, "-m", "bench.hbone", "agent", str(path)],
+                node, [*wrap, sys.executable, "-m", "bench.hbone", "agent", str(path)],
                 log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO),
             ).pid)
         (workdir / "app.cfg").write_text(_http_app_cfg())
         topo.popen("server", ["iperf3", "-s", "-p", str(IPERF_PORT)], log=workdir / "iperf.log")
         topo.popen("server", ["haproxy", "-db", "-f", str(workdir / "app.cfg")],
                    log=workdir / "app.log")
-        variants: list[tuple[str, int | None, int]] = [("haproxy", 1, 0)]
-        if haproxy_mt:
+        variants: list[tuple[str, int | None, int]] = [] if instructions else [("haproxy", 1, 0)]
+        if haproxy_mt and not instructions:
             variants.append(("haproxy-mt", None, HAPROXY_MT_OFFSET))
         haproxy_pids: dict[str, list[int]] = {}
         for name, nbthread, offset in variants:
@@ -507,11 +614,16 @@ def orchestrate(
             ]
         topo.wait_listening("server", IPERF_PORT)
         topo.wait_listening("server", HTTP_PORT)
-        topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=30)
-        topo.wait_listening("node2", 15008, timeout=30)
+        # (an interpreter under valgrind takes a while)
+        topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=300 if instructions else 30)
+        topo.wait_listening("node2", 15008, timeout=300 if instructions else 30)
         for _name, _nbthread, offset in variants:
             topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT] + offset)
             topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT] + offset)
+        if instructions:
+            count_instructions(topo, workdir, dict(zip(agent_cfgs, agent_pids, strict=True)),
+                               gw, AGENT_PORTS[HTTP_PORT], instructions)
+            return 0
 
         scenarios = [
             Scenario("direct", server.ip, {IPERF_PORT: IPERF_PORT, HTTP_PORT: HTTP_PORT}, []),
@@ -695,6 +807,12 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--rate", type=float, default=2000)
     lat.add_argument("--duration", type=float, default=10)
     lat.add_argument("--connections", type=int, default=32)
+    cnt = sub.add_parser("count", help="(internal) requests one at a time, for --instructions")
+    cnt.add_argument("host")
+    cnt.add_argument("port", type=int)
+    cnt.add_argument("--requests", type=int, default=1000)
+    cnt.add_argument("--close", action="store_true", help="a new connection per request")
+    cnt.add_argument("--connections", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
     parser.add_argument("--repeat", type=int, default=1,
@@ -710,16 +828,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", action="append", choices=PATHS, dest="paths",
                         help="measure only these paths (repeatable; default: all; the "
                         "ratios need agents and haproxy)")
+    parser.add_argument("--instructions", type=int, default=0, metavar="N",
+                        help="instead of the tables: both agents under callgrind, and their "
+                        "user-space instructions per request and per new connection over N "
+                        "of each (steady, for comparing builds; needs valgrind)")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
     if args.cmd == "latency":
         return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
+    if args.cmd == "count":
+        return run_count(args.host, args.port, args.requests, args.close, args.connections)
     return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
                        haproxy_mt=not args.no_haproxy_mt and (
                            not args.paths or "haproxy-mt" in args.paths),
                        paths=frozenset(args.paths or PATHS), repeat=max(1, args.repeat),
-                       hops=args.hops)
+                       hops=args.hops, instructions=args.instructions)
 
 
 if __name__ == "__main__":

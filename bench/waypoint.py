@@ -325,10 +325,10 @@ def median_result(rounds: list[Result]) -> Result:
 
 
 def _build() -> str:
-    """How the waypoint child runs its per-request modules (``waypoint.native``)."""
+    """How the waypoint child runs its per-request modules (``ztunnel_py.native``)."""
     if os.environ.get("ZTUNNEL_PY_PURE") == "1":
         return "interpreted: ZTUNNEL_PY_PURE=1"
-    from waypoint import native
+    from ztunnel_py import native
 
     reason = native.stale_reason()
     return "mypyc-compiled" if reason is None else f"interpreted: {reason}"

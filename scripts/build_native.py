@@ -1,13 +1,14 @@
-"""Compile the waypoint's per-request modules with mypyc, in place (``make native``).
+"""Compile the data path's hot modules with mypyc, in place (``make native``).
 
     .venv/bin/python scripts/build_native.py [--clean]
 
-Builds ``waypoint.native.MODULES`` into C extensions beside their sources plus
-mypyc's shared library (``waypoint_native__mypyc*.so`` at the repository root),
-then writes ``waypoint/native.json`` with the SHA-256 of each compiled source.
+Builds ``ztunnel_py.native.MODULES`` (the agent's HBONE and relay modules, the
+waypoint's per-request ones) into C extensions beside their sources plus mypyc's
+shared library (``ztunnel_native__mypyc*.so`` at the repository root), then
+writes ``ztunnel_py/native.json`` with the SHA-256 of each compiled source.
 Nothing is done when that stamp already matches the sources. Needs a C compiler
 and the Python headers (``make setup`` installs gcc). ``--clean`` removes the
-build: the waypoint then runs interpreted.
+build: everything then runs interpreted.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from types import ModuleType
 REPO = Path(__file__).resolve().parents[1]
 
 
+PACKAGES = ("ztunnel_py", "waypoint")
+# what earlier builds left (the waypoint's modules alone, as their own group)
+OLD = ("waypoint_native__mypyc*", "waypoint/native.json")
+
+
 def _native() -> ModuleType:
-    """``waypoint/native.py`` by path: importing the package would already choose."""
-    path = REPO / "waypoint" / "native.py"
-    spec = importlib.util.spec_from_file_location("_waypoint_native", path)
+    """``ztunnel_py/native.py`` by path: importing the package would already choose."""
+    path = REPO / "ztunnel_py" / "native.py"
+    spec = importlib.util.spec_from_file_location("_ztunnel_native", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -38,13 +44,15 @@ def _native() -> ModuleType:
 
 
 def clean(native: ModuleType) -> None:
-    """Every extension in the package (a module dropped from ``MODULES`` included: its
+    """Every extension in the packages (a module dropped from ``MODULES`` included: its
     old extension would shadow the source) and mypyc's library."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for path in (REPO / "waypoint").glob(f"*{suffix}"):
+        for package in PACKAGES:
+            for path in (REPO / package).rglob(f"*{suffix}"):
+                path.unlink()
+    for pattern in (f"{native.GROUP}__mypyc*", *OLD):
+        for path in REPO.glob(pattern):
             path.unlink()
-    for path in REPO.glob(f"{native.GROUP}__mypyc*"):
-        path.unlink()
     native.STAMP.unlink(missing_ok=True)
 
 
@@ -52,7 +60,7 @@ def build(native: ModuleType) -> None:
     from mypyc.build import mypycify
     from setuptools import Distribution
 
-    sources = [f"waypoint/{m}.py" for m in native.MODULES]
+    sources = [str(native.source(m).relative_to(REPO)) for m in native.MODULES]
     before = native.digests()
     with tempfile.TemporaryDirectory(prefix="ztunnel-native-") as tmp:
         cwd = os.getcwd()
@@ -60,7 +68,7 @@ def build(native: ModuleType) -> None:
         try:
             ext = mypycify(sources, group_name=native.GROUP, opt_level="3",
                            target_dir=str(Path(tmp) / "c"))
-            dist = Distribution({"name": "waypoint-native", "ext_modules": ext})
+            dist = Distribution({"name": "ztunnel-native", "ext_modules": ext})
             cmd = dist.get_command_obj("build_ext")
             cmd.inplace = True  # type: ignore[attr-defined]
             cmd.build_temp = str(Path(tmp) / "temp")  # type: ignore[attr-defined]
@@ -82,19 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     native = _native()
     if args.clean:
         clean(native)
-        print("build_native: removed; the waypoint runs interpreted")
+        print("build_native: removed; everything runs interpreted")
         return 0
     reason = native.stale_reason()
     if reason is None:
         print("build_native: compiled modules are current")
         return 0
     if shutil.which(os.environ.get("CC", "gcc")) is None:
-        print("build_native: no C compiler (gcc); the waypoint runs interpreted", file=sys.stderr)
+        print("build_native: no C compiler (gcc); everything runs interpreted", file=sys.stderr)
         return 1
     started = time.monotonic()
     clean(native)
     build(native)
-    print(f"build_native: compiled {len(native.MODULES)} waypoint modules "
+    print(f"build_native: compiled {len(native.MODULES)} modules "
           f"({reason}) in {time.monotonic() - started:.0f} s")
     return 0
 

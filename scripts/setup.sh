@@ -2,7 +2,7 @@
 # One-command, idempotent set-up of a Debian 12 machine for ztunnel-py (run as root):
 #   apt packages, the merged kernel-header tree bcc needs, a virtualenv with the
 #   package in editable mode, a bcc-only path shim into that virtualenv, and the
-#   waypoint's per-request modules compiled by mypyc.
+#   data path's hot modules (agent and waypoint) compiled by mypyc.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -79,10 +79,10 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$shim/bcc"
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$shim" > "$site/ztunnel_bcc_shim.pth"
 
-# The waypoint's per-request modules compiled by mypyc (scripts/build_native.py: a
-# no-op while current); without them the waypoint runs interpreted, about half as fast.
+# The hot modules compiled by mypyc (scripts/build_native.py: a no-op while current);
+# without them everything runs interpreted (the waypoint about half as fast).
 "$venv/bin/python" "$here/scripts/build_native.py" \
-  || log "WARNING: the waypoint's modules are not compiled; it runs interpreted"
+  || log "WARNING: the hot modules are not compiled; everything runs interpreted"
 
 # bpffs for pinned programs and maps.
 if [ "$(id -u)" = 0 ] && ! mountpoint -q /sys/fs/bpf; then

@@ -5,6 +5,4 @@ request (pure), ``cluster`` picks endpoints under the DestinationRule's
 policies, ``authz`` evaluates L7 AuthorizationPolicy.
 """
 
-from waypoint import native as _native
-
-_native.select()  # compiled or interpreted per-request modules: before any is imported
+import ztunnel_py  # noqa: F401 - decides compiled or interpreted per-request modules (native)

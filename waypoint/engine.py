@@ -355,7 +355,7 @@ class Forward:
     route: str = ""
     flags: str = "-"
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, target: Target, request: Request,
                  response_ops: tuple[r.HeaderOperations, ...] = (), timeout_s: float | None = None,
                  retry: RetryPolicy | None = DEFAULT_RETRY, delay_s: float = 0.0,

@@ -193,7 +193,7 @@ class _Incoming:
     http10: bool
     upgrade: bool
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, request: Request, body: bytes, keep_alive: bool, http10: bool,
                  upgrade: bool) -> None:
         self.request = request

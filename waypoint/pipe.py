@@ -190,37 +190,43 @@ class TcpPipe(_Buffering, asyncio.Protocol):
         return (str(p[0]), int(p[1])) if p else None
 
 
-class StreamPipe(_Buffering, Leg):
+class _StreamPeer(Leg):
+    """The stream leg's peer, a ``Leg``: what the stream reads goes to its pipe. (The
+    pipe is not a ``Leg`` itself: compiled classes have one base that holds state.)"""
+
+    def __init__(self, pipe: StreamPipe) -> None:
+        Leg.__init__(self)
+        self.pipe = pipe
+
+    def send(self, data: bytes) -> None:
+        self.pipe._data(data)
+
+    def send_eof(self) -> None:
+        self.pipe._eof()
+
+    def reset(self) -> None:
+        self.pipe._lost(ConnectionResetError("HBONE stream reset"))
+
+    def pause_source(self) -> None:
+        """(The tunnel is backed up: nothing to pause, the codec writes what it has.)"""
+
+    def resume_source(self) -> None:
+        pass
+
+
+class StreamPipe(_Buffering):
     """An HBONE stream (``ztunnel_py.hbone.aio.StreamLeg``) as a pipe.
 
     The stream leg calls ``send`` / ``send_eof`` / ``reset`` on its peer with what
-    it reads; we are that peer. Writes go to the stream leg.
+    it reads; that peer (``_StreamPeer``) hands it to us. Writes go to the stream leg.
     """
 
     def __init__(self, leg: StreamLeg, peer_addr: tuple[str, int] | None = None) -> None:
         _Buffering.__init__(self)
-        Leg.__init__(self)
         self.leg = leg
         self._peer_addr = peer_addr
-        self._source_paused = False
         leg.on_done = self._leg_done
-        leg.attach(self)
-
-    # Leg interface: called by the stream leg with what it read.
-    def send(self, data: bytes) -> None:
-        self._data(data)
-
-    def send_eof(self) -> None:
-        self._eof()
-
-    def reset(self) -> None:
-        self._lost(ConnectionResetError("HBONE stream reset"))
-
-    def pause_source(self) -> None:
-        self._source_paused = True
-
-    def resume_source(self) -> None:
-        self._source_paused = False
+        leg.attach(_StreamPeer(self))
 
     def _leg_done(self, _leg: Leg) -> None:
         self._lost(None)

@@ -78,7 +78,7 @@ class _Result:
     endpoint: EndpointRef | None = None
     attempts: int = 0
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, response: Response, flags: list[str], endpoint: EndpointRef | None = None,
                  attempts: int = 0) -> None:
         self.response = response
@@ -100,7 +100,7 @@ class _Prior:
     error: UpstreamError | None = None
     outcome: Outcome = field(default_factory=Outcome)
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, next_ep: EndpointRef | None = None, attempts: int = 0,
                  ep: EndpointRef | None = None, resp: Response | None = None,
                  error: UpstreamError | None = None, outcome: Outcome | None = None) -> None:
@@ -123,7 +123,7 @@ class _Resolved:
     plans: tuple[engine.RoutePlan, ...]  # the service's routes (none for a pod dialled)
     policies: tuple[AuthorizationPolicy, ...]
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, pod: Workload | None, service: Service | None, port: int,
                  plans: tuple[engine.RoutePlan, ...],
                  policies: tuple[AuthorizationPolicy, ...]) -> None:

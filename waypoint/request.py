@@ -95,7 +95,7 @@ class Request:
     dst: str = ""  # the address the client dialled (a service VIP or a pod IP)
     http2: bool = False
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, method: str, path: str, authority: str, headers: Headers = (),
                  port: int = 80, scheme: str = "http", source: Peer | None = None,
                  grpc: bool = False, dst: str = "", http2: bool = False) -> None:
@@ -157,7 +157,7 @@ class Response:
     # body and trailers above are then empty and come from the stream.
     stream: BodyStream | None = None
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, status: int, headers: Headers = (), body: bytes = b"",
                  trailers: Headers = (), stream: BodyStream | None = None) -> None:
         self.status = status

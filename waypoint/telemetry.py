@@ -75,7 +75,7 @@ class RequestRecord:
     mirrored_to: tuple[str, ...] = ()
     security: str = "mutual_tls"
 
-    # written out, not made by @dataclass: compiled (``waypoint.native``)
+    # written out, not made by @dataclass: compiled (``ztunnel_py.native``)
     def __init__(self, method: str = "", path: str = "", authority: str = "",
                  protocol: str = "http", source: Peer | None = None,
                  destination_service: str = "", destination: Workload | None = None,

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from ztunnel_py import config, log, policy
+from ztunnel_py import config, log, native, policy
 from ztunnel_py.config import AgentConfig
 from ztunnel_py.identity.manager import GrpcCaClient, SecretManager, wanted_identities
 from ztunnel_py.proxy.server import Proxy
@@ -123,7 +123,7 @@ async def serve(cfg: AgentConfig) -> None:
         tasks.append(asyncio.create_task(
             watch_certificates(secrets, store, cfg.node, readiness), name="cert-readiness"))
         _log.info("agent started", node=cfg.node, controller=cfg.controller,
-                  capture=cfg.capture, admin_port=admin.port)
+                  capture=cfg.capture, admin_port=admin.port, compiled=native.compiled)
         await stop.wait()
         _log.info("draining", deadline_s=cfg.drain_timeout_s)
         await proxy.drain(cfg.drain_timeout_s)

@@ -83,11 +83,11 @@ async def serve(cfg: AgentConfig, namespace: str, name: str, service_account: st
     # Imported here so that building the CLI (every subcommand's parser) stays cheap.
     import grpc
 
-    from waypoint import native
     from waypoint.mesh import HboneConnector, HboneListener
     from waypoint.proxy import WaypointProxy
     from waypoint.telemetry import WaypointMetrics
     from waypoint.upstream import Upstreams
+    from ztunnel_py import native
     from ztunnel_py.identity.errors import IdentityError
     from ztunnel_py.identity.manager import GrpcCaClient, SecretManager
     from ztunnel_py.proxy.pool import ConnectionPool

@@ -26,6 +26,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from ztunnel_py import log
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
@@ -63,6 +65,8 @@ class TunnelBroken(Exception):
     """The HBONE connection went away before or while the stream was set up."""
 
 
+# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Leg:
     """One side of a relay. Subclasses move bytes; this class tracks completion."""
 
@@ -269,6 +273,8 @@ class StreamLeg(Leg):
 ConnectHandler = Callable[[StreamLeg], None]
 
 
+# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class HboneProtocol(asyncio.BufferedProtocol):
     """One HBONE connection (client or server role) on a TLS transport."""
 

@@ -40,7 +40,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import h2.config
 import h2.connection
@@ -1060,7 +1060,8 @@ class HboneConnection:
         sid = ev.stream_id
         if sid is None:
             return
-        headers = {str(k): str(v) for k, v in (ev.headers or [])}
+        raw: Any = ev.headers or []
+        headers = {str(k): str(v) for k, v in raw}
         self._streams[sid] = _Stream()
         if headers.get(":method") != "CONNECT" or ":path" in headers:
             self.respond(sid, BAD_REQUEST)
@@ -1073,7 +1074,8 @@ class HboneConnection:
         if sid is None or sid not in self._streams:
             return
         status = 0
-        for k, v in ev.headers or []:
+        raw: Any = ev.headers or []
+        for k, v in raw:
             if k in (":status", b":status"):
                 status = int(v)
         out.append(ConnectResponse(sid, status))

@@ -35,6 +35,8 @@ import termios
 import typing
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from ztunnel_py.hbone.aio import Leg, join
 from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN
 from ztunnel_py.telemetry.connection import ConnectionResult
@@ -83,6 +85,8 @@ class _ReadBuffer:
 _READ = _ReadBuffer()
 
 
+# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TcpLeg(Leg, asyncio.BufferedProtocol):
     """A TCP connection as a relay leg."""
 

@@ -1,4 +1,5 @@
-"""The waypoint's compiled modules: used when current, never when stale or turned off."""
+"""The compiled hot modules (agent and waypoint): used when current, never when stale or
+turned off."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from waypoint import native
+from ztunnel_py import native
 
 REPO = Path(__file__).resolve().parents[2]
-PROBE = ("import waypoint.native as n, waypoint.proxy as p; "
-         "print(n.compiled, p.__file__.rsplit('.', 1)[-1])")
+PROBE = ("import ztunnel_py.native as n, waypoint.proxy as p, ztunnel_py.hbone.aio as a; "
+         "print(n.compiled, p.__file__.rsplit('.', 1)[-1], a.__file__.rsplit('.', 1)[-1])")
 
 
 def _built() -> bool:
@@ -26,19 +27,22 @@ def test_ci_runs_the_tests_against_the_compiled_modules() -> None:
     """``make setup`` compiles them; the suite must exercise what production runs."""
     if not _built():
         if os.environ.get("CI") == "true":
-            pytest.fail(f"the waypoint's modules are not compiled under CI: "
+            pytest.fail(f"the hot modules are not compiled under CI: "
                         f"{native.stale_reason()}")
         pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
     assert native.compiled
     import waypoint.proxy
+    import ztunnel_py.hbone.aio
 
-    assert waypoint.proxy.__file__ is not None and waypoint.proxy.__file__.endswith(".so")
+    for module in (waypoint.proxy, ztunnel_py.hbone.aio):
+        assert module.__file__ is not None and module.__file__.endswith(".so")
 
 
 def _copy(tmp: Path) -> Path:
-    """The package with its build, and mypyc's shared library, in ``tmp``."""
-    shutil.copytree(REPO / "waypoint", tmp / "waypoint",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    """The packages with their build, and mypyc's shared library, in ``tmp``."""
+    for package in ("ztunnel_py", "waypoint"):
+        shutil.copytree(REPO / package, tmp / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     for lib in REPO.glob(f"{native.GROUP}__mypyc*"):
         shutil.copy(lib, tmp)
     return tmp
@@ -57,12 +61,12 @@ def test_a_stale_build_is_not_used_and_says_so(tmp_path: Path) -> None:
         pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
     root = _copy(tmp_path)
     out, err = _probe(root)
-    assert out == "True so" and err == ""
-    src = root / "waypoint" / "engine.py"
+    assert out == "True so so" and err == ""
+    src = root / "ztunnel_py" / "hbone" / "core.py"
     src.write_text(src.read_text() + "\n# edited after the build\n")
     out, err = _probe(root)
-    assert out == "False py"  # the edited source runs, not its old extension
-    assert "stale" in err and "engine" in err
+    assert out == "False py py"  # the edited source runs, not its old extension
+    assert "stale" in err and "ztunnel_py.hbone.core" in err
 
 
 def test_a_build_of_another_module_set_is_not_used(tmp_path: Path) -> None:
@@ -72,15 +76,15 @@ def test_a_build_of_another_module_set_is_not_used(tmp_path: Path) -> None:
     if not _built():
         pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
     root = _copy(tmp_path)
-    stamp = root / "waypoint" / native.STAMP.name
+    stamp = root / "ztunnel_py" / native.STAMP.name
     data = json.loads(stamp.read_text())
-    del data["sources"]["authz"]
+    del data["sources"]["waypoint.authz"]
     stamp.write_text(json.dumps(data))
     out, err = _probe(root)
-    assert out == "False py" and "built for modules" in err
+    assert out == "False py py" and "built for modules" in err
 
 
 def test_pure_mode_runs_the_sources(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     out, err = _probe(root, ZTUNNEL_PY_PURE="1")
-    assert out == "False py" and err == ""
+    assert out == "False py py" and err == ""
