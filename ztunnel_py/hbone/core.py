@@ -39,7 +39,7 @@ import random
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import h2.config
@@ -480,14 +480,16 @@ def _tunnel_fields(
 # -- the connection -----------------------------------------------------------------
 
 
-@dataclass
 class _Stream:
-    pending: deque[memoryview] = field(default_factory=deque)
-    pending_bytes: int = 0
-    end_after_pending: bool = False
-    ended_local: bool = False
-    ended_remote: bool = False
-    closed: bool = False
+    """Our side of one stream: what waits for window, and how far it has ended."""
+
+    def __init__(self) -> None:
+        self.pending: deque[memoryview] = deque()
+        self.pending_bytes = 0
+        self.end_after_pending = False
+        self.ended_local = False
+        self.ended_remote = False
+        self.closed = False
 
 
 class HboneConnection:

@@ -56,15 +56,24 @@ def allow_all(conn: Connection, snapshot: Snapshot) -> Verdict:
 # -- routes --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+# One per connection: each writes its ``__init__`` (compiled, ``ztunnel_py.native``; a
+# dataclass-made one stays interpreted and costs more than the rest of the plan). Not
+# frozen: a frozen class cannot assign in its own ``__init__``; nothing changes a route.
+
+
+@dataclass(init=False)
 class Passthrough:
     """Not in the mesh: connect in plaintext to ``address``."""
 
     address: tuple[str, int]
-    service: Service | None = None
+    service: Service | None
+
+    def __init__(self, address: tuple[str, int], service: Service | None = None) -> None:
+        self.address = address
+        self.service = service
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Tunnel:
     """HBONE to ``dial`` (a node's :15008, or a waypoint's) asking for ``authority``."""
 
@@ -73,22 +82,42 @@ class Tunnel:
     src_identity: str
     dst_identity: str
     destination: Workload
-    service: Service | None = None
-    via_waypoint: bool = False
+    service: Service | None
+    via_waypoint: bool
+
+    def __init__(self, dial: tuple[str, int], authority: str, src_identity: str,
+                 dst_identity: str, destination: Workload, service: Service | None = None,
+                 via_waypoint: bool = False) -> None:
+        self.dial = dial
+        self.authority = authority
+        self.src_identity = src_identity
+        self.dst_identity = dst_identity
+        self.destination = destination
+        self.service = service
+        self.via_waypoint = via_waypoint
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Local:
     """The destination lives on this node: inbound policy, then connect to ``address``."""
 
     address: tuple[str, int]
     destination: Workload
-    service: Service | None = None
+    service: Service | None
+
+    def __init__(self, address: tuple[str, int], destination: Workload,
+                 service: Service | None = None) -> None:
+        self.address = address
+        self.destination = destination
+        self.service = service
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Reject:
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 Route = Passthrough | Tunnel | Local | Reject

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Sink = Callable[["ConnectionResult"], None]
 
@@ -33,39 +33,74 @@ def remove_sink(on_close: Sink, on_open: Sink | None = None) -> None:
         _open_sinks.remove(on_open)
 
 
-@dataclass
+# Both made per connection: each writes its ``__init__`` (compiled, ``ztunnel_py.native``;
+# a dataclass-made one stays interpreted).
+
+
+@dataclass(init=False)
 class Peer:
     """One end of a connection as the mesh sees it."""
 
-    address: str = ""  # "ip:port"
-    workload: str = ""  # workload (pod) name
-    namespace: str = ""
-    principal: str = ""  # SPIFFE id, "" when unknown
-    app: str = ""  # canonical service name
-    version: str = ""  # canonical revision
-    service: str = ""  # destination service hostname (destination only)
+    address: str  # "ip:port"
+    workload: str  # workload (pod) name
+    namespace: str
+    principal: str  # SPIFFE id, "" when unknown
+    app: str  # canonical service name
+    version: str  # canonical revision
+    service: str  # destination service hostname (destination only)
+
+    def __init__(self, address: str = "", workload: str = "", namespace: str = "",
+                 principal: str = "", app: str = "", version: str = "",
+                 service: str = "") -> None:
+        self.address = address
+        self.workload = workload
+        self.namespace = namespace
+        self.principal = principal
+        self.app = app
+        self.version = version
+        self.service = service
 
 
-@dataclass
+@dataclass(init=False)
 class ConnectionResult:
     direction: str  # "outbound" | "inbound"
-    src: Peer = field(default_factory=Peer)
-    dst: Peer = field(default_factory=Peer)
+    src: Peer
+    dst: Peer
     # Istio's connection_security_policy: "mutual_tls" over HBONE, "none" in plaintext
-    security: str = "none"
-    protocol: str = "tcp"
-    hbone_target: str = ""  # the :authority of the HBONE CONNECT, when tunnelled
-    bytes_sent: int = 0  # towards the destination
-    bytes_received: int = 0  # back from the destination
-    started: float = field(default_factory=time.monotonic)
+    security: str
+    protocol: str
+    hbone_target: str  # the :authority of the HBONE CONNECT, when tunnelled
+    bytes_sent: int  # towards the destination
+    bytes_received: int  # back from the destination
+    started: float
     # "" while open; at close: "ok", or a short reason ("denied: <policy>", "upstream refused"...)
-    result: str = ""
-    response_flags: str = "-"  # Envoy-style flags: "-", "UF" (upstream failure), "DENY"...
-    opened: bool = False
-    closed: bool = False
+    result: str
+    response_flags: str  # Envoy-style flags: "-", "UF" (upstream failure), "DENY"...
+    opened: bool
+    closed: bool
     # Set when a policy change revokes an open connection: wins over the relay's "reset".
-    revoked: tuple[str, str] | None = None
-    duration_final_s: float = 0.0
+    revoked: tuple[str, str] | None
+    duration_final_s: float
+
+    def __init__(self, direction: str, src: Peer | None = None, dst: Peer | None = None, *,
+                 security: str = "none", protocol: str = "tcp", hbone_target: str = "",
+                 bytes_sent: int = 0, bytes_received: int = 0, started: float | None = None,
+                 result: str = "", response_flags: str = "-") -> None:
+        self.direction = direction
+        self.src = src if src is not None else Peer()
+        self.dst = dst if dst is not None else Peer()
+        self.security = security
+        self.protocol = protocol
+        self.hbone_target = hbone_target
+        self.bytes_sent = bytes_sent
+        self.bytes_received = bytes_received
+        self.started = time.monotonic() if started is None else started
+        self.result = result
+        self.response_flags = response_flags
+        self.opened = False
+        self.closed = False
+        self.revoked = None
+        self.duration_final_s = 0.0
 
     @property
     def duration_s(self) -> float:
