@@ -189,3 +189,35 @@ async def test_a_connect_without_answer_times_out_and_resets_the_stream(
         assert conn.active_streams == 0
     finally:
         await close_world(world)
+
+
+async def test_the_clients_first_bytes_go_with_the_connect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outbound side does not wait for the 200 to send what the client wrote: its
+    bytes reach the server's stream while the CONNECT is still unanswered (they wait
+    there for the upstream), and on a CONNECT that gets no answer they go no further:
+    the client is reset."""
+    world = await make_world(HboneConfig(connect_timeout_s=0.5))
+    try:
+        inbound = world.mesh.agents["node-2"].proxy.inbound
+        held: list[StreamLeg] = []
+
+        async def never_answer(conn: object, leg: StreamLeg, *args: object) -> None:
+            held.append(leg)
+
+        monkeypatch.setattr(inbound, "_stream", never_answer)
+        r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
+        try:
+            w.write(b"hello")
+            await wait_for(lambda: len(held) == 1 and held[0].rx_bytes == 5, 5)
+            w.write(b", world")  # written after the CONNECT went out: it follows it
+            await wait_for(lambda: held[0].rx_bytes == 12, 5)
+            assert b"".join(held[0]._early) == b"hello, world"  # kept for the upstream
+            assert held[0].peer is None  # and nothing was relayed anywhere
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(r.readexactly(1), 5)  # no answer in 1 s: reset
+        finally:
+            w.close()
+    finally:
+        await close_world(world)

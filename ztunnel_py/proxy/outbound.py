@@ -365,6 +365,7 @@ class Outbound:
                     route.authority,
                     forwarded=forwarded_for(src[0]),
                     baggage=baggage_for(source) if source is not None else "",
+                    first=leg.hand_early,  # the client's first bytes go with the CONNECT
                 )
                 upstream = stream
             else:

@@ -126,8 +126,14 @@ class ConnectionPool:
         *,
         forwarded: str = "",
         baggage: str = "",
+        first: Callable[[StreamLeg], None] | None = None,
     ) -> StreamLeg:
-        """A tunnel to ``authority`` through a pooled connection; raises on refusal."""
+        """A tunnel to ``authority`` through a pooled connection; raises on refusal.
+
+        ``first(stream)`` runs once the CONNECT is queued, before the answer: what it
+        sends on the stream (the client's first bytes, already read) goes out with the
+        CONNECT, in the same TLS write, and waits at the far end until its upstream is
+        connected; on a refusal it is dropped with the stream."""
         for attempt in range(2):
             conn = self._ready(key) or await self._connection(key)
             try:
@@ -137,6 +143,8 @@ class ConnectionPool:
                     raise
                 continue
             self._touch(conn)
+            if first is not None:
+                first(leg)
             response = leg.response
             assert response is not None
             # a plain timer, not wait_for(shield(...)): two futures and their callbacks

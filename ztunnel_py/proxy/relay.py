@@ -112,6 +112,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         self._early: list[bytes] = []
         self._early_bytes = 0
         self._early_eof = False
+        self._early_to: Leg | None = None  # where early data goes meanwhile (``hand_early``)
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -138,7 +139,11 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             elif not peer.send_framed(_READ.buf, nbytes):
                 _READ.lent()  # the old one is the peer's transport's for now
         else:
-            self._early.append(_READ.rx[:nbytes].tobytes())
+            data = _READ.rx[:nbytes].tobytes()
+            if self._early_to is not None:
+                self._early_to.send(data)
+            else:
+                self._early.append(data)
             self._early_bytes += nbytes
             if self._early_bytes >= EARLY_LIMIT:
                 self.pause_source()
@@ -179,10 +184,22 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             self._early_eof = True
         return True  # keep the write side open: half-close
 
+    def hand_early(self, to: Leg) -> None:
+        """What arrives before there is a peer leg goes to ``to`` from now on, and what
+        came already goes now: an HBONE stream whose CONNECT is not answered yet, so that
+        the client's first bytes go out with the CONNECT, or as soon as they come, and
+        not one round trip after it. Still up to ``EARLY_LIMIT`` (then reading pauses
+        until ``start``); a FIN waits for ``start``."""
+        self._early_to = to
+        early, self._early = self._early, []
+        for data in early:
+            to.send(data)
+
     def start(self) -> None:
         """The peer leg is attached: hand over what arrived early, then read on."""
         peer = self.peer
         assert peer is not None
+        self._early_to = None
         early, self._early = self._early, []
         self._early_bytes = 0
         for data in early:
