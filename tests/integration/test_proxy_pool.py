@@ -29,6 +29,17 @@ async def roundtrip(world: World, payload: bytes) -> bytes:
         w.close()
 
 
+def never_answer(world: World, monkeypatch: pytest.MonkeyPatch) -> list[StreamLeg]:
+    """node-2's agent takes every CONNECT and never answers; the streams, as they come."""
+    held: list[StreamLeg] = []
+
+    async def hold(conn: object, leg: StreamLeg, *args: object) -> None:
+        held.append(leg)
+
+    monkeypatch.setattr(world.mesh.agents["node-2"].proxy.inbound, "_stream", hold)
+    return held
+
+
 async def test_500_concurrent_streams_share_one_connection() -> None:
     world = await make_world(HboneConfig(max_streams_per_connection=1000))
     try:
@@ -164,13 +175,7 @@ async def test_a_connect_without_answer_times_out_and_resets_the_stream(
     cancelled while waiting resets its stream too."""
     world = await make_world(HboneConfig(connect_timeout_s=0.2))
     try:
-        inbound = world.mesh.agents["node-2"].proxy.inbound
-        held: list[StreamLeg] = []
-
-        async def never_answer(conn: object, leg: StreamLeg, *args: object) -> None:
-            held.append(leg)
-
-        monkeypatch.setattr(inbound, "_stream", never_answer)
+        held = never_answer(world, monkeypatch)
         pool = world.mesh.agents["node-1"].proxy.pool
         key = PoolKey("spiffe://cluster.local/ns/default/sa/client",
                       "spiffe://cluster.local/ns/default/sa/server", (world.b, 15008))
@@ -200,13 +205,7 @@ async def test_the_clients_first_bytes_go_with_the_connect(
     the client is reset."""
     world = await make_world(HboneConfig(connect_timeout_s=0.5))
     try:
-        inbound = world.mesh.agents["node-2"].proxy.inbound
-        held: list[StreamLeg] = []
-
-        async def never_answer(conn: object, leg: StreamLeg, *args: object) -> None:
-            held.append(leg)
-
-        monkeypatch.setattr(inbound, "_stream", never_answer)
+        held = never_answer(world, monkeypatch)
         r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
         try:
             w.write(b"hello")
