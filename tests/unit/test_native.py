@@ -84,6 +84,18 @@ def test_a_build_of_another_module_set_is_not_used(tmp_path: Path) -> None:
     assert out == "False py py" and "built for modules" in err
 
 
+def test_the_compiled_modules_load_from_any_working_directory() -> None:
+    """mypyc's library sits beside the packages, which an editable install's finder does
+    not put on the path: an agent started from elsewhere still loads the build."""
+    if not _built():
+        pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", PROBE], cwd="/", capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True so so"
+
+
 def test_pure_mode_runs_the_sources(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     out, err = _probe(root, ZTUNNEL_PY_PURE="1")
