@@ -9,6 +9,7 @@ import pytest
 
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone.aio import StreamLeg
+from ztunnel_py.policy.types import Verdict
 from ztunnel_py.proxy.pool import PoolError, PoolKey
 
 from .test_proxy_mesh import APP_PORT, World, echo, make_world, wait_for
@@ -218,5 +219,29 @@ async def test_the_clients_first_bytes_go_with_the_connect(
                 await asyncio.wait_for(r.readexactly(1), 5)  # no answer in 1 s: reset
         finally:
             w.close()
+    finally:
+        await close_world(world)
+
+
+async def test_a_refused_connect_gives_its_first_bytes_window_back() -> None:
+    """The first bytes that went with a CONNECT the far agent refuses (401 here) are
+    never written anywhere; the connection's receive window still gets them back, or
+    each refusal would shrink it for every other stream on the connection."""
+    world = await make_world(HboneConfig())
+    try:
+        await world.servers.serve(world.b, APP_PORT, echo)
+        inbound = world.mesh.agents["node-2"].proxy.inbound
+        inbound.authorizer = lambda conn, snapshot: Verdict.deny("test")
+        r, w = await world.mesh.connect(world.a, (world.b, APP_PORT))
+        w.write(b"x" * 1000)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(r.readexactly(1), 5)
+        w.close()
+        [conn] = inbound.connections
+        window = conn.core._h2._inbound_flow_control_window_manager
+        # received, not yet credited back: none (the refused stream's 1000 bytes were)
+        await wait_for(lambda: window.max_window_size == window.current_window_size
+                       + window._bytes_processed, 5)
+        assert window._bytes_processed >= 1000
     finally:
         await close_world(world)

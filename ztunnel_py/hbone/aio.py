@@ -266,6 +266,14 @@ class StreamLeg(Leg):
     def _check(self) -> None:
         if not self.done and not self.conn.core.is_open(self.stream_id):
             self.read_done = self.write_done = True
+            if self._held_ack:
+                # DATA that was never written on (a refused CONNECT's first bytes, or a
+                # paused relay's): the connection's window back, or every refusal would
+                # shrink it for the other streams until they stall
+                n, self._held_ack = self._held_ack, 0
+                self._early = []
+                self.conn.core.ack(self.stream_id, n)
+                self.conn.flush()
             self.conn.forget(self.stream_id)
             self._finish()
 
