@@ -502,6 +502,8 @@ class HboneConnection:
         fast path is tested against)."""
         self.role = role
         self.config = config or HboneConfig()
+        # the stream ids this side opens (made once: an enum call is a Python function call)
+        self._own_stream_ids = h2.connection.AllowedStreamIDs(role is Role.CLIENT)
         self._h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(
                 client_side=role is Role.CLIENT,
@@ -1114,7 +1116,7 @@ class HboneConnection:
                 raise h2.exceptions.TooManyStreamsError(f"max outbound streams is {limit}")
         h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
         stream = h2c._get_or_create_stream(
-            stream_id, h2.connection.AllowedStreamIDs(h2c.config.client_side)
+            stream_id, self._own_stream_ids
         )
         stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
         flags = _END_HEADERS
