@@ -71,6 +71,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ztunnel_py import native
+
 REPO = Path(__file__).resolve().parent.parent
 
 IPERF_PORT = 5201
@@ -305,16 +307,6 @@ def _callgrind(command: str, pid: int) -> None:
                    check=True, timeout=120)
 
 
-def _build() -> str:
-    """How the agents run their hot modules (``ztunnel_py.native``)."""
-    if os.environ.get("ZTUNNEL_PY_PURE") == "1":
-        return "interpreted: ZTUNNEL_PY_PURE=1"
-    from ztunnel_py import native
-
-    reason = native.stale_reason()
-    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
-
-
 def count_instructions(topo: Any, workdir: Path, pids: dict[str, int], host: str, port: int,
                        requests: int) -> None:
     """Each agent's user-space instructions per request on a kept-alive connection (one
@@ -339,8 +331,8 @@ def count_instructions(topo: Any, workdir: Path, pids: dict[str, int], host: str
             total = next(int(line.split()[1]) for line in dumps[-1].read_text().splitlines()
                          if line.startswith(("summary:", "totals:")))
             rows[label][node] = total / requests
-    print(f"\nagents' user-space instructions ({_build()}; callgrind; {requests} of each after "
-          f"a warm-up of {WARM_UP}; one at a time)\n")
+    print(f"\nagents' user-space instructions ({native.describe()}; callgrind; {requests} "
+          f"of each after a warm-up of {WARM_UP}; one at a time)\n")
     print(f"{'metric':40} {'node1':>10} {'node2':>10} {'both':>10}")
     print("-" * 73)
     for label, r in rows.items():

@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ztunnel_py import native
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = "reviews:9080"
 
@@ -324,16 +326,6 @@ def median_result(rounds: list[Result]) -> Result:
     return out
 
 
-def _build() -> str:
-    """How the waypoint child runs its per-request modules (``ztunnel_py.native``)."""
-    if os.environ.get("ZTUNNEL_PY_PURE") == "1":
-        return "interpreted: ZTUNNEL_PY_PURE=1"
-    from ztunnel_py import native
-
-    reason = native.stale_reason()
-    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
-
-
 # -- instructions per request (callgrind): a steadier yardstick than CPU time -----------
 
 WARM_UP_REQUESTS = 3000
@@ -384,7 +376,7 @@ def count_instructions(requests: int) -> int:
                 proc.wait()
     done = next((line.strip() for line in ran.stdout.splitlines()
                  if line.startswith("requests:")), "")
-    print(f"waypoint ({_build()}): {total / requests:,.0f} instructions per request "
+    print(f"waypoint ({native.describe()}): {total / requests:,.0f} instructions per request "
           f"(user space, callgrind; {requests} requests by h2load --h1 -c 16 after "
           f"{WARM_UP_REQUESTS} to warm up)\nh2load {done}")
     return 0
@@ -485,7 +477,7 @@ backend be
     print(f"\nwaypoint vs haproxy, 90/10 split, HTTP/1.1 keep-alive on loopback, "
           f"{args.duration}s per run, {args.repeat} round(s) (medians), {os.cpu_count()} CPUs; "
           f"haproxy: nbthread 1; "
-          f"waypoint: 1 process (uvloop, {_build()}); wrk -t1 -c{args.connections}")
+          f"waypoint: 1 process (uvloop, {native.describe()}); wrk -t1 -c{args.connections}")
     head = (f"{'target':10} {'req/s (max)':>12} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
             f"{'@rate req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     print(head)

@@ -103,6 +103,15 @@ class _Interpreted(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source(fullname))
 
 
+def describe() -> str:
+    """How a process started now runs these modules, in a few words (the benchmarks'
+    headers)."""
+    if os.environ.get(PURE_ENV) == "1":
+        return f"interpreted: {PURE_ENV}=1"
+    reason = stale_reason()
+    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
+
+
 def select() -> bool:
     """Decide (once) whether this process runs the compiled modules; returns it."""
     global compiled, _decided

@@ -65,7 +65,7 @@ class TunnelBroken(Exception):
     """The HBONE connection went away before or while the stream was set up."""
 
 
-# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+# subclassed outside the compiled modules (test fakes)
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Leg:
     """One side of a relay. Subclasses move bytes; this class tracks completion."""
@@ -281,7 +281,7 @@ class StreamLeg(Leg):
 ConnectHandler = Callable[[StreamLeg], None]
 
 
-# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+# subclassed outside the compiled modules (the waypoint's HBONE server, waypoint.mesh)
 @mypyc_attr(allow_interpreted_subclasses=True)
 class HboneProtocol(asyncio.BufferedProtocol):
     """One HBONE connection (client or server role) on a TLS transport."""

@@ -85,7 +85,7 @@ class _ReadBuffer:
 _READ = _ReadBuffer()
 
 
-# subclassed outside the compiled modules (tests; the waypoint's HBONE server)
+# subclassed outside the compiled modules (tests)
 @mypyc_attr(allow_interpreted_subclasses=True)
 class TcpLeg(Leg, asyncio.BufferedProtocol):
     """A TCP connection as a relay leg."""
