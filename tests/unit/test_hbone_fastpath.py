@@ -694,3 +694,52 @@ def test_frame_header_charges_both_windows_or_declines() -> None:
     c.send(side.sid, b"q" * (left + 10))  # fills the window and queues the rest
     assert c.pending(side.sid) == 10
     assert c.frame_header(side.sid, 1) is None  # never ahead of queued bytes
+
+
+def test_adopted_windows_keep_h2s_rule_and_state() -> None:
+    """``core._Window`` replaces h2's ``WindowManager`` in the connection and in our
+    streams: the same operations give the same increments, states and errors."""
+    import random
+
+    import h2.exceptions
+    import h2.windows
+
+    rng = random.Random(7)
+    for size in (65_535, 1 << 20, 4_000):
+        ours = core._adopt(h2.windows.WindowManager(size))
+        ref = h2.windows.WindowManager(size)
+        for _ in range(5_000):
+            op, n = rng.randrange(4), rng.randrange(1, size // 3)
+            if op == 0:
+                n = min(n, ref.current_window_size)
+                ours.window_consumed(n)
+                ref.window_consumed(n)
+            elif op == 1:
+                assert ours.process_bytes(n) == ref.process_bytes(n)
+            elif op == 2:
+                assert ours.acknowledged(n) == (ref.process_bytes(n) or 0)
+            else:
+                assert ours._maybe_update_window() == ref._maybe_update_window()
+            state = (ours.max_window_size, ours.current_window_size, ours._bytes_processed)
+            assert state == (ref.max_window_size, ref.current_window_size, ref._bytes_processed)
+        with pytest.raises(h2.exceptions.FlowControlError):
+            ours.window_consumed(ours.current_window_size + 1)
+        with pytest.raises(h2.exceptions.FlowControlError):
+            ours.window_opened(2**31 + 5)
+
+
+def test_h2_and_the_fast_path_share_one_receive_window() -> None:
+    """The connection's and each stream's receive window are the adopted ``_Window``s, in
+    h2 as in ours: what h2 charges (a padded frame) the fast path sees, and back."""
+    side = Side(True)
+    h = _raw_h2(side.server)
+    conn = h._inbound_flow_control_window_manager
+    stream = h.streams[side.sid]._inbound_window_manager
+    assert isinstance(conn, core._Window) and isinstance(stream, core._Window)
+    assert side.server._streams[side.sid].window is stream
+    before = side.windows()
+    _raw_h2(side.client).send_data(side.sid, b"p" * 40, pad_length=9)  # h2's path
+    side.client.send(side.sid, b"q" * 60)  # the fast path
+    side.feed(side.client.data_to_send(), [])
+    assert side.windows()[0] == before[0] - 50 - 60
+    assert side.windows()[2] == before[2] - 50 - 60

@@ -360,11 +360,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         last = len(events) - 1
         for i, ev in enumerate(events):
-            if ev.__class__ is not core.Data:
+            if not isinstance(ev, core.Data):
                 self._dispatch(ev)
                 continue
             # DATA, the usual event: dispatched here (no frame for it)
-            sid, data, flow_length = ev
+            sid, data, flow_length = ev.stream_id, ev.data, ev.flow_length
             leg = self.streams.get(sid)
             end = events[i + 1] if i < last else None
             if leg is None:

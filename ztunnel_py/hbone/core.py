@@ -40,7 +40,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -74,6 +74,7 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 
 # HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
 _DEFAULT_WINDOW = 65_535
+_LARGEST_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
 # State sets as tuples: ``in`` finds an enum member by identity, where a set would hash
 # it (a Python-level ``Enum.__hash__`` for h2's ConnectionState, on every DATA frame).
 # Stream states in which we may send DATA (we never send it otherwise).
@@ -85,17 +86,24 @@ _STREAM_OPEN = (*_SENDABLE, h2.stream.StreamState.HALF_CLOSED_LOCAL)
 _CONNECTION_OPEN = (
     h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN
 )
-# Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at.
-_FRAME_HEADER = 9
-FRAME_HEADER = _FRAME_HEADER  # the room a sender leaves in front of payload written in place
+# Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at. (``Final``:
+# compiled, each is a constant in the code, not a lookup in the module's dict.)
+_FRAME_HEADER: Final = 9
+FRAME_HEADER: Final = 9  # the room a sender leaves in front of payload written in place
 # Payload this big is lent as a view into the receive buffer (``lend_views``) instead of
 # copied out: below it a copy costs less than tracking who still holds the buffer.
-LEND_MIN = 16 << 10
-_PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
-_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
-_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
-_WINDOW_UPDATE = b"\x00\x00\x04\x08\x00"  # length 4, type WINDOW_UPDATE, no flags
-_WINDOW_UPDATE_0 = _WINDOW_UPDATE + b"\x00\x00\x00\x00"  # ...on the connection
+LEND_MIN: Final = 16 << 10
+_PREFACE: Final = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the client's connection preface
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
+_PUSH_PROMISE: Final = 0x5
+_CONTINUATION: Final = 0x9
+_END_STREAM: Final = 0x1
+_END_HEADERS: Final = 0x4
+_PADDED: Final = 0x8
+_PRIORITY: Final = 0x20
+_WINDOW_UPDATE: Final = b"\x00\x00\x04\x08\x00"  # length 4, type WINDOW_UPDATE, no flags
+_WINDOW_UPDATE_0: Final = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00"  # ...on the connection
 
 
 class Role(enum.Enum):
@@ -143,23 +151,28 @@ class ConnectResponse:
     status: int
 
 
-class Data(NamedTuple):
+class Data:
     """Tunnel payload; ``ack()`` ``flow_length`` once it has been written out locally.
 
-    A named tuple, not a frozen dataclass like the other events: one is built per read
-    on the data path, and a frozen dataclass's ``__init__`` costs several times more.
+    A plain class with its own ``__init__``, not a frozen dataclass like the other
+    events: one is built per read on the data path, and compiled, this one is built and
+    read natively (a dataclass's generated ``__init__`` stays a Python function).
     ``data`` is a memoryview into the buffer given to ``receive`` when the connection
     lends views (``HboneConnection.lend_views``): valid until that buffer is reused.
     """
 
-    stream_id: int
-    data: bytes | memoryview
-    flow_length: int
+    def __init__(self, stream_id: int, data: bytes | memoryview, flow_length: int) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flow_length = flow_length
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Data) and (
+            self.stream_id, bytes(self.data), self.flow_length
+        ) == (other.stream_id, bytes(other.data), other.flow_length)
 
-# ``Data`` made as ``_tuple_new(Data, (stream_id, data, flow_length))``: the named tuple's
-# generated ``__new__`` is a Python frame of its own, per read on the data path
-_tuple_new = tuple.__new__
+    def __repr__(self) -> str:
+        return f"Data({self.stream_id}, {_short_data_repr(bytes(self.data))}, {self.flow_length})"
 
 
 @dataclass(frozen=True)
@@ -480,16 +493,90 @@ def _tunnel_fields(
 # -- the connection -----------------------------------------------------------------
 
 
-class _Stream:
-    """Our side of one stream: what waits for window, and how far it has ended."""
+class _Window:
+    """h2's ``WindowManager`` (``h2.windows``), compiled, put in its place in the
+    connection and in each of our streams (``_adopt``): h2 calls it by name as ever, and
+    the fast paths read and change its fields natively instead of through a Python
+    object's attributes (a few of them per DATA frame and per acknowledgement). One
+    window, shared: nothing is mirrored."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_window_size: int, current_window_size: int,
+                 bytes_processed: int) -> None:
+        self.max_window_size = max_window_size
+        self.current_window_size = current_window_size
+        self._bytes_processed = bytes_processed
+
+    def window_consumed(self, size: int) -> None:
+        self.current_window_size -= size
+        if self.current_window_size < 0:
+            raise h2.exceptions.FlowControlError("Flow control window shrunk below 0")
+
+    def window_opened(self, size: int) -> None:
+        self.current_window_size += size
+        if self.current_window_size > _LARGEST_WINDOW:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window mustn't exceed {_LARGEST_WINDOW}")
+        self.max_window_size = max(self.current_window_size, self.max_window_size)
+
+    def process_bytes(self, size: int) -> int | None:
+        self._bytes_processed += size
+        return self._maybe_update_window()
+
+    def _maybe_update_window(self) -> int | None:
+        """h2's rule: credit everything processed once half the window is processed, or
+        once the window is exhausted and a little (1 KiB, or a quarter window) is."""
+        processed = self._bytes_processed
+        if not processed:
+            return None
+        increment = 0
+        if (
+            self.current_window_size == 0 and processed > min(1024, self.max_window_size // 4)
+        ) or processed >= self.max_window_size // 2:
+            increment = min(processed, self.max_window_size - self.current_window_size)
+            self._bytes_processed = 0
+        self.current_window_size += increment
+        return increment
+
+    def acknowledged(self, size: int) -> int:
+        """``process_bytes`` without the calls while no update can be due (below half
+        the window processed, the window not exhausted): the increment to announce, 0
+        for none."""
+        processed = self._bytes_processed + size
+        if processed < self.max_window_size // 2 and self.current_window_size:
+            self._bytes_processed = processed
+            return 0
+        return self.process_bytes(size) or 0
+
+
+def _adopt(manager: Any) -> _Window:
+    """A ``_Window`` with the state of h2's ``manager`` (or ``manager`` itself)."""
+    if isinstance(manager, _Window):
+        return manager
+    return _Window(manager.max_window_size, manager.current_window_size,
+                   manager._bytes_processed)
+
+
+class _Stream:
+    """Our side of one stream: what waits for window, and how far it has ended; and
+    h2's stream, with its receive window adopted (``_Window``).
+
+    While we hold a stream, its h2 state follows from our flags: it may send DATA until
+    ``ended_local`` and receive it until ``ended_remote`` (we drop a stream when it is
+    reset either way or ended both ways) - so the per-frame paths test the flags."""
+
+    def __init__(self, stream_id: int, h2_stream: Any) -> None:
         self.pending: deque[memoryview] = deque()
         self.pending_bytes = 0
         self.end_after_pending = False
         self.ended_local = False
         self.ended_remote = False
         self.closed = False
+        self.h2_stream = h2_stream
+        self.window = _adopt(h2_stream._inbound_window_manager)
+        h2_stream._inbound_window_manager = self.window
+        # a declared content-length: h2 counts that stream's DATA, so h2 receives it all
+        self.sized = h2_stream._expected_content_length is not None
+        self.head_tail = b"\x00\x00" + stream_id.to_bytes(4, "big")  # DATA, no flags
 
 
 class HboneConnection:
@@ -530,6 +617,14 @@ class HboneConnection:
         setattr(encoder, "encode", functools.partial(type(encoder).encode, encoder, huffman=False))  # noqa: B010
         # h2 reads this at construction only; keep it in step with our SETTINGS
         self._h2.max_inbound_frame_size = self.config.max_frame_size
+        h2c: Any = self._h2  # (its receive windows become ``_Window``s)
+        self._conn_window = _adopt(h2c._inbound_flow_control_window_manager)
+        h2c._inbound_flow_control_window_manager = self._conn_window
+        # h2's state the per-frame paths read, kept here: whether the connection is open
+        # (it changes only inside ``initiate``, ``close`` and h2's receive) and the
+        # peer's frame size (only with its SETTINGS, which h2 receives)
+        self._h2_open = False
+        self._max_out_frame = self._h2.max_outbound_frame_size
         self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams with pending data
@@ -561,6 +656,13 @@ class HboneConnection:
         extra = self.config.connection_window - _DEFAULT_WINDOW
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
+        self._h2_changed()
+
+    def _h2_changed(self) -> None:
+        """Re-read what we keep of h2's connection state (after h2 ran)."""
+        h2c = self._h2
+        self._h2_open = h2c.state_machine.state in _CONNECTION_OPEN
+        self._max_out_frame = h2c.max_outbound_frame_size
 
     def data_to_send(self) -> bytes:
         return b"".join(self.chunks_to_send())
@@ -578,6 +680,7 @@ class HboneConnection:
             self.ended = True
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(error_code)
+            self._h2_changed()
 
     @property
     def wants_write(self) -> bool:
@@ -641,7 +744,7 @@ class HboneConnection:
             headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
             headers.extend(extra)
             self._h2.send_headers(stream_id, headers)
-        self._streams[stream_id] = _Stream()
+        self._streams[stream_id] = _Stream(stream_id, self._h2.streams[stream_id])
         return stream_id
 
     # -- server ------------------------------------------------------------------
@@ -672,21 +775,18 @@ class HboneConnection:
         return self._frame_header(s, stream_id, n)
 
     def _frame_header(self, s: _Stream, stream_id: int, n: int) -> bytes | None:
-        if s.pending or not n:
+        if s.pending or not n or n > self._max_out_frame:
             return None
+        # the send windows stay h2's (plain attributes of its objects): read once each
         h2c = self._h2
-        stream = h2c.streams.get(stream_id)
-        if (
-            stream is None
-            or n > h2c.max_outbound_frame_size
-            or n > h2c.outbound_flow_control_window
-            or n > stream.outbound_flow_control_window
-            or stream.state_machine.state not in _SENDABLE
-        ):
+        stream = s.h2_stream
+        conn_window: int = h2c.outbound_flow_control_window
+        stream_window: int = stream.outbound_flow_control_window
+        if n > conn_window or n > stream_window:
             return None
-        h2c.outbound_flow_control_window -= n
-        stream.outbound_flow_control_window -= n
-        return n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
+        h2c.outbound_flow_control_window = conn_window - n
+        stream.outbound_flow_control_window = stream_window - n
+        return n.to_bytes(3, "big") + s.head_tail
 
     def send(self, stream_id: int, data: bytes) -> bool:
         """Frame ``data`` as far as the windows allow; True when nothing is left pending."""
@@ -733,24 +833,17 @@ class HboneConnection:
         # ``_maybe_update_window``) the count is kept here, without the manager's two
         # method calls; for both windows, as each is one per read.
         h2c = self._h2
-        w = h2c._inbound_flow_control_window_manager
-        processed = w._bytes_processed + flow_length
-        if processed < w.max_window_size // 2 and w.current_window_size:
-            w._bytes_processed = processed
-        else:
-            increment = w.process_bytes(flow_length)
-            if increment:
-                h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
-        stream = h2c.streams.get(stream_id)
-        # (closed streams' windows are moot)
-        if stream is None or stream.state_machine.state not in _STREAM_OPEN:
-            return
-        w = stream._inbound_window_manager
-        processed = w._bytes_processed + flow_length
-        if processed < w.max_window_size // 2 and w.current_window_size:
-            w._bytes_processed = processed
-            return
-        increment = w.process_bytes(flow_length)
+        increment = self._conn_window.acknowledged(flow_length)
+        if increment:
+            h2c._data_to_send += _WINDOW_UPDATE_0 + increment.to_bytes(4, "big")
+        s = self._streams.get(stream_id)
+        if s is not None:
+            increment = s.window.acknowledged(flow_length)
+        else:  # one we dropped: h2 may still count it open (closed ones' windows are moot)
+            stream = h2c.streams.get(stream_id)
+            if stream is None or stream.state_machine.state not in _STREAM_OPEN:
+                return
+            increment = stream._inbound_window_manager.process_bytes(flow_length) or 0
         if increment:
             h2c._data_to_send += (
                 _WINDOW_UPDATE + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
@@ -779,16 +872,20 @@ class HboneConnection:
         n = len(data)
         if (  # the interactive case: one whole small DATA frame, no flags, at a boundary
             _FRAME_HEADER < n < LEND_MIN
-            and data[3] == _DATA
-            and not data[4]
-            and (data[0] << 16 | data[1] << 8 | data[2]) == n - _FRAME_HEADER
             and not (self._fast_left or self._h2_left or self._head or self._preface_left
                      or self._in_header_block)
         ):
-            sid = int.from_bytes(data[5:_FRAME_HEADER], "big") & 0x7FFF_FFFF
-            if self._charge(sid, n - _FRAME_HEADER):
-                self.fast_data_frames += 1
-                return [_tuple_new(Data, (sid, bytes(data[_FRAME_HEADER:]), n - _FRAME_HEADER))]
+            # as bytes: one small copy, and then every index below is native
+            frame = data if isinstance(data, bytes) else bytes(data)
+            if (
+                frame[3] == _DATA
+                and not frame[4]
+                and (frame[0] << 16 | frame[1] << 8 | frame[2]) == n - _FRAME_HEADER
+            ):
+                sid = (frame[5] & 0x7F) << 24 | frame[6] << 16 | frame[7] << 8 | frame[8]
+                if self._charge(sid, n - _FRAME_HEADER):
+                    self.fast_data_frames += 1
+                    return [Data(sid, frame[_FRAME_HEADER:], n - _FRAME_HEADER)]
         out: list[Event] = []
         batch: list[bytes | memoryview] = []  # for h2, in order, flushed before each fast frame
         view = memoryview(data)
@@ -925,7 +1022,7 @@ class HboneConnection:
             new = h2c._get_or_create_stream(sid, h2.connection.AllowedStreamIDs.ODD)
             new.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
             self.fast_header_blocks += 1
-            self._streams[sid] = _Stream()
+            self._streams[sid] = _Stream(sid, new)
             out.append(ConnectRequested(sid, headers[":authority"], headers))
             return True
         stream = h2c.streams.get(sid)
@@ -965,8 +1062,8 @@ class HboneConnection:
             self.ack(stream_id, n)
             return
         if not self.lend_views or n < LEND_MIN:
-            out.append(_tuple_new(Data, (
-                stream_id, run[0].tobytes() if len(run) == 1 else b"".join(run), n)))
+            out.append(Data(
+                stream_id, run[0].tobytes() if len(run) == 1 else b"".join(run), n))
             return
         small: list[memoryview] = []
         for piece in run:
@@ -985,28 +1082,24 @@ class HboneConnection:
         """END_STREAM of a fast-path frame: h2's stream state, then ours."""
         if sid not in self._streams:
             return  # we reset it meanwhile; the peer learns that from our RST_STREAM
-        stream = self._h2.streams.get(sid)
-        if stream is not None:
-            stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+        self._streams[sid].h2_stream.state_machine.process_input(
+            h2.stream.StreamInputs.RECV_END_STREAM)
         self._remote_end(sid, out)
 
     def _charge(self, sid: int, length: int) -> bool:
         """Take a DATA frame on the fast path if h2 would accept it as plain stream data;
         charge both receive windows exactly as h2's ``_receive_data_frame`` does."""
-        if sid not in self._streams:
-            return False
-        h2c = self._h2
-        if h2c.state_machine.state not in _CONNECTION_OPEN or length > h2c.max_inbound_frame_size:
-            return False
-        stream = h2c.streams.get(sid)
+        s = self._streams.get(sid)
         if (
-            stream is None
-            or stream.state_machine.state not in _RECEIVABLE
-            or stream._expected_content_length is not None
+            s is None
+            or s.ended_remote
+            or s.sized
+            or not self._h2_open
+            or length > self.config.max_frame_size  # (h2's max_inbound_frame_size)
         ):
             return False
-        conn_window = h2c._inbound_flow_control_window_manager
-        stream_window = stream._inbound_window_manager
+        conn_window = self._conn_window
+        stream_window = s.window
         if length > conn_window.current_window_size or length > stream_window.current_window_size:
             return False  # h2 raises the flow-control error
         conn_window.current_window_size -= length
@@ -1019,6 +1112,8 @@ class HboneConnection:
         except h2.exceptions.ProtocolError as exc:
             self.ended = True
             raise ProtocolError(f"HTTP/2 protocol error from peer: {exc}") from None
+        finally:
+            self._h2_changed()
         flush = False
         for ev in h2_events:
             if isinstance(ev, h2.events.DataReceived):
@@ -1064,9 +1159,12 @@ class HboneConnection:
         sid = ev.stream_id
         if sid is None:
             return
+        h2_stream = self._h2.streams.get(sid)
+        if h2_stream is None:  # closed within the same read: nothing to answer
+            return
         raw: Any = ev.headers or []
         headers = {str(k): str(v) for k, v in raw}
-        self._streams[sid] = _Stream()
+        self._streams[sid] = _Stream(sid, h2_stream)
         if headers.get(":method") != "CONNECT" or ":path" in headers:
             self.respond(sid, BAD_REQUEST)
             out.append(StreamReset(sid, 0, remote=False))
@@ -1077,6 +1175,8 @@ class HboneConnection:
         sid = ev.stream_id
         if sid is None or sid not in self._streams:
             return
+        s = self._streams[sid]
+        s.sized = s.h2_stream._expected_content_length is not None
         status = 0
         raw: Any = ev.headers or []
         for k, v in raw:
@@ -1136,9 +1236,9 @@ class HboneConnection:
 
     def _flush(self, stream_id: int, s: _Stream) -> None:
         h2c = self._h2
-        max_frame = h2c.max_outbound_frame_size
-        stream = h2c.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _SENDABLE:
+        max_frame = self._max_out_frame
+        stream = s.h2_stream
+        if stream.state_machine.state not in _SENDABLE:
             return
         out = self._out
         while s.pending:
