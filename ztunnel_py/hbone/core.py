@@ -86,6 +86,12 @@ _STREAM_OPEN = (*_SENDABLE, h2.stream.StreamState.HALF_CLOSED_LOCAL)
 _CONNECTION_OPEN = (
     h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN
 )
+# h2's stream inputs we drive (per tunnel), looked up once
+_RECV_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
+_RECV_END_STREAM: Final = h2.stream.StreamInputs.RECV_END_STREAM
+_SEND_HEADERS: Final = h2.stream.StreamInputs.SEND_HEADERS
+_SEND_END_STREAM: Final = h2.stream.StreamInputs.SEND_END_STREAM
+_ODD_IDS: Final = h2.connection.AllowedStreamIDs.ODD
 # Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at. (``Final``:
 # compiled, each is a constant in the code, not a lookup in the module's dict.)
 _FRAME_HEADER: Final = 9
@@ -132,9 +138,11 @@ SERVICE_UNAVAILABLE = 503
 
 
 # -- events -------------------------------------------------------------------------
+# (Each writes its own ``__init__``: compiled, a dataclass-made one would stay a Python
+# function, called per tunnel or per read.)
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class ConnectRequested:
     """Server side: a peer asks for a tunnel to ``authority`` (``ip:port``)."""
 
@@ -142,13 +150,22 @@ class ConnectRequested:
     authority: str
     headers: Mapping[str, str]
 
+    def __init__(self, stream_id: int, authority: str, headers: Mapping[str, str]) -> None:
+        self.stream_id = stream_id
+        self.authority = authority
+        self.headers = headers
 
-@dataclass(frozen=True)
+
+@dataclass(init=False)
 class ConnectResponse:
     """Client side: the server answered our CONNECT (200 means the tunnel is up)."""
 
     stream_id: int
     status: int
+
+    def __init__(self, stream_id: int, status: int) -> None:
+        self.stream_id = stream_id
+        self.status = status
 
 
 class Data:
@@ -175,35 +192,50 @@ class Data:
         return f"Data({self.stream_id}, {_short_data_repr(bytes(self.data))}, {self.flow_length})"
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class StreamEnded:
     """The peer half-closed the tunnel (END_STREAM = its TCP sender shut down)."""
 
     stream_id: int
 
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
 
-@dataclass(frozen=True)
+
+@dataclass(init=False)
 class StreamReset:
     """The stream is gone abruptly (RST_STREAM, or a rejected CONNECT)."""
 
     stream_id: int
     error_code: int
-    remote: bool = True
+    remote: bool
+
+    def __init__(self, stream_id: int, error_code: int, remote: bool = True) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.remote = remote
 
 
-@dataclass(frozen=True)
+@dataclass(init=False)
 class Writable:
     """Everything pending on the stream has been framed: resume reading its source."""
 
     stream_id: int
 
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
 
-@dataclass(frozen=True)
+
+@dataclass(init=False)
 class ConnectionEnded:
     """GOAWAY received or a protocol error: no new streams; ``error_code`` 0 is graceful."""
 
     error_code: int
-    reason: str = ""
+    reason: str
+
+    def __init__(self, error_code: int, reason: str = "") -> None:
+        self.error_code = error_code
+        self.reason = reason
 
 
 Event = (
@@ -620,9 +652,9 @@ class HboneConnection:
         h2c: Any = self._h2  # (its receive windows become ``_Window``s)
         self._conn_window = _adopt(h2c._inbound_flow_control_window_manager)
         h2c._inbound_flow_control_window_manager = self._conn_window
-        # h2's state the per-frame paths read, kept here: whether the connection is open
-        # (it changes only inside ``initiate``, ``close`` and h2's receive) and the
-        # peer's frame size (only with its SETTINGS, which h2 receives)
+        # h2's state the per-frame paths read, kept here (``_h2_changed``, after each call
+        # into h2 that can change it): whether the connection is open, and the peer's
+        # frame size (it comes with the peer's SETTINGS, which h2 receives)
         self._h2_open = False
         self._max_out_frame = self._h2.max_outbound_frame_size
         self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
@@ -744,6 +776,7 @@ class HboneConnection:
             headers.append(hpack.NeverIndexedHeaderTuple("traceparent", trace))  # type: ignore[arg-type]
             headers.extend(extra)
             self._h2.send_headers(stream_id, headers)
+            self._h2_changed()  # (a client's first HEADERS opens the connection)
         self._streams[stream_id] = _Stream(stream_id, self._h2.streams[stream_id])
         return stream_id
 
@@ -756,6 +789,7 @@ class HboneConnection:
         done = status != OK
         if not self._send_header_block(stream_id, _status_block(status), end_stream=done):
             self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=done)
+            self._h2_changed()
         if done:
             self._forget(stream_id)
 
@@ -821,6 +855,7 @@ class HboneConnection:
         self._forget(stream_id)
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
+        self._h2_changed()
 
     def ack(self, stream_id: int, flow_length: int) -> None:
         """The local writer drained ``flow_length`` bytes of this stream: open the window."""
@@ -1000,7 +1035,7 @@ class HboneConnection:
         through unchanged (``_tunnel_fields``). h2's connection and stream state machines
         take the same inputs as in ``_receive_headers_frame``. False: h2 reads the frame."""
         h2c = self._h2
-        if h2c.state_machine.state not in _CONNECTION_OPEN or len(block) > _PLAIN_BLOCK_MAX:
+        if not self._h2_open or len(block) > _PLAIN_BLOCK_MAX:
             return False
         fields = _plain_fields(block)
         if fields is None:
@@ -1018,9 +1053,9 @@ class HboneConnection:
             headers = _tunnel_fields(fields, _REQUEST_PSEUDO)
             if headers is None or headers.get(":method") != "CONNECT":
                 return False
-            h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
-            new = h2c._get_or_create_stream(sid, h2.connection.AllowedStreamIDs.ODD)
-            new.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+            # (h2's connection state machine takes RECV_HEADERS from open to open: skipped)
+            new = h2c._get_or_create_stream(sid, _ODD_IDS)
+            new.state_machine.process_input(_RECV_HEADERS)
             self.fast_header_blocks += 1
             self._streams[sid] = _Stream(sid, new)
             out.append(ConnectRequested(sid, headers[":authority"], headers))
@@ -1039,10 +1074,9 @@ class HboneConnection:
         status = headers[":status"]
         if not (len(status) == 3 and status.isascii() and status.isdigit()) or status[0] == "1":
             return False  # informational responses (and nonsense) are h2's
-        h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
-        stream.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+        stream.state_machine.process_input(_RECV_HEADERS)
         if end_stream:
-            stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+            stream.state_machine.process_input(_RECV_END_STREAM)
         self.fast_header_blocks += 1
         code = int(status)
         out.append(ConnectResponse(sid, code))
@@ -1083,7 +1117,7 @@ class HboneConnection:
         if sid not in self._streams:
             return  # we reset it meanwhile; the peer learns that from our RST_STREAM
         self._streams[sid].h2_stream.state_machine.process_input(
-            h2.stream.StreamInputs.RECV_END_STREAM)
+            _RECV_END_STREAM)
         self._remote_end(sid, out)
 
     def _charge(self, sid: int, length: int) -> bool:
@@ -1214,14 +1248,16 @@ class HboneConnection:
             # h2's count walks every stream; there are never more open than h2 holds
             if len(h2c.streams) >= limit and h2c.open_outbound_streams + 1 > limit:
                 raise h2.exceptions.TooManyStreamsError(f"max outbound streams is {limit}")
-        h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        if not self._h2_open:  # (from open to open it changes nothing: skipped)
+            h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+            self._h2_changed()  # (a client's first HEADERS opens the connection)
         stream = h2c._get_or_create_stream(
             stream_id, self._own_stream_ids
         )
-        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        stream.state_machine.process_input(_SEND_HEADERS)
         flags = _END_HEADERS
         if end_stream:
-            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            stream.state_machine.process_input(_SEND_END_STREAM)
             flags |= _END_STREAM
         if authority is not None:  # what h2's send_headers records for a request
             stream._authority = authority.encode()
@@ -1269,8 +1305,10 @@ class HboneConnection:
         if s.end_after_pending and not s.ended_local:
             s.ended_local = True
             # h2's end_stream, by hand: the state changes, then an empty END_STREAM frame
-            h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
-            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            if not self._h2_open:  # (from open to open it changes nothing: skipped)
+                h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+                self._h2_changed()
+            stream.state_machine.process_input(_SEND_END_STREAM)
             h2c._data_to_send += b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
             if s.ended_remote:
                 self._forget(stream_id)
