@@ -743,3 +743,43 @@ def test_h2_and_the_fast_path_share_one_receive_window() -> None:
     side.feed(side.client.data_to_send(), [])
     assert side.windows()[0] == before[0] - 50 - 60
     assert side.windows()[2] == before[2] - 50 - 60
+
+
+def test_new_streams_start_as_h2s_would() -> None:
+    """Streams we create in h2's table (``_new_h2_stream``: our CONNECTs, the peer's on the
+    fast path) start with the windows and frame size h2's own ``_begin_new_stream`` gives,
+    with each side's settings in effect, before and after they change."""
+    cfg = HboneConfig(stream_window=300_000, connection_window=1 << 20,
+                      max_frame_size=32_768, max_streams_per_connection=10)
+    client, server = HboneConnection(Role.CLIENT, cfg), HboneConnection(Role.SERVER, cfg)
+
+    def h2_made(conn: HboneConnection, sid: int) -> tuple[int, int, int | None]:
+        raw = _raw_h2(conn)
+        made = raw._begin_new_stream(sid, h2.connection.AllowedStreamIDs(sid & 1))
+        del raw.streams[sid]
+        return made._inbound_window_manager.max_window_size, \
+            made.outbound_flow_control_window, made.max_outbound_frame_size
+
+    def ours(conn: HboneConnection, sid: int) -> tuple[int, int, int | None]:
+        st = _raw_h2(conn).streams[sid]
+        return st._inbound_window_manager.max_window_size, \
+            st.outbound_flow_control_window, st.max_outbound_frame_size
+
+    # before any SETTINGS went either way: our receive window (h2 takes its own settings
+    # as in effect at once), the peer's defaults
+    early = HboneConnection(Role.CLIENT, cfg)
+    sid = early.open("10.0.0.2:80", traceparent=TRACE)
+    assert ours(early, sid) == h2_made(early, sid + 2) == (300_000, 65_535, 16_384)
+    client.initiate()
+    server.initiate()
+    for _ in range(3):
+        server.receive(client.data_to_send())
+        client.receive(server.data_to_send())
+    for _ in range(2):  # (a server's h2 opens on the first HEADERS: that one is h2's)
+        sid = client.open("10.0.0.2:80", traceparent=TRACE)
+        server.receive(client.data_to_send())
+    assert server.fast_header_blocks == 1
+    assert _raw_h2(client).highest_outbound_stream_id == sid
+    assert _raw_h2(server).highest_inbound_stream_id == sid
+    assert ours(client, sid) == h2_made(client, sid + 2) == (300_000, 300_000, 32_768)
+    assert ours(server, sid) == h2_made(server, sid + 2) == (300_000, 300_000, 32_768)

@@ -657,6 +657,11 @@ class HboneConnection:
         # frame size (it comes with the peer's SETTINGS, which h2 receives)
         self._h2_open = False
         self._max_out_frame = self._h2.max_outbound_frame_size
+        # the settings a new tunnel reads, kept here (``_settings_changed``): h2's
+        # ``Settings`` properties are Python calls keyed by enums
+        self._local_window = self._remote_window = _DEFAULT_WINDOW
+        self._local_max_streams = self._remote_max_streams = 0
+        self._settings_changed()
         self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams with pending data
@@ -689,6 +694,15 @@ class HboneConnection:
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
         self._h2_changed()
+
+    def _settings_changed(self) -> None:
+        """Re-read the settings in effect (ours once acknowledged, the peer's once
+        received)."""
+        local, remote = self._h2.local_settings, self._h2.remote_settings
+        self._local_window = local.initial_window_size
+        self._local_max_streams = local.max_concurrent_streams
+        self._remote_window = remote.initial_window_size
+        self._remote_max_streams = remote.max_concurrent_streams
 
     def _h2_changed(self) -> None:
         """Re-read what we keep of h2's connection state (after h2 ran)."""
@@ -728,7 +742,7 @@ class HboneConnection:
         """Whether one more stream fits (peer's limit, not ended)."""
         if self.ended:
             return False
-        limit = self._h2.remote_settings.max_concurrent_streams
+        limit = self._remote_max_streams
         # Every stream a client has open is one of ours, and we forget a stream no later
         # than h2 closes it: far below the limit our count decides; near it, h2 counts
         # (its count walks every stream, a cost per new tunnel worth avoiding).
@@ -759,7 +773,11 @@ class HboneConnection:
             raise HboneError("only the client role opens tunnels")
         if self.ended:
             raise HboneError("connection is closing; open a new one")
-        stream_id = self._h2.get_next_available_stream_id()
+        # (h2's get_next_available_stream_id, without its log call)
+        highest: int = self._h2.highest_outbound_stream_id
+        stream_id = highest + 2 if highest else 1
+        if stream_id > _LARGEST_WINDOW:  # (the largest stream id too)
+            raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
         # unique per request: never worth a slot in the peer's HPACK table
         trace = traceparent or new_traceparent()
         extra = list(extra)
@@ -1047,14 +1065,14 @@ class HboneConnection:
                 or not sid & 1
                 or sid <= h2c.highest_inbound_stream_id
                 # h2 counts open streams exactly (walking them) only near the limit
-                or len(h2c.streams) >= h2c.local_settings.max_concurrent_streams
+                or len(h2c.streams) >= self._local_max_streams
             ):
                 return False
             headers = _tunnel_fields(fields, _REQUEST_PSEUDO)
             if headers is None or headers.get(":method") != "CONNECT":
                 return False
             # (h2's connection state machine takes RECV_HEADERS from open to open: skipped)
-            new = h2c._get_or_create_stream(sid, _ODD_IDS)
+            new = self._new_h2_stream(sid, outbound=False)
             new.state_machine.process_input(_RECV_HEADERS)
             self.fast_header_blocks += 1
             self._streams[sid] = _Stream(sid, new)
@@ -1169,8 +1187,13 @@ class HboneConnection:
                 if sid is not None and sid in self._streams:
                     self._forget(sid)
                     out.append(StreamReset(sid, int(ev.error_code or 0), remote=True))
-            elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            elif isinstance(ev, h2.events.WindowUpdated):
                 flush = True
+            elif isinstance(ev, h2.events.RemoteSettingsChanged):
+                flush = True
+                self._settings_changed()
+            elif isinstance(ev, h2.events.SettingsAcknowledged):
+                self._settings_changed()
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.ended = True
                 out.append(
@@ -1243,17 +1266,17 @@ class HboneConnection:
         h2c = self._h2
         if h2c.encoder.header_table.resized or len(block) > h2c.max_outbound_frame_size:
             return False
-        if stream_id not in h2c.streams:
-            limit = h2c.remote_settings.max_concurrent_streams
+        stream = h2c.streams.get(stream_id)
+        if stream is None:
+            limit = self._remote_max_streams
             # h2's count walks every stream; there are never more open than h2 holds
             if len(h2c.streams) >= limit and h2c.open_outbound_streams + 1 > limit:
                 raise h2.exceptions.TooManyStreamsError(f"max outbound streams is {limit}")
         if not self._h2_open:  # (from open to open it changes nothing: skipped)
             h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
             self._h2_changed()  # (a client's first HEADERS opens the connection)
-        stream = h2c._get_or_create_stream(
-            stream_id, self._own_stream_ids
-        )
+        if stream is None:
+            stream = self._new_h2_stream(stream_id, outbound=True)
         stream.state_machine.process_input(_SEND_HEADERS)
         flags = _END_HEADERS
         if end_stream:
@@ -1269,6 +1292,28 @@ class HboneConnection:
         )
         h2c._data_to_send += block
         return True
+
+    def _new_h2_stream(self, stream_id: int, outbound: bool) -> Any:
+        """h2's ``_begin_new_stream``, without its Python calls per setting and per log
+        line: a new ``H2Stream`` in h2's table, and h2's highest stream id moved on. An id
+        h2 would refuse goes to h2, to be refused as h2 refuses it."""
+        h2c = self._h2
+        highest = h2c.highest_outbound_stream_id if outbound else h2c.highest_inbound_stream_id
+        if stream_id <= highest or (stream_id & 1) != (outbound == (self.role is Role.CLIENT)):
+            ids = self._own_stream_ids if outbound else h2.connection.AllowedStreamIDs(
+                self.role is Role.SERVER)
+            return h2c._get_or_create_stream(stream_id, ids)
+        stream = h2.stream.H2Stream(
+            stream_id, config=h2c.config, inbound_window_size=self._local_window,
+            outbound_window_size=self._remote_window,
+        )
+        stream.max_outbound_frame_size = self._max_out_frame
+        h2c.streams[stream_id] = stream
+        if outbound:
+            h2c.highest_outbound_stream_id = stream_id
+        else:
+            h2c.highest_inbound_stream_id = stream_id
+        return stream
 
     def _flush(self, stream_id: int, s: _Stream) -> None:
         h2c = self._h2
