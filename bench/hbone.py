@@ -679,6 +679,7 @@ def orchestrate(
             cpu_rounds.setdefault(sc.name, []).append(c)
             row_rounds.setdefault(sc.name, []).append(r)
         print_table({k: medians(v) for k, v in row_rounds.items()}, duration, rate, repeat)
+        print_rounds(row_rounds)
         print_cpu({k: medians(v) for k, v in cpu_rounds.items()})
         if hop_rounds:
             print_hops({k: medians(v) for k, v in hop_rounds.items()})
@@ -744,6 +745,21 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
         print(line)
     print("\ngoals (vs haproxy, nbthread 1): throughput >= 1.0x; new connections/s >= 3x; "
           "p50 latency <= 1.2x")
+
+
+def print_rounds(rounds: dict[str, list[dict[str, float]]]) -> None:
+    """agents/haproxy of each round, for the metrics measured: how far the medians'
+    ratio can be trusted (HAProxy's p50 alone moves by ~10 % between rounds here)."""
+    agents, haproxy = rounds.get("agents", []), rounds.get("haproxy", [])
+    if len(agents) < 2 or len(agents) != len(haproxy):
+        return
+    print("\nagents/haproxy in each round")
+    for key, label in (("tput_1_gbps", "throughput, 1 stream"), ("tput_4_gbps",
+                       "throughput, 4 streams"), ("rps_16", "requests/s, 16 connections"),
+                       ("conn_per_s", "new connections/s"), ("p50_ms", "p50 latency")):
+        ratios = [a[key] / h[key] for a, h in zip(agents, haproxy, strict=True) if h[key]]
+        if ratios and not any(math.isnan(x) for x in ratios):
+            print(f"{label:<38}" + " ".join(f"{x:.2f}x" for x in ratios))
 
 
 def print_cpu(cpu: dict[str, dict[str, float]]) -> None:

@@ -34,3 +34,17 @@ def test_a_coalesced_write_counts_for_every_request_it_carries() -> None:
     got = hop_times(lines, "c0", "u1", "u2", "s0")
     assert got["node1 proxy, request"] == pytest.approx([50.0, 30.0])
     assert got["underlay, request"] == []  # nothing seen on node2
+
+
+def test_each_rounds_ratio_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.hbone import print_rounds
+
+    nan = float("nan")
+    row = dict.fromkeys(("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s"), nan)
+    print_rounds({
+        "agents": [{**row, "p50_ms": 0.30}, {**row, "p50_ms": 0.33}],
+        "haproxy": [{**row, "p50_ms": 0.25}, {**row, "p50_ms": 0.30}],
+    })
+    out = capsys.readouterr().out
+    assert "p50 latency" in out and "1.20x 1.10x" in out
+    assert "throughput" not in out  # not measured: no line
