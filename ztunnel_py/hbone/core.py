@@ -91,7 +91,6 @@ _RECV_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
 _RECV_END_STREAM: Final = h2.stream.StreamInputs.RECV_END_STREAM
 _SEND_HEADERS: Final = h2.stream.StreamInputs.SEND_HEADERS
 _SEND_END_STREAM: Final = h2.stream.StreamInputs.SEND_END_STREAM
-_ODD_IDS: Final = h2.connection.AllowedStreamIDs.ODD
 # Frame layout (RFC 9113 §4.1, §6): the bits the receive fast path looks at. (``Final``:
 # compiled, each is a constant in the code, not a lookup in the module's dict.)
 _FRAME_HEADER: Final = 9
@@ -171,9 +170,8 @@ class ConnectResponse:
 class Data:
     """Tunnel payload; ``ack()`` ``flow_length`` once it has been written out locally.
 
-    A plain class with its own ``__init__``, not a frozen dataclass like the other
-    events: one is built per read on the data path, and compiled, this one is built and
-    read natively (a dataclass's generated ``__init__`` stays a Python function).
+    Not a dataclass at all, unlike the other events: one is built per read on the data
+    path, and compiled, this plain class is built and read natively.
     ``data`` is a memoryview into the buffer given to ``receive`` when the connection
     lends views (``HboneConnection.lend_views``): valid until that buffer is reused.
     """
