@@ -41,9 +41,11 @@ latency: there every request pays its own wakeups and syscalls, which saturation
 amortizes.
 
 ``--instructions N`` replaces the tables with a yardstick for comparing builds: both
-agents under callgrind, and their user-space instructions per kept-alive request and per
-new connection (N of each, one at a time), repeatable to a fraction of a percent where
-CPU time here moves by 10-15 % between runs. The kernel's part is not counted.
+agents and both HAProxy instances under callgrind, and their user-space instructions per
+kept-alive request and per new connection (N of each, one at a time), repeatable to a
+fraction of a percent where CPU time here moves by 10-15 % between runs. The kernel's
+part is not counted, nor how fast the instructions run (a Python process runs the same
+count slower: more of its time goes to memory).
 
 ``--hops`` explains the latency figure: tcpdump on both nodes during each
 fixed-rate run, and a table of the p50 time each hop adds (node1's proxy, the
@@ -302,42 +304,55 @@ def _count(topo: Any, host: str, port: int, requests: int, close: bool) -> None:
         raise RuntimeError(f"count client to {host}:{port}: {res.stdout}{res.stderr}")
 
 
+def _valgrind(workdir: Path, name: str) -> list[str]:
+    """The command prefix that runs a proxy under callgrind (dumps: callgrind-NAME.out.N)."""
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind-{name}.out"]
+
+
 def _callgrind(command: str, pid: int) -> None:
     subprocess.run(["callgrind_control", f"--{command}", str(pid)], capture_output=True,
                    check=True, timeout=120)
 
 
-def count_instructions(topo: Any, workdir: Path, pids: dict[str, int], host: str, port: int,
-                       requests: int) -> None:
-    """Each agent's user-space instructions per request on a kept-alive connection (one
+def count_instructions(topo: Any, workdir: Path, paths: dict[str, tuple[dict[str, int], int]],
+                       host: str, requests: int) -> None:
+    """Each proxy's user-space instructions per request on a kept-alive connection (one
     request at a time, as at the fixed rate) and per new connection (one request each):
-    both agents under ``valgrind --tool=callgrind``, counters zeroed after a warm-up,
-    dumped after ``requests`` of each kind. Deterministic to a fraction of a percent,
-    where CPU time on a shared box moves by 10-15 %: for comparing two builds."""
-    _count(topo, host, port, WARM_UP, close=False)
-    _count(topo, host, port, WARM_UP // 2, close=True)
-    rows: dict[str, dict[str, float]] = {}
-    for label, close in (("instructions per request (keep-alive)", False),
-                         ("instructions per new connection", True)):
-        for pid in pids.values():
-            _callgrind("zero", pid)
-        _count(topo, host, port, requests, close)
-        for pid in pids.values():
-            _callgrind("dump", pid)
-        rows[label] = {}
-        for node in pids:
-            dumps = sorted(workdir.glob(f"callgrind-{node}.out.*"),
-                           key=lambda p: int(p.suffix[1:]))
-            total = next(int(line.split()[1]) for line in dumps[-1].read_text().splitlines()
-                         if line.startswith(("summary:", "totals:")))
-            rows[label][node] = total / requests
-    print(f"\nagents' user-space instructions ({native.describe()}; callgrind; {requests} "
-          f"of each after a warm-up of {WARM_UP}; one at a time)\n")
-    print(f"{'metric':40} {'node1':>10} {'node2':>10} {'both':>10}")
-    print("-" * 73)
-    for label, r in rows.items():
-        print(f"{label:40} {r['node1']:>10,.0f} {r['node2']:>10,.0f} "
-              f"{r['node1'] + r['node2']:>10,.0f}")
+    every proxy of each path (``paths``: name -> ({node: pid}, port)) under ``valgrind
+    --tool=callgrind``, counters zeroed after a warm-up, dumped after ``requests`` of each
+    kind. Deterministic to a fraction of a percent, where CPU time on a shared box moves by
+    10-15 %: for comparing two builds, and the agents with HAProxy's pair."""
+    labels = (("instructions per request (keep-alive)", False),
+              ("instructions per new connection", True))
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for path, (pids, port) in paths.items():
+        _count(topo, host, port, WARM_UP, close=False)
+        _count(topo, host, port, WARM_UP // 2, close=True)
+        for label, close in labels:
+            for pid in pids.values():
+                _callgrind("zero", pid)
+            _count(topo, host, port, requests, close)
+            for pid in pids.values():
+                _callgrind("dump", pid)
+            rows[label, path] = {}
+            for node in pids:
+                dumps = sorted(workdir.glob(f"callgrind-{path}-{node}.out.*"),
+                               key=lambda p: int(p.suffix[1:]))
+                total = next(int(line.split()[1])
+                             for line in dumps[-1].read_text().splitlines()
+                             if line.startswith(("summary:", "totals:")))
+                rows[label, path][node] = total / requests
+    print(f"\nuser-space instructions (agents {native.describe()}; callgrind; {requests} of "
+          f"each after a warm-up of {WARM_UP}; one at a time)\n")
+    print(f"{'metric':40} {'path':>8} {'node1':>10} {'node2':>10} {'both':>10}")
+    print("-" * 82)
+    for label, _close in labels:
+        for path in paths:
+            r = rows[label, path]
+            print(f"{label:40} {path:>8} {r['node1']:>10,.0f} {r['node2']:>10,.0f} "
+                  f"{r['node1'] + r['node2']:>10,.0f}")
+    print("\n(HAProxy's new connection includes its TLS handshake, which the agents' pool "
+          "saves; the kernel's part is not counted)")
 
 
 # -- where the latency goes: per-hop times from packet captures (--hops) ----------------
@@ -578,8 +593,7 @@ def orchestrate(
             path = workdir / f"agent-{node}.json"
             path.write_text(json.dumps(acfg))
             os.chmod(path, 0o600)
-            wrap = ["valgrind", "--tool=callgrind",
-                    f"--callgrind-out-file={workdir}/callgrind-{node}.out"] if instructions else []
+            wrap = _valgrind(workdir, f"agents-{node}") if instructions else []
             agent_pids.append(topo.popen(
                 node, [*wrap, sys.executable, "-m", "bench.hbone", "agent", str(path)],
                 log=workdir / f"agent-{node}.log", env=env, cwd=str(REPO),
@@ -588,7 +602,7 @@ def orchestrate(
         topo.popen("server", ["iperf3", "-s", "-p", str(IPERF_PORT)], log=workdir / "iperf.log")
         topo.popen("server", ["haproxy", "-db", "-f", str(workdir / "app.cfg")],
                    log=workdir / "app.log")
-        variants: list[tuple[str, int | None, int]] = [] if instructions else [("haproxy", 1, 0)]
+        variants: list[tuple[str, int | None, int]] = [("haproxy", 1, 0)]
         if haproxy_mt and not instructions:
             variants.append(("haproxy-mt", None, HAPROXY_MT_OFFSET))
         haproxy_pids: dict[str, list[int]] = {}
@@ -600,7 +614,8 @@ def orchestrate(
                 _haproxy_server_cfg(node2.underlay_ip, server.ip, workdir, nbthread, offset)
             )
             haproxy_pids[name] = [
-                topo.popen(node, ["haproxy", "-db", "-f", str(workdir / f"{name}-{side}.cfg")],
+                topo.popen(node, [*(_valgrind(workdir, f"{name}-{node}") if instructions else []),
+                                  "haproxy", "-db", "-f", str(workdir / f"{name}-{side}.cfg")],
                            log=workdir / f"{name}-{side}.log").pid
                 for node, side in (("node1", "client"), ("node2", "server"))
             ]
@@ -610,11 +625,17 @@ def orchestrate(
         topo.wait_listening("node1", AGENT_PORTS[HTTP_PORT], timeout=300 if instructions else 30)
         topo.wait_listening("node2", 15008, timeout=300 if instructions else 30)
         for _name, _nbthread, offset in variants:
-            topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT] + offset)
-            topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT] + offset)
+            topo.wait_listening("node1", HAPROXY_FRONT[HTTP_PORT] + offset,
+                                timeout=120 if instructions else 30)
+            topo.wait_listening("node2", HAPROXY_BACK[HTTP_PORT] + offset,
+                                timeout=120 if instructions else 30)
         if instructions:
-            count_instructions(topo, workdir, dict(zip(agent_cfgs, agent_pids, strict=True)),
-                               gw, AGENT_PORTS[HTTP_PORT], instructions)
+            nodes = list(agent_cfgs)
+            count_instructions(topo, workdir, {
+                "agents": (dict(zip(nodes, agent_pids, strict=True)), AGENT_PORTS[HTTP_PORT]),
+                "haproxy": (dict(zip(nodes, haproxy_pids["haproxy"], strict=True)),
+                            HAPROXY_FRONT[HTTP_PORT]),
+            }, gw, instructions)
             return 0
 
         scenarios = [
@@ -837,9 +858,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure only these paths (repeatable; default: all; the "
                         "ratios need agents and haproxy)")
     parser.add_argument("--instructions", type=int, default=0, metavar="N",
-                        help="instead of the tables: both agents under callgrind, and their "
-                        "user-space instructions per request and per new connection over N "
-                        "of each (steady, for comparing builds; needs valgrind)")
+                        help="instead of the tables: both agents and both HAProxy instances "
+                        "under callgrind, and their user-space instructions per request and "
+                        "per new connection over N of each (steady, for comparing builds; "
+                        "needs valgrind)")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
