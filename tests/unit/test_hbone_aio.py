@@ -120,13 +120,17 @@ class Keeper(Leg):
         return not self.holds
 
 
-async def _tunnel(sink: Leg) -> tuple[HboneProtocol, HboneProtocol, Wire, StreamLeg]:
-    accepted: list[StreamLeg] = []
+async def _pair(
+    accepted: list[StreamLeg], sink: Leg | None = None
+) -> tuple[HboneProtocol, HboneProtocol, Wire]:
+    """A client and a server connected by wires; the server answers every CONNECT 200,
+    keeps the leg in ``accepted`` and attaches ``sink`` to it, if given."""
 
     def on_connect(leg: StreamLeg) -> None:
         accepted.append(leg)
-        leg.attach(sink)
-        server.respond(leg, core.OK)
+        if sink is not None:
+            leg.attach(sink)
+        leg.conn.respond(leg, core.OK)
 
     client = HboneProtocol(Role.CLIENT, HboneConfig())
     server = HboneProtocol(Role.SERVER, HboneConfig(), on_connect=on_connect)
@@ -135,6 +139,12 @@ async def _tunnel(sink: Leg) -> tuple[HboneProtocol, HboneProtocol, Wire, Stream
     client.connection_made(c_wire)  # type: ignore[arg-type]
     server.connection_made(s_wire)  # type: ignore[arg-type]
     await settle()
+    return client, server, c_wire
+
+
+async def _tunnel(sink: Leg) -> tuple[HboneProtocol, HboneProtocol, Wire, StreamLeg]:
+    accepted: list[StreamLeg] = []
+    client, server, c_wire = await _pair(accepted, sink)
     leg = await client.open_stream("10.0.0.1:80")
     await settle()
     assert len(accepted) == 1
@@ -212,3 +222,29 @@ async def test_data_and_end_stream_in_one_read_reach_the_sink_as_one_send_last()
     assert sink2.calls == [("send", b"first"), ("send_eof", b"")]
     client.close()
     client2.close()
+
+
+async def test_an_answer_that_closes_the_stream_before_attach_is_kept_for_it() -> None:
+    """A quick answer and its END_STREAM can close the stream (our side ended already)
+    before the outbound relay attaches its client leg: the answer still reaches that leg,
+    then the FIN. (It was dropped as a refused CONNECT's bytes are, and the client got the
+    FIN alone: the demo's rare "connection closed before the response was complete".)"""
+    accepted: list[StreamLeg] = []
+    client, _server, _wire = await _pair(accepted)
+    leg = client.open_leg("10.0.0.1:80")
+    leg.send(b"request")
+    leg.send_eof()
+    await settle()
+    [far] = accepted
+    far.send(b"answer")
+    far.send_eof()
+    await settle()
+    assert leg.response is not None and leg.response.done()
+    assert not client.core.is_open(leg.stream_id)  # closed both ways, nothing attached yet
+    sink = LastKeeper()
+    leg.attach(sink)
+    assert sink.calls == [("send", b"answer"), ("send_eof", b"")]
+    # the connection's window was given back all the same
+    assert client.core._conn_window.current_window_size + \
+        client.core._conn_window._bytes_processed == HboneConfig().connection_window
+    client.close()

@@ -263,15 +263,24 @@ class StreamLeg(Leg):
             if self.peer is not None and not self.conn.writing_paused:
                 self.peer.resume_source()
 
+    def _answered(self) -> bool:
+        """Our CONNECT got its 200 (and ``attach`` is still to come, or came)."""
+        r = self.response
+        return r is not None and r.done() and not r.cancelled() and r.exception() is None
+
     def _check(self) -> None:
         if not self.done and not self.conn.core.is_open(self.stream_id):
             self.read_done = self.write_done = True
             if self._held_ack:
-                # DATA that was never written on (a refused CONNECT's first bytes, or a
-                # paused relay's): the connection's window back, or every refusal would
-                # shrink it for the other streams until they stall
+                # DATA not written on yet: the connection's window back, or every refusal
+                # would shrink it for the other streams until they stall. A refused
+                # CONNECT's first bytes are dropped; the answer of a tunnel that ended
+                # before its peer leg was attached (a quick response and its END_STREAM)
+                # is kept for ``attach``, which writes it and then the FIN.
                 n, self._held_ack = self._held_ack, 0
-                self._early = []
+                if not self._answered():
+                    self._early = []
+                    self._early_eof = False
                 self.conn.core.ack(self.stream_id, n)
                 self.conn.flush()
             self.conn.forget(self.stream_id)
