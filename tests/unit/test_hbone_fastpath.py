@@ -17,7 +17,7 @@ import hpack
 import pytest
 
 from ztunnel_py.config import HboneConfig
-from ztunnel_py.hbone import core
+from ztunnel_py.hbone import core, h2credit
 from ztunnel_py.hbone.core import HboneConnection, Role
 
 CFG = HboneConfig(
@@ -746,16 +746,19 @@ def test_h2_and_the_fast_path_share_one_receive_window() -> None:
 
 
 def test_new_streams_start_as_h2s_would() -> None:
-    """Streams we create in h2's table (``_new_h2_stream``: our CONNECTs, the peer's on the
-    fast path) start with the windows and frame size h2's own ``_begin_new_stream`` gives,
-    with each side's settings in effect, before and after they change."""
+    """Streams we create in h2's table (``h2credit.Connection.begin_stream``: our CONNECTs,
+    the peer's on the fast path) start with the windows and frame size h2's own
+    ``_begin_new_stream`` gives, with each side's settings in effect, before and after
+    they change."""
     cfg = HboneConfig(stream_window=300_000, connection_window=1 << 20,
                       max_frame_size=32_768, max_streams_per_connection=10)
     client, server = HboneConnection(Role.CLIENT, cfg), HboneConnection(Role.SERVER, cfg)
 
     def h2_made(conn: HboneConnection, sid: int) -> tuple[int, int, int | None]:
         raw = _raw_h2(conn)
-        made = raw._begin_new_stream(sid, h2.connection.AllowedStreamIDs(sid & 1))
+        # h2's own, not h2credit's override of it
+        made = h2.connection.H2Connection._begin_new_stream(
+            raw, sid, h2.connection.AllowedStreamIDs(sid & 1))
         del raw.streams[sid]
         return made._inbound_window_manager.max_window_size, \
             made.outbound_flow_control_window, made.max_outbound_frame_size
@@ -783,3 +786,32 @@ def test_new_streams_start_as_h2s_would() -> None:
     assert _raw_h2(server).highest_inbound_stream_id == sid
     assert ours(client, sid) == h2_made(client, sid + 2) == (300_000, 300_000, 32_768)
     assert ours(server, sid) == h2_made(server, sid + 2) == (300_000, 300_000, 32_768)
+
+
+def test_h2_and_the_data_path_share_each_send_window() -> None:
+    """The send windows live in ``core._Credit`` holders behind properties of h2's objects
+    (``h2credit``): the peer's WINDOW_UPDATEs and SETTINGS (h2's to handle) move the
+    window the data path charges, and h2 sees every charge."""
+    side = Side(True)
+    c, s = side.client, side.server
+    raw = _raw_h2(c)
+    stream = raw.streams[side.sid]
+    assert isinstance(stream, h2credit.Stream) and isinstance(raw, h2credit.Connection)
+    credit = c._streams[side.sid].credit
+    assert stream.outbound_flow_control_window == credit.value == 65_535
+    c.send(side.sid, b"w" * 65_535)  # the whole stream window
+    assert credit.value == 0 and raw.local_flow_control_window(side.sid) == 0
+    assert c.frame_header(side.sid, 1) is None
+    side.events += s.receive(c.data_to_send())
+    for ev in side.events:
+        if isinstance(ev, core.Data):
+            s.ack(ev.stream_id, ev.flow_length)
+    c.receive(s.data_to_send())  # the server's WINDOW_UPDATEs, through h2
+    assert credit.value == raw.local_flow_control_window(side.sid) > 0
+    assert c.frame_header(side.sid, 1) is not None
+    # the peer grows the initial window: h2 moves every stream's window by the difference
+    before = credit.value
+    _raw_h2(s).update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
+    c.receive(s.data_to_send())
+    assert credit.value == before + 100_000 - 65_535
+    assert raw.outbound_flow_control_window == c._credit.value

@@ -54,6 +54,7 @@ import hpack
 import hyperframe.frame
 
 from ztunnel_py.config import HboneConfig
+from ztunnel_py.hbone import h2credit
 
 
 def _short_data_repr(data: bytes | None) -> str:
@@ -578,6 +579,14 @@ class _Window:
         return self.process_bytes(size) or 0
 
 
+class _Credit:
+    """A send window (``h2credit``): h2 reads and writes ``value`` through a property of
+    its connection or stream, the data path natively."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 def _adopt(manager: Any) -> _Window:
     """A ``_Window`` with the state of h2's ``manager`` (or ``manager`` itself)."""
     if isinstance(manager, _Window):
@@ -604,6 +613,7 @@ class _Stream:
         self.h2_stream = h2_stream
         self.window = _adopt(h2_stream._inbound_window_manager)
         h2_stream._inbound_window_manager = self.window
+        self.credit: _Credit = h2_stream.credit  # its send window (``h2credit.Stream``)
         # a declared content-length: h2 counts that stream's DATA, so h2 receives it all
         self.sized = h2_stream._expected_content_length is not None
         self.head_tail = b"\x00\x00" + stream_id.to_bytes(4, "big")  # DATA, no flags
@@ -621,14 +631,16 @@ class HboneConnection:
         self.config = config or HboneConfig()
         # the stream ids this side opens (made once: an enum call is a Python function call)
         self._own_stream_ids = h2.connection.AllowedStreamIDs(role is Role.CLIENT)
-        self._h2 = h2.connection.H2Connection(
+        self._credit = _Credit()  # the connection's send window
+        self._h2 = h2credit.Connection(
             h2.config.H2Configuration(
                 client_side=role is Role.CLIENT,
                 header_encoding="utf-8",
                 validate_inbound_headers=True,  # the peer's headers are checked...
                 validate_outbound_headers=False,  # ...ours are built right here
                 normalize_outbound_headers=False,
-            )
+            ),
+            self._credit, _Credit,
         )
         self._h2.local_settings = h2.settings.Settings(
             client=role is Role.CLIENT,
@@ -827,15 +839,11 @@ class HboneConnection:
     def _frame_header(self, s: _Stream, stream_id: int, n: int) -> bytes | None:
         if s.pending or not n or n > self._max_out_frame:
             return None
-        # the send windows stay h2's (plain attributes of its objects): read once each
-        h2c = self._h2
-        stream = s.h2_stream
-        conn_window: int = h2c.outbound_flow_control_window
-        stream_window: int = stream.outbound_flow_control_window
-        if n > conn_window or n > stream_window:
+        conn_window, stream_window = self._credit, s.credit
+        if n > conn_window.value or n > stream_window.value:
             return None
-        h2c.outbound_flow_control_window = conn_window - n
-        stream.outbound_flow_control_window = stream_window - n
+        conn_window.value -= n
+        stream_window.value -= n
         return n.to_bytes(3, "big") + s.head_tail
 
     def send(self, stream_id: int, data: bytes) -> bool:
@@ -1070,7 +1078,8 @@ class HboneConnection:
             if headers is None or headers.get(":method") != "CONNECT":
                 return False
             # (h2's connection state machine takes RECV_HEADERS from open to open: skipped)
-            new = self._new_h2_stream(sid, outbound=False)
+            new = self._h2.begin_stream(
+                sid, self._local_window, self._remote_window, self._max_out_frame)
             new.state_machine.process_input(_RECV_HEADERS)
             self.fast_header_blocks += 1
             self._streams[sid] = _Stream(sid, new)
@@ -1274,7 +1283,8 @@ class HboneConnection:
             h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
             self._h2_changed()  # (a client's first HEADERS opens the connection)
         if stream is None:
-            stream = self._new_h2_stream(stream_id, outbound=True)
+            stream = self._h2.begin_stream(
+                stream_id, self._local_window, self._remote_window, self._max_out_frame)
         stream.state_machine.process_input(_SEND_HEADERS)
         flags = _END_HEADERS
         if end_stream:
@@ -1291,28 +1301,6 @@ class HboneConnection:
         h2c._data_to_send += block
         return True
 
-    def _new_h2_stream(self, stream_id: int, outbound: bool) -> Any:
-        """h2's ``_begin_new_stream``, without its Python calls per setting and per log
-        line: a new ``H2Stream`` in h2's table, and h2's highest stream id moved on. An id
-        h2 would refuse goes to h2, to be refused as h2 refuses it."""
-        h2c = self._h2
-        highest = h2c.highest_outbound_stream_id if outbound else h2c.highest_inbound_stream_id
-        if stream_id <= highest or (stream_id & 1) != (outbound == (self.role is Role.CLIENT)):
-            ids = self._own_stream_ids if outbound else h2.connection.AllowedStreamIDs(
-                self.role is Role.SERVER)
-            return h2c._get_or_create_stream(stream_id, ids)
-        stream = h2.stream.H2Stream(
-            stream_id, config=h2c.config, inbound_window_size=self._local_window,
-            outbound_window_size=self._remote_window,
-        )
-        stream.max_outbound_frame_size = self._max_out_frame
-        h2c.streams[stream_id] = stream
-        if outbound:
-            h2c.highest_outbound_stream_id = stream_id
-        else:
-            h2c.highest_inbound_stream_id = stream_id
-        return stream
-
     def _flush(self, stream_id: int, s: _Stream) -> None:
         h2c = self._h2
         max_frame = self._max_out_frame
@@ -1321,7 +1309,7 @@ class HboneConnection:
             return
         out = self._out
         while s.pending:
-            window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
+            window = min(self._credit.value, s.credit.value)
             if window <= 0:
                 break
             chunk = s.pending[0]
@@ -1339,8 +1327,8 @@ class HboneConnection:
                 out.append(h2c.data_to_send())
             out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
             out.append(chunk)
-            h2c.outbound_flow_control_window -= n
-            stream.outbound_flow_control_window -= n
+            self._credit.value -= n
+            s.credit.value -= n
         if s.pending:
             self._blocked.add(stream_id)
             return
