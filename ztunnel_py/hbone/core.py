@@ -49,7 +49,6 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
-import h2.windows
 import hpack
 import hyperframe.frame
 
@@ -75,6 +74,7 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 
 # HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
 _DEFAULT_WINDOW = 65_535
+_MIN_FRAME = 16_384  # RFC 9113 §4.2: the smallest SETTINGS_MAX_FRAME_SIZE, the default
 _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
 # State sets as tuples: ``in`` finds an enum member by identity, where a set would hash
 # it (a Python-level ``Enum.__hash__`` for h2's ConnectionState, on every DATA frame).
@@ -662,13 +662,12 @@ class HboneConnection:
         h2c: Any = self._h2  # (its receive windows become ``_Window``s)
         self._conn_window = _adopt(h2c._inbound_flow_control_window_manager)
         h2c._inbound_flow_control_window_manager = self._conn_window
-        # h2's state the per-frame paths read, kept here (``_h2_changed``, after each call
-        # into h2 that can change it): whether the connection is open, and the peer's
-        # frame size (it comes with the peer's SETTINGS, which h2 receives)
+        # whether h2's connection is open, kept here (``_h2_changed``, after each call into
+        # h2 that can change it): the per-frame paths read it
         self._h2_open = False
-        self._max_out_frame = self._h2.max_outbound_frame_size
-        # the settings a new tunnel reads, kept here (``_settings_changed``): h2's
-        # ``Settings`` properties are Python calls keyed by enums
+        # the settings the per-frame and per-tunnel paths read, kept here
+        # (``_settings_changed``): h2's ``Settings`` properties are Python calls keyed by enums
+        self._max_out_frame = _MIN_FRAME
         self._local_window = self._remote_window = _DEFAULT_WINDOW
         self._local_max_streams = self._remote_max_streams = 0
         self._settings_changed()
@@ -709,6 +708,7 @@ class HboneConnection:
         """Re-read the settings in effect (ours once acknowledged, the peer's once
         received)."""
         local, remote = self._h2.local_settings, self._h2.remote_settings
+        self._max_out_frame = self._h2.max_outbound_frame_size  # the peer's frame size
         self._local_window = local.initial_window_size
         self._local_max_streams = local.max_concurrent_streams
         self._remote_window = remote.initial_window_size
@@ -718,7 +718,6 @@ class HboneConnection:
         """Re-read what we keep of h2's connection state (after h2 ran)."""
         h2c = self._h2
         self._h2_open = h2c.state_machine.state in _CONNECTION_OPEN
-        self._max_out_frame = h2c.max_outbound_frame_size
 
     def data_to_send(self) -> bytes:
         return b"".join(self.chunks_to_send())
