@@ -34,7 +34,10 @@ Measurements: iperf3 throughput with 1 and 4 streams; wrk requests/s at 16
 keep-alive connections; wrk with ``Connection: close`` (one request per
 connection: new connections/s); and p50/p99 latency at a fixed request rate
 from an open-loop client paced to the microsecond (latency counted from the
-scheduled send time, so queueing is not hidden). The CPU table beside it charges
+scheduled send time, so queueing is not hidden). Each measurement runs on every
+path back to back, in an order flipped every round, so that a round's ratios
+compare minutes of the same machine (``--repeat``: the medians of the rounds,
+and each round's ratios printed beneath). The CPU table beside it charges
 each proxy pair's CPU time to the work done; its last row (CPU per request during
 the fixed-rate run, where requests come one at a time) is the one that tracks
 latency: there every request pays its own wakeups and syscalls, which saturation
@@ -99,7 +102,7 @@ def run_agent(config_path: str) -> int:
     from ztunnel_py.proxy.server import Proxy
     from ztunnel_py.proxy.testing import DstTable
     from ztunnel_py.state.model import Workload
-    from ztunnel_py.state.snapshot import Snapshot, StateStore
+    from ztunnel_py.state.snapshot import Snapshot, StateStore, settle_heap
     from ztunnel_py.telemetry.accesslog import AccessLog
     from ztunnel_py.telemetry.metrics import Metrics
 
@@ -147,6 +150,7 @@ def run_agent(config_path: str) -> int:
             hbone_dial=lambda a: dial.get(a, a),
         )
         await proxy.start()
+        settle_heap()  # as ``ztunnel-py agent`` does after its first full snapshot
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -523,6 +527,49 @@ MEASUREMENTS = ("throughput", "rps", "connections", "latency")
 PATHS = ("direct", "agents", "haproxy", "haproxy-mt")
 
 
+def _measure(topo: Any, sc: Scenario, what: str, duration: float, rate: float,
+             r: dict[str, float], c: dict[str, float], *, hops: bool, workdir: Path,
+             tag: str) -> dict[str, float] | None:
+    """One measurement (``what``) of one path into its round's figures ``r`` and the proxy
+    CPU charged to it ``c``; with ``hops`` (latency only), the p50 time of each hop."""
+    ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
+    if what == "throughput":
+        t0 = cpu_seconds(sc.proxy_pids)
+        r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
+        # proxy CPU seconds per GB carried
+        c["tput_1_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (r["tput_1_gbps"] * duration / 8)
+        time.sleep(0.5)
+        t0 = cpu_seconds(sc.proxy_pids)
+        r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
+        c["tput_4_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (r["tput_4_gbps"] * duration / 8)
+    elif what == "rps":
+        t0 = cpu_seconds(sc.proxy_pids)
+        r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
+        c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
+            r["rps_16"] * duration)  # proxy CPU microseconds per request
+    elif what == "connections":
+        t0 = cpu_seconds(sc.proxy_pids)
+        r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
+        c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
+            r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
+    elif what == "latency":
+        files = [workdir / f"hops-{tag}-{n}.txt" for n in ("node1", "node2")]
+        with _captured(topo, files) if hops else contextlib.nullcontext():
+            t0 = cpu_seconds(sc.proxy_pids)
+            r["p50_ms"], r["p99_ms"] = _latency(topo, "client", sc.host, hp, duration, rate)
+        # at a fixed rate requests come one at a time: each pays its own wakeups and
+        # syscalls, unlike under wrk's saturation (rps_16)
+        c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
+        if hops:
+            client, server = topo.pod("client"), topo.pod("server")
+            node1, node2 = topo.node("node1"), topo.node("node2")
+            lines = [line for f in files for line in f.read_text().splitlines()]
+            times = hop_times(lines, client.host_veth, node1.underlay_iface,
+                              node2.underlay_iface, server.host_veth)
+            return {h: statistics.median(v) if v else float("nan") for h, v in times.items()}
+    return None
+
+
 def orchestrate(
     duration: float,
     rate: float,
@@ -649,56 +696,29 @@ def orchestrate(
         cpu_rounds: dict[str, list[dict[str, float]]] = {}
         row_rounds: dict[str, list[dict[str, float]]] = {}
         hop_rounds: dict[str, list[dict[str, float]]] = {}
-        for rnd, sc in ((rnd, sc) for rnd in range(repeat) for sc in scenarios):
-            if sc.name not in paths:
-                continue
-            print(f"# round {rnd + 1}/{repeat}: {sc.name} ...", file=sys.stderr, flush=True)
-            ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
-            nan = float("nan")
-            r: dict[str, float] = dict.fromkeys(
-                ("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s", "p50_ms", "p99_ms"), nan
-            )
-            c: dict[str, float] = {}
-            if "throughput" in only:
-                t0 = cpu_seconds(sc.proxy_pids)
-                r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
-                # proxy CPU seconds per GB carried
-                c["tput_1_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (
-                    r["tput_1_gbps"] * duration / 8)
-                time.sleep(0.5)
-                t0 = cpu_seconds(sc.proxy_pids)
-                r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
-                c["tput_4_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (
-                    r["tput_4_gbps"] * duration / 8)
-            if "rps" in only:
-                t0 = cpu_seconds(sc.proxy_pids)
-                r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
-                c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
-                    r["rps_16"] * duration)  # proxy CPU microseconds per request
-            if "connections" in only:
-                t0 = cpu_seconds(sc.proxy_pids)
-                r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
-                c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
-                    r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
-            if "latency" in only:
-                files = [workdir / f"hops-{sc.name}-{rnd}-{n}.txt" for n in ("node1", "node2")]
-                with _captured(topo, files) if hops else contextlib.nullcontext():
-                    t0 = cpu_seconds(sc.proxy_pids)
-                    r["p50_ms"], r["p99_ms"] = _latency(
-                        topo, "client", sc.host, hp, duration, rate
-                    )
-                if hops:
-                    lines = [line for f in files for line in f.read_text().splitlines()]
-                    times = hop_times(lines, client.host_veth, node1.underlay_iface,
-                                      node2.underlay_iface, server.host_veth)
-                    hop_rounds.setdefault(sc.name, []).append(
-                        {h: statistics.median(v) if v else float("nan")
-                         for h, v in times.items()})
-                # at a fixed rate requests come one at a time: each pays its own
-                # wakeups and syscalls, unlike under wrk's saturation (rps_16)
-                c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
-            cpu_rounds.setdefault(sc.name, []).append(c)
-            row_rounds.setdefault(sc.name, []).append(r)
+        nan = float("nan")
+        measured = [sc for sc in scenarios if sc.name in paths]
+        for rnd in range(repeat):
+            rows = {sc.name: dict.fromkeys(
+                ("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s", "p50_ms", "p99_ms"), nan)
+                for sc in measured}
+            cpus: dict[str, dict[str, float]] = {sc.name: {} for sc in measured}
+            # Each measurement runs on every path back to back, so that the paths' figures
+            # of one round come from the same minutes of a shared machine; the order of the
+            # paths flips every round (no path always goes first, or right after another).
+            order = measured if rnd % 2 == 0 else measured[::-1]
+            for what in (m for m in MEASUREMENTS if m in only):
+                for sc in order:
+                    print(f"# round {rnd + 1}/{repeat}: {what}, {sc.name} ...", file=sys.stderr,
+                          flush=True)
+                    hop = _measure(topo, sc, what, duration, rate, rows[sc.name], cpus[sc.name],
+                                   hops=hops and what == "latency", workdir=workdir,
+                                   tag=f"{sc.name}-{rnd}")
+                    if hop is not None:
+                        hop_rounds.setdefault(sc.name, []).append(hop)
+            for sc in measured:
+                cpu_rounds.setdefault(sc.name, []).append(cpus[sc.name])
+                row_rounds.setdefault(sc.name, []).append(rows[sc.name])
         print_table({k: medians(v) for k, v in row_rounds.items()}, duration, rate, repeat)
         print_rounds(row_rounds)
         print_cpu({k: medians(v) for k, v in cpu_rounds.items()})
@@ -739,7 +759,8 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
         ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)"),
     ]
     mt = "haproxy-mt" in rows
-    rounds = f"medians of {repeat} rounds, paths alternating" if repeat > 1 else "one round"
+    rounds = (f"medians of {repeat} rounds, paths back to back in alternating order"
+              if repeat > 1 else "one round")
     print(f"\nHBONE benchmark ({duration:g} s per measurement, {rounds}; same topology, "
           "same run)")
     print("agents: one single-threaded Python process per node; haproxy: nbthread 1 per node "
@@ -845,8 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds over all paths in turn; the tables show each figure's "
-                             "median (a single round is at the mercy of a noisy machine)")
+                        help="rounds: each measurement on every path back to back, the paths' "
+                             "order flipped every round; the tables show each figure's median "
+                             "(a single round is at the mercy of a noisy machine)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only these measurements (repeatable; default: all)")
     parser.add_argument("--no-haproxy-mt", action="store_true",
