@@ -242,9 +242,10 @@ class StreamPipe(_Buffering):
 
     def close(self) -> None:
         if not self.leg.done:
-            self.leg.send_eof()
-            if not self.leg.read_done:
-                self.leg.reset()
+            if self.leg.read_done:
+                self.leg.send_eof()
+            else:  # answered in full, the rest of the request unread: RST_STREAM NO_ERROR
+                self.leg.end_reading()
         self._lost(None)
 
     def abort(self) -> None:

@@ -198,3 +198,31 @@ async def test_retries_and_mirroring_through_agents(world: World) -> None:
         await asyncio.sleep(0.05)
     assert len(v2.seen) == 10
     assert {s.headers["host"] for s in v2.seen} == {"reviews-shadow:9080"}
+
+
+async def test_a_big_answer_to_a_closing_request_reaches_a_slow_client_in_full(
+        world: World) -> None:
+    """``connection: close``: the waypoint answers in full and closes while the client has
+    not half-closed, so it ends its stream with END_STREAM and RST_STREAM NO_ERROR (RFC
+    9113 section 8.1). The client's agent must still deliver the whole answer, then the
+    FIN, to a client that reads late: the answer sits in the agent's buffers when the
+    RST_STREAM comes (it used to reset the client: a truncated answer, then ECONNRESET)."""
+    world.apply(r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+        r.HTTPRoute(route=(_to("v1"),)),)), SUBSETS)
+    size = 8 << 20
+    world.backends["reviews-v1"].body_size = size
+    reader, writer = await world.mesh.connect(world.client.ips[0], (VIP, 9080))
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nhost: reviews:9080\r\nconnection: close\r\n\r\n")
+        await asyncio.sleep(1.0)  # not reading: the answer backs up in the agents
+        got = bytearray()
+        async with asyncio.timeout(30):
+            while data := await reader.read(1 << 20):
+                got += data
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(body) == size and body.startswith(b"reviews-v1 GET /big")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

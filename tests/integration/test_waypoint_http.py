@@ -66,6 +66,7 @@ class Backend:
     # Answer this many requests per connection, then drop the connection when the next
     # request arrives (a keep-alive timeout racing with reuse); 0: no limit.
     per_connection: int = 0
+    body_size: int = 0  # pad each answer's body to this many bytes
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = await asyncio.start_server(self._conn, host, port)
@@ -137,6 +138,7 @@ class Backend:
         finally:
             self.active -= 1
         out = f"{self.pod} {req.method.decode()} {req.target.decode()}".encode()
+        out += b"." * (self.body_size - len(out))
         head = conn.send(h11.Response(status_code=status, headers=[
             ("content-length", str(len(out))), ("x-served-by", self.pod),
             ("server", "backend")]))

@@ -224,6 +224,129 @@ async def test_data_and_end_stream_in_one_read_reach_the_sink_as_one_send_last()
     client2.close()
 
 
+class ResetKeeper(LastKeeper):
+    """A LastKeeper that records ``reset`` too, and lent views as sends."""
+
+    def send_view(self, view: memoryview) -> bool:
+        self.calls.append(("send", view.tobytes()))
+        return True
+
+    def reset(self) -> None:
+        self.calls.append(("reset", b""))
+
+
+async def _answering(
+    sink: Leg,
+) -> tuple[HboneProtocol, HboneProtocol, Wire, StreamLeg, StreamLeg]:
+    """A tunnel with ``sink`` attached to the client's leg: (client, server, the client's
+    wire, the client's leg, the server's leg for it)."""
+    accepted: list[StreamLeg] = []
+    client, server, c_wire = await _pair(accepted)
+    leg = await client.open_stream("10.0.0.1:80")
+    leg.attach(sink)
+    await settle()
+    [far] = accepted
+    return client, server, c_wire, leg, far
+
+
+def test_the_reset_codes_are_http2s() -> None:
+    import h2.errors
+
+    assert core.NO_ERROR == h2.errors.ErrorCodes.NO_ERROR
+    assert core.CANCEL == h2.errors.ErrorCodes.CANCEL
+
+
+async def test_a_full_answer_then_rst_stream_no_error_ends_the_exchange_without_a_reset() -> None:
+    """RFC 9113 section 8.1: a server that has answered in full may send RST_STREAM with
+    NO_ERROR to stop the rest of the request (Envoy and hyper do; so does our waypoint,
+    ``end_reading``). The client's sink gets the whole answer and its FIN and is not
+    reset (a TCP leg would drop whatever it still had to write); what the client sends
+    on is dropped."""
+    sink = ResetKeeper()
+    client, server, c_wire, leg, far = await _answering(sink)
+    leg.send(b"GET / HTTP/1.1\r\n")  # the request goes on (no END_STREAM from us)
+    await settle()
+    far.send(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbody")
+    await settle()
+    far.end_reading()
+    await settle()
+    assert far.done and not far.was_reset
+    assert sink.calls == [("send", b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbody"),
+                          ("send_eof", b"")]
+    assert leg.done and not leg.was_reset and leg.stream_id not in client.streams
+    writes = len(c_wire.writes)
+    leg.send(b"more of the request")  # dropped: the far side reads no more
+    await settle()
+    assert len(c_wire.writes) == writes
+    client.close()
+    server.close()
+
+
+async def test_end_reading_sends_its_rst_stream_only_after_the_whole_answer() -> None:
+    """An answer larger than the window waits for it; its END_STREAM and the RST_STREAM
+    NO_ERROR wait behind it (a reset sent at once would drop what still waits, and
+    reach the client as an abrupt one)."""
+    sink = ResetKeeper()
+    client, server, _, leg, far = await _answering(sink)
+    answer = bytes(range(256)) * (2 * HboneConfig().stream_window // 256)
+    far.send(answer)
+    far.end_reading()
+    assert not far.done and server.core.pending(far.stream_id) > 0  # waits for window
+    for _ in range(100):
+        await settle()
+        if far.done:
+            break
+    assert far.done and not far.was_reset and far.stream_id not in server.streams
+    assert b"".join(d for c, d in sink.calls if c in ("send", "send_last")) == answer
+    assert sink.calls[-1] == ("send_eof", b"")  # then nothing: no reset
+    assert leg.done and not leg.was_reset
+    client.close()
+    server.close()
+
+
+async def test_rst_stream_no_error_from_a_client_is_a_reset() -> None:
+    """(RFC 9113 section 8.1 gives NO_ERROR that meaning for a server's reset only.)"""
+    sink = ResetKeeper()
+    accepted: list[StreamLeg] = []
+    client, server, _ = await _pair(accepted, sink)
+    leg = await client.open_stream("10.0.0.1:80")
+    leg.send(b"request")
+    leg.send_eof()
+    await settle()
+    client.core.reset(leg.stream_id, core.NO_ERROR)
+    client.flush()
+    await settle()
+    assert sink.calls[-1] == ("reset", b"") and accepted[0].was_reset
+    client.close()
+    server.close()
+
+
+async def test_rst_stream_cancel_after_the_answer_still_resets_the_sink() -> None:
+    sink = ResetKeeper()
+    client, server, _, leg, far = await _answering(sink)
+    far.send(b"answer")
+    far.send_eof()
+    await settle()
+    far.reset()  # CANCEL: abrupt, whatever came before
+    await settle()
+    assert sink.calls[-1] == ("reset", b"") and leg.was_reset
+    client.close()
+    server.close()
+
+
+async def test_rst_stream_no_error_before_the_answer_ended_is_a_reset() -> None:
+    sink = ResetKeeper()
+    client, server, _, leg, far = await _answering(sink)
+    far.send(b"half an answer")
+    await settle()
+    server.core.reset(far.stream_id, core.NO_ERROR)  # no END_STREAM first: truncated
+    server.flush()
+    await settle()
+    assert sink.calls[-1] == ("reset", b"") and leg.was_reset
+    client.close()
+    server.close()
+
+
 async def test_an_answer_that_closes_the_stream_before_attach_is_kept_for_it() -> None:
     """A quick answer and its END_STREAM can close the stream (our side ended already)
     before the outbound relay attaches its client leg: the answer still reaches that leg,

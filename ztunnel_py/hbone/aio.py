@@ -193,6 +193,18 @@ class StreamLeg(Leg):
         self.conn.flush()
         self._check()
 
+    def end_reading(self) -> None:
+        """We have answered in full and will read no more of what the peer sends:
+        END_STREAM once what we sent has gone out, then RST_STREAM with NO_ERROR (RFC
+        9113 section 8.1), which a peer takes as the end of the exchange, not as an
+        error (``_on_reset``). The leg is done once both are out."""
+        if self.done:
+            return
+        self.write_done = True
+        self.conn.core.end_reading(self.stream_id)
+        self.conn.flush()
+        self._check()
+
     def pause_source(self) -> None:
         self._source_paused = True
 
@@ -249,7 +261,15 @@ class StreamLeg(Leg):
             self.peer.send_eof()
         self._check()
 
-    def _on_reset(self) -> None:
+    def _on_reset(self, error_code: int = core.CANCEL) -> None:
+        if error_code == core.NO_ERROR and self.read_done and self.conn.role is Role.CLIENT:
+            # The server answered in full (its END_STREAM came and our peer has its FIN)
+            # and reads no more of ours (RFC 9113 section 8.1): the exchange is over, no
+            # error. Our peer leg is not reset: it still writes out the whole answer,
+            # and what it sends on is dropped (``send``: this leg is done).
+            self.write_done = True
+            self._check()
+            return
         self.was_reset = True
         if self.response is not None and not self.response.done():
             self.response.set_exception(TunnelBroken(f"stream to {self.authority} was reset"))
@@ -262,6 +282,8 @@ class StreamLeg(Leg):
             self._sink_blocked = False
             if self.peer is not None and not self.conn.writing_paused:
                 self.peer.resume_source()
+        if self.write_done:  # what we had to send is out: an ``end_reading`` may be done
+            self._check()
 
     def _answered(self) -> bool:
         """Our CONNECT got its 200 (and ``attach`` is still to come, or came)."""
@@ -533,7 +555,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         elif isinstance(ev, core.StreamReset):
             leg = self.streams.get(ev.stream_id)
             if leg is not None:
-                leg._on_reset()
+                leg._on_reset(ev.error_code)
         elif isinstance(ev, core.ConnectRequested):
             leg = StreamLeg(self, ev.stream_id, ev.authority)
             leg.headers = dict(ev.headers)

@@ -44,7 +44,6 @@ from typing import Any, Final
 
 import h2.config
 import h2.connection
-import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -135,6 +134,10 @@ OK = 200
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 SERVICE_UNAVAILABLE = 503
+
+# RST_STREAM codes the legs tell apart (RFC 9113 section 7)
+NO_ERROR: Final = 0  # after a complete answer: "read no more of it" (RFC 9113 section 8.1)
+CANCEL: Final = 8  # anything else we reset: abrupt
 
 
 # -- events -------------------------------------------------------------------------
@@ -607,6 +610,7 @@ class _Stream:
         self.pending: deque[memoryview] = deque()
         self.pending_bytes = 0
         self.end_after_pending = False
+        self.reset_after_end = False  # then RST_STREAM NO_ERROR (``end_reading``)
         self.ended_local = False
         self.ended_remote = False
         self.closed = False
@@ -872,7 +876,20 @@ class HboneConnection:
         s.end_after_pending = True
         self._flush(stream_id, s)
 
-    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def end_reading(self, stream_id: int) -> None:
+        """END_STREAM once the pending data has been framed, and then RST_STREAM with
+        NO_ERROR: we have answered in full and read no more of the peer's side (RFC 9113
+        section 8.1). The stream is ours until both have gone out (``is_open``)."""
+        s = self._streams.get(stream_id)
+        if s is None:
+            return
+        if s.ended_local:
+            self.reset(stream_id, NO_ERROR)
+            return
+        s.reset_after_end = True
+        self.end(stream_id)
+
+    def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         if stream_id not in self._streams:
             return
         self._forget(stream_id)
@@ -1342,6 +1359,8 @@ class HboneConnection:
             h2c._data_to_send += b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
             if s.ended_remote:
                 self._forget(stream_id)
+            elif s.reset_after_end:
+                self.reset(stream_id, NO_ERROR)
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
