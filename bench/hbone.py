@@ -534,24 +534,20 @@ def _measure(topo: Any, sc: Scenario, what: str, duration: float, rate: float,
     CPU charged to it ``c``; with ``hops`` (latency only), the p50 time of each hop."""
     ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
     if what == "throughput":
+        for streams in (1, 4):
+            if streams > 1:
+                time.sleep(0.5)
+            key = f"tput_{streams}_gbps"
+            t0 = cpu_seconds(sc.proxy_pids)
+            r[key] = _iperf(topo, "client", sc.host, ip, duration, streams)
+            # proxy CPU seconds per GB carried
+            c[key] = (cpu_seconds(sc.proxy_pids) - t0) / (r[key] * duration / 8)
+    elif what in ("rps", "connections"):
+        key = "rps_16" if what == "rps" else "conn_per_s"
         t0 = cpu_seconds(sc.proxy_pids)
-        r["tput_1_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 1)
-        # proxy CPU seconds per GB carried
-        c["tput_1_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (r["tput_1_gbps"] * duration / 8)
-        time.sleep(0.5)
-        t0 = cpu_seconds(sc.proxy_pids)
-        r["tput_4_gbps"] = _iperf(topo, "client", sc.host, ip, duration, 4)
-        c["tput_4_gbps"] = (cpu_seconds(sc.proxy_pids) - t0) / (r["tput_4_gbps"] * duration / 8)
-    elif what == "rps":
-        t0 = cpu_seconds(sc.proxy_pids)
-        r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
-        c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
-            r["rps_16"] * duration)  # proxy CPU microseconds per request
-    elif what == "connections":
-        t0 = cpu_seconds(sc.proxy_pids)
-        r["conn_per_s"] = _wrk(topo, "client", sc.host, hp, duration, close=True)
-        c["conn_per_s"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (
-            r["conn_per_s"] * duration)  # proxy CPU microseconds per connection
+        r[key] = _wrk(topo, "client", sc.host, hp, duration, close=what == "connections")
+        # proxy CPU microseconds per request (each on a new connection for "connections")
+        c[key] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (r[key] * duration)
     elif what == "latency":
         files = [workdir / f"hops-{tag}-{n}.txt" for n in ("node1", "node2")]
         with _captured(topo, files) if hops else contextlib.nullcontext():

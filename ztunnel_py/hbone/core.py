@@ -633,8 +633,6 @@ class HboneConnection:
         fast path is tested against)."""
         self.role = role
         self.config = config or HboneConfig()
-        # the stream ids this side opens (made once: an enum call is a Python function call)
-        self._own_stream_ids = h2.connection.AllowedStreamIDs(role is Role.CLIENT)
         self._credit = _Credit()  # the connection's send window
         self._h2 = h2credit.Connection(
             h2.config.H2Configuration(
@@ -1155,10 +1153,10 @@ class HboneConnection:
 
     def _end_of_stream(self, sid: int, out: list[Event]) -> None:
         """END_STREAM of a fast-path frame: h2's stream state, then ours."""
-        if sid not in self._streams:
+        s = self._streams.get(sid)
+        if s is None:
             return  # we reset it meanwhile; the peer learns that from our RST_STREAM
-        self._streams[sid].h2_stream.state_machine.process_input(
-            _RECV_END_STREAM)
+        s.h2_stream.state_machine.process_input(_RECV_END_STREAM)
         self._remote_end(sid, out)
 
     def _charge(self, sid: int, length: int) -> bool:
@@ -1341,7 +1339,7 @@ class HboneConnection:
             # bookkeeping is exactly h2's own (send_data in connection and stream).
             if h2c._data_to_send:  # h2's frames queued so far go first
                 out.append(h2c.data_to_send())
-            out.append(n.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big"))
+            out.append(n.to_bytes(3, "big") + s.head_tail)
             out.append(chunk)
             self._credit.value -= n
             s.credit.value -= n
