@@ -34,9 +34,11 @@ Measurements: iperf3 throughput with 1 and 4 streams; wrk requests/s at 16
 keep-alive connections; wrk with ``Connection: close`` (one request per
 connection: new connections/s); and p50/p99 latency at a fixed request rate
 from an open-loop client paced to the microsecond (latency counted from the
-scheduled send time, so queueing is not hidden). Each measurement runs on every
-path back to back, in an order flipped every round, so that a round's ratios
-compare minutes of the same machine (``--repeat``: the medians of the rounds,
+scheduled send time, so queueing is not hidden). The paths take turns within
+one run at the fixed rate (0.2 s each) and for new connections/s (2 s of wrk
+each), so that their figures come from the same seconds of a machine whose
+speed drifts; throughput and requests/s run on every path back to back. The
+order of the paths flips every round (``--repeat``: the medians of the rounds,
 and each round's ratios printed beneath). The CPU table beside it charges
 each proxy pair's CPU time to the work done; its last row (CPU per request during
 the fixed-rate run, where requests come one at a time) is the one that tracks
@@ -86,6 +88,8 @@ AGENT_PORTS = {IPERF_PORT: 15101, HTTP_PORT: 15102}
 HAPROXY_FRONT = {IPERF_PORT: 16101, HTTP_PORT: 16102}
 HAPROXY_BACK = {IPERF_PORT: 16201, HTTP_PORT: 16202}
 HAPROXY_MT_OFFSET = 1000  # the default-threads pair listens 1000 ports higher
+SLICE_S = 0.2  # the fixed-rate run's turn per path: 400 requests at 2000/s
+TURN_S = 2  # new connections/s: each path's turn of wrk (whole seconds)
 CLIENT_SA, SERVER_SA = "bench-client", "bench-server"
 
 
@@ -174,10 +178,13 @@ def run_agent(config_path: str) -> int:
 # -- the fixed-rate latency client (runs inside the client pod) ------------------------
 
 
-def run_latency(host: str, port: int, rate: float, duration: float, conns: int) -> int:
-    """Open-loop HTTP/1.1 GETs at ``rate``/s over ``conns`` keep-alive connections (in
-    turn; a request whose connection is still busy waits for it), latency counted from
-    each request's scheduled time.
+def run_latency(targets: list[tuple[str, int]], rate: float, duration: float, conns: int,
+                slice_s: float = SLICE_S) -> int:
+    """Open-loop HTTP/1.1 GETs at ``rate``/s to each of ``targets`` in turn, ``slice_s``
+    seconds each, until each has had ``duration`` seconds of them; over ``conns`` keep-alive
+    connections per target (in turn; a request whose connection is still busy waits for
+    it), latency counted from each request's scheduled time. Prints one JSON line: a
+    figure set per target, in order (why turns: ``_in_turns``).
 
     Paced with microsecond timers (``select()``, timer slack 1 us): an event loop's
     timers have millisecond resolution (uvloop's), which sent the requests in bursts
@@ -190,32 +197,40 @@ def run_latency(host: str, port: int, rate: float, duration: float, conns: int) 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(29, 1000)  # PR_SET_TIMERSLACK: 1 us
     now = time.perf_counter
-    request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    socks = []
-    for _ in range(conns):
-        s = socket.create_connection((host, port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-        socks.append(s)
+    requests = [f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for host, _ in targets]
+    socks: list[list[socket.socket]] = []
+    target_of: dict[socket.socket, int] = {}
+    for n, (host, port) in enumerate(targets):
+        socks.append([])
+        for _ in range(conns):
+            s = socket.create_connection((host, port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+            socks[n].append(s)
+            target_of[s] = n
     inflight: dict[socket.socket, float] = {}  # one request at a time per connection
-    queued: dict[socket.socket, deque[float]] = {s: deque() for s in socks}
-    bufs: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
-    latencies: list[float] = []
-    errors = 0
-    total = int(rate * duration)
+    queued: dict[socket.socket, deque[float]] = {s: deque() for s in target_of}
+    bufs: dict[socket.socket, bytes] = dict.fromkeys(target_of, b"")
+    latencies: list[list[float]] = [[] for _ in targets]
+    errors = [0] * len(targets)
+    sent = [0] * len(targets)
+    per_slice = max(1, round(rate * slice_s))
+    total = int(rate * duration) * len(targets)
     time.sleep(0.2)
     start = now() + 0.05
-    deadline = start + duration + 10
+    deadline = start + len(targets) * duration + 10
     i = 0
     while (i < total or inflight) and now() < deadline:
         t = now()
         while i < total and start + i / rate <= t:
-            s, at = socks[i % conns], start + i / rate
+            n, at = (i // per_slice) % len(targets), start + i / rate
+            s = socks[n][sent[n] % conns]
             i += 1
+            sent[n] += 1
             if s in inflight:
                 queued[s].append(at)
             else:
-                s.send(request)
+                s.send(requests[n])
                 inflight[s] = at
         timeout = max(0.0, start + i / rate - now()) if i < total else 0.5
         readable, _, _ = select.select(list(inflight), [], [], timeout)
@@ -225,7 +240,7 @@ def run_latency(host: str, port: int, rate: float, duration: float, conns: int) 
             except OSError:
                 data = b""
             if not data:
-                errors += 1
+                errors[target_of[s]] += 1
                 inflight.pop(s, None)
                 continue
             buf = bufs[s] + data
@@ -239,22 +254,24 @@ def run_latency(host: str, port: int, rate: float, duration: float, conns: int) 
                 bufs[s] = buf
                 continue
             bufs[s] = buf[size:]
-            latencies.append(now() - inflight.pop(s))
+            latencies[target_of[s]].append(now() - inflight.pop(s))
             if queued[s]:
-                s.send(request)
+                s.send(requests[target_of[s]])
                 inflight[s] = queued[s].popleft()
-    for s in socks:
+    for s in target_of:
         s.close()
-    latencies.sort()
 
-    def pct(p: float) -> float:
-        if not latencies:
-            return float("nan")
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+    def figures(lat: list[float], errs: int) -> dict[str, float]:
+        lat.sort()
 
-    print(json.dumps({"p50_ms": pct(0.50), "p99_ms": pct(0.99), "count": len(latencies),
-                      "errors": errors, "mean_ms": statistics.fmean(latencies) * 1000
-                      if latencies else float("nan")}), flush=True)
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+
+        return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "count": len(lat), "errors": errs,
+                "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan")}
+
+    print(json.dumps([figures(lat, e) for lat, e in zip(latencies, errors, strict=True)]),
+          flush=True)
     return 0
 
 
@@ -510,17 +527,64 @@ def _wrk(topo: Any, pod: str, host: str, port: int, duration: float, close: bool
 
 
 def _latency(
-    topo: Any, pod: str, host: str, port: int, duration: float, rate: float
-) -> tuple[float, float]:
-    argv = [sys.executable, "-m", "bench.hbone", "latency", host, str(port),
+    topo: Any, pod: str, targets: list[tuple[str, int]], duration: float, rate: float
+) -> list[tuple[float, float]]:
+    """(p50, p99) in ms of each target, interleaved in slices (``run_latency``)."""
+    argv = [sys.executable, "-m", "bench.hbone", "latency",
+            *(f"{host}:{port}" for host, port in targets),
             "--rate", str(rate), "--duration", str(duration)]
-    res = topo.run(pod, argv, timeout=duration + 60,
+    res = topo.run(pod, argv, timeout=len(targets) * duration + 60,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
-    line = (res.stdout.strip().splitlines() or ["{}"])[-1]
+    line = (res.stdout.strip().splitlines() or ["[]"])[-1]
     data = json.loads(line)
-    if not data.get("count"):
-        raise RuntimeError(f"latency client to {host}:{port}: {res.stdout}{res.stderr}")
-    return float(data["p50_ms"]), float(data["p99_ms"])
+    if len(data) != len(targets) or not all(d.get("count") for d in data):
+        raise RuntimeError(f"latency client to {targets}: {res.stdout}{res.stderr}")
+    return [(float(d["p50_ms"]), float(d["p99_ms"])) for d in data]
+
+
+def _fixed_rate(topo: Any, scs: list[Scenario], duration: float,
+                rate: float) -> list[tuple[tuple[float, float], float]]:
+    """Each path's (p50, p99) at the fixed rate, all paths in one run interleaved in
+    slices (``run_latency``), and the proxy CPU microseconds charged to each request."""
+    t0 = [cpu_seconds(sc.proxy_pids) for sc in scs]
+    got = _latency(topo, "client", [(sc.host, sc.ports[HTTP_PORT]) for sc in scs],
+                   duration, rate)
+    # at a fixed rate requests come one at a time: each pays its own wakeups and
+    # syscalls, unlike under wrk's saturation (rps_16)
+    return [(figures, (cpu_seconds(sc.proxy_pids) - t) * 1e6 / (rate * duration))
+            for sc, t, figures in zip(scs, t0, got, strict=True)]
+
+
+def _connections_in_turns(topo: Any, scs: list[Scenario],
+                          duration: float) -> list[tuple[float, float]]:
+    """Each path's new connections/s (wrk, one request per connection) and the proxy CPU
+    microseconds charged to each connection, the paths taking turns of TURN_S seconds
+    until each has had about ``duration``."""
+    turns = max(1, round(duration / TURN_S))
+    done = [0.0] * len(scs)
+    cpu = [0.0] * len(scs)
+    for _ in range(turns):
+        for n, sc in enumerate(scs):
+            t0 = cpu_seconds(sc.proxy_pids)
+            done[n] += _wrk(topo, "client", sc.host, sc.ports[HTTP_PORT], TURN_S,
+                            close=True) * TURN_S
+            cpu[n] += cpu_seconds(sc.proxy_pids) - t0
+    return [(d / (turns * TURN_S), c * 1e6 / d) for d, c in zip(done, cpu, strict=True)]
+
+
+def _in_turns(topo: Any, scs: list[Scenario], what: str, duration: float,
+              rate: float) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """``what`` ("latency" or "connections") of every path in one run, the paths taking
+    turns: each path's figures and the proxy CPU charged to them. Turns make the paths'
+    figures come from the same seconds of a shared machine, whose speed drifts over
+    seconds: run for 5 s per path back to back, the agents/HAProxy ratio of one round
+    moved between rounds by up to 40 % (p50 1.00x-1.45x, new connections/s 2.08x-3.94x);
+    in turns, within 1.15x-1.24x and 3.31x-3.74x."""
+    if what == "latency":
+        return [({"p50_ms": p50, "p99_ms": p99}, {"fixed_rate": cpu})
+                for (p50, p99), cpu in _fixed_rate(topo, scs, duration, rate)]
+    return [({"conn_per_s": per_s}, {"conn_per_s": cpu})
+            for per_s, cpu in _connections_in_turns(topo, scs, duration)]
 
 
 MEASUREMENTS = ("throughput", "rps", "connections", "latency")
@@ -542,20 +606,16 @@ def _measure(topo: Any, sc: Scenario, what: str, duration: float, rate: float,
             r[key] = _iperf(topo, "client", sc.host, ip, duration, streams)
             # proxy CPU seconds per GB carried
             c[key] = (cpu_seconds(sc.proxy_pids) - t0) / (r[key] * duration / 8)
-    elif what in ("rps", "connections"):
-        key = "rps_16" if what == "rps" else "conn_per_s"
+    elif what == "rps":
         t0 = cpu_seconds(sc.proxy_pids)
-        r[key] = _wrk(topo, "client", sc.host, hp, duration, close=what == "connections")
-        # proxy CPU microseconds per request (each on a new connection for "connections")
-        c[key] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (r[key] * duration)
+        r["rps_16"] = _wrk(topo, "client", sc.host, hp, duration, close=False)
+        # proxy CPU microseconds per request
+        c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (r["rps_16"] * duration)
     elif what == "latency":
         files = [workdir / f"hops-{tag}-{n}.txt" for n in ("node1", "node2")]
         with _captured(topo, files) if hops else contextlib.nullcontext():
-            t0 = cpu_seconds(sc.proxy_pids)
-            r["p50_ms"], r["p99_ms"] = _latency(topo, "client", sc.host, hp, duration, rate)
-        # at a fixed rate requests come one at a time: each pays its own wakeups and
-        # syscalls, unlike under wrk's saturation (rps_16)
-        c["fixed_rate"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (rate * duration)
+            [((r["p50_ms"], r["p99_ms"]), c["fixed_rate"])] = _fixed_rate(topo, [sc], duration,
+                                                                          rate)
         if hops:
             client, server = topo.pod("client"), topo.pod("server")
             node1, node2 = topo.node("node1"), topo.node("node2")
@@ -699,11 +759,22 @@ def orchestrate(
                 ("tput_1_gbps", "tput_4_gbps", "rps_16", "conn_per_s", "p50_ms", "p99_ms"), nan)
                 for sc in measured}
             cpus: dict[str, dict[str, float]] = {sc.name: {} for sc in measured}
-            # Each measurement runs on every path back to back, so that the paths' figures
-            # of one round come from the same minutes of a shared machine; the order of the
-            # paths flips every round (no path always goes first, or right after another).
+            # Each measurement runs on every path, in turns or back to back, so that the
+            # paths' figures of one round come from the same seconds or minutes of a shared
+            # machine; the order of the paths flips every round (no path always goes first,
+            # or right after another).
             order = measured if rnd % 2 == 0 else measured[::-1]
             for what in (m for m in MEASUREMENTS if m in only):
+                if what == "connections" or (what == "latency" and not hops):
+                    # one run for all the paths, taking turns (``_in_turns``)
+                    print(f"# round {rnd + 1}/{repeat}: {what}, "
+                          f"{', '.join(sc.name for sc in order)} in turns ...", file=sys.stderr,
+                          flush=True)
+                    for sc, (figures, cpu) in zip(order, _in_turns(topo, order, what, duration,
+                                                                   rate), strict=True):
+                        rows[sc.name].update(figures)
+                        cpus[sc.name].update(cpu)
+                    continue
                 for sc in order:
                     print(f"# round {rnd + 1}/{repeat}: {what}, {sc.name} ...", file=sys.stderr,
                           flush=True)
@@ -755,7 +826,7 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
         ("p99_ms", f"p99 latency @ {rate:.0f} req/s (ms)"),
     ]
     mt = "haproxy-mt" in rows
-    rounds = (f"medians of {repeat} rounds, paths back to back in alternating order"
+    rounds = (f"medians of {repeat} rounds, the paths' order alternating"
               if repeat > 1 else "one round")
     print(f"\nHBONE benchmark ({duration:g} s per measurement, {rounds}; same topology, "
           "same run)")
@@ -848,8 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("agent", help="(internal) run one agent from a JSON file")
     a.add_argument("config")
     lat = sub.add_parser("latency", help="(internal) fixed-rate latency client")
-    lat.add_argument("host")
-    lat.add_argument("port", type=int)
+    lat.add_argument("targets", nargs="+", metavar="HOST:PORT",
+                     help="in turns of --slice seconds, each for --duration in all")
+    lat.add_argument("--slice", type=float, default=SLICE_S)
     lat.add_argument("--rate", type=float, default=2000)
     lat.add_argument("--duration", type=float, default=10)
     lat.add_argument("--connections", type=int, default=32)
@@ -862,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rate", type=float, default=2000.0, help="fixed request rate")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds: each measurement on every path back to back, the paths' "
+                        help="rounds: each measurement on every path (in turns for latency "
+                             "and new connections, back to back for the others), the paths' "
                              "order flipped every round; the tables show each figure's median "
                              "(a single round is at the mercy of a noisy machine)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
@@ -884,7 +957,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "agent":
         return run_agent(args.config)
     if args.cmd == "latency":
-        return run_latency(args.host, args.port, args.rate, args.duration, args.connections)
+        targets = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in args.targets]
+        return run_latency(targets, args.rate, args.duration, args.connections, args.slice)
     if args.cmd == "count":
         return run_count(args.host, args.port, args.requests, args.close, args.connections)
     return orchestrate(args.duration, args.rate, frozenset(args.only or MEASUREMENTS),
