@@ -73,6 +73,12 @@ class HboneConfig:
     connect_timeout_s: float = setting(
         5.0, "ZTUNNEL_HBONE_CONNECT_TIMEOUT", "seconds to establish TCP+TLS to a peer"
     )
+    linger_s: float = setting(
+        30.0,
+        "ZTUNNEL_HBONE_LINGER",
+        "seconds a client may go on sending, its bytes dropped, once the server ended the"
+        " exchange with its answer complete (RST_STREAM NO_ERROR); then its connection closes",
+    )
 
 
 @dataclass(frozen=True)

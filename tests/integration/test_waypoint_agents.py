@@ -100,6 +100,13 @@ class World:
 
 @pytest.fixture
 async def world() -> AsyncIterator[World]:
+    async with _world(HboneConfig()) as w:
+        yield w
+
+
+@contextlib.asynccontextmanager
+async def _world(config: HboneConfig) -> AsyncIterator[World]:
+    """The agents (``config``), the waypoint and the backends of this module's tests."""
     prefix = loopback_prefix()
     client = _w("productpage-v1", f"{prefix}10", "node-1", {"app": "productpage"})
     v1 = _w("reviews-v1", f"{prefix}11", "node-2", {"app": "reviews", "version": "v1"})
@@ -108,7 +115,7 @@ async def world() -> AsyncIterator[World]:
     wp = _w("waypoint", f"{prefix}20", "node-1",
             {"gateway.networking.k8s.io/gateway-name": "waypoint"}, enrolled=False,
             waypoint=True)
-    mesh = LoopbackMesh([client, v1, v2, wp], ["node-1", "node-2"], prefix)
+    mesh = LoopbackMesh([client, v1, v2, wp], ["node-1", "node-2"], prefix, config)
     await mesh.start()
     backends: dict[str, Backend] = {}
     port = 0
@@ -226,3 +233,42 @@ async def test_a_big_answer_to_a_closing_request_reaches_a_slow_client_in_full(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def test_a_client_that_goes_on_sending_after_a_complete_answer_is_closed_in_time(
+) -> None:
+    """After a complete answer ended with RST_STREAM NO_ERROR the client's agent reads and
+    drops what the client still sends (so that unread bytes cannot turn its close into a
+    reset of the answer), for ``linger_s`` at most: then it closes the connection, which
+    a client that neither stops nor closes would otherwise keep open for good."""
+    async with _world(HboneConfig(linger_s=0.5)) as world:
+        world.apply(r.VirtualService("reviews", NS, hosts=("reviews",), http=(
+            r.HTTPRoute(route=(_to("v1"),)),)), SUBSETS)
+        relays = world.mesh.agents["node-1"].proxy.outbound.relays
+        reader, writer = await world.mesh.connect(world.client.ips[0], (VIP, 9080))
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nhost: reviews:9080\r\nconnection: close\r\n\r\n")
+            got = bytearray()
+            async with asyncio.timeout(10):
+                while data := await reader.read(1 << 16):
+                    got += data
+            assert got.startswith(b"HTTP/1.1 200") and b"reviews-v1" in got
+            assert len(relays) == 1  # answered, and the FIN came; the client did not close
+            writer.write(b"x" * 100_000)  # more of a request nobody reads: dropped
+            await writer.drain()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for _ in range(200):
+                if not relays:
+                    break
+                await asyncio.sleep(0.05)
+            assert not relays and loop.time() - started < 2.0
+            with pytest.raises(ConnectionError):  # the agent's end is closed
+                for _ in range(20):
+                    writer.write(b"y" * 10_000)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

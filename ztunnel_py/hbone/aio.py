@@ -122,6 +122,11 @@ class Leg:
         """Whether a peer starting up should stay paused."""
         return False
 
+    def linger(self, seconds: float) -> None:
+        """The peer leg ended with no error while this one still reads: what comes is
+        dropped (``send`` of a done leg); a leg that can end itself does so within
+        ``seconds``. (The base class has nothing to end.)"""
+
     # -- bookkeeping ---------------------------------------------------------------
 
     def _finish(self) -> None:
@@ -266,7 +271,8 @@ class StreamLeg(Leg):
             # The server answered in full (its END_STREAM came and our peer has its FIN)
             # and reads no more of ours (RFC 9113 section 8.1): the exchange is over, no
             # error. Our peer leg is not reset: it still writes out the whole answer,
-            # and what it sends on is dropped (``send``: this leg is done).
+            # and what it sends on is dropped (``send``: this leg is done) until it ends
+            # or lingers too long (``Leg.linger``, from the relay).
             self.write_done = True
             self._check()
             return

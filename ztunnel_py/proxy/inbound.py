@@ -299,6 +299,7 @@ class Inbound:
             return
         conn.respond(leg, core.OK)
         leg.attach(upstream)
-        relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
+        relay = Relay(leg, upstream, result, on_finished=self.relays.discard,
+                      linger_s=self.config.linger_s)
         if not relay.finished:
             self.relays.add(relay, authorized)

@@ -116,6 +116,7 @@ class InboundPlaintext:
             upstream.reset()
             result.close("downstream closed during setup", "DC")
             return
-        relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
+        relay = Relay(leg, upstream, result, on_finished=self.relays.discard,
+                      linger_s=self.config.linger_s)
         if not relay.finished:
             self.relays.add(relay, authorized)

@@ -402,7 +402,8 @@ class Outbound:
             return
         if isinstance(upstream, StreamLeg):
             upstream.attach(leg)
-        relay = Relay(leg, upstream, result, on_finished=self.relays.discard)
+        relay = Relay(leg, upstream, result, on_finished=self.relays.discard,
+                      linger_s=self.config.linger_s)
         if not relay.finished:
             self.relays.add(relay, authorized)
 

@@ -113,6 +113,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         self._early_bytes = 0
         self._early_eof = False
         self._early_to: Leg | None = None  # where early data goes meanwhile (``hand_early``)
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -221,6 +222,9 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if exc is not None or not (self.read_done and self.write_done):
             # an abrupt end (RST, or closed under us) resets the other side
             if exc is not None:
@@ -348,6 +352,20 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
         if self.transport is not None and not self._closing and not self.read_done:
             self.transport.resume_reading()
 
+    def linger(self, seconds: float) -> None:
+        """The peer leg ended without an error while the client still sends: an HBONE
+        stream whose server answered in full and reads no more (RST_STREAM NO_ERROR
+        after its END_STREAM; our FIN went after the answer). Like a web server's
+        lingering close, we go on reading and dropping what comes, so that unread bytes
+        do not make our close a reset, which would drop the answer still on its way;
+        and once ``seconds`` have passed, or the client's FIN comes, the connection
+        closes (after what it still has to write)."""
+        if (self.read_done or not self.write_done or self.transport is None or self._closing
+                or self._linger is not None):
+            return  # (not only reading: ending anyway)
+        self.resume_source()  # a paused read (the stream's window was full) drains too
+        self._linger = asyncio.get_running_loop().call_later(seconds, self.close)
+
     def close(self) -> None:
         """Close now (graceful FIN after buffered data)."""
         if self.transport is not None and not self._closing:
@@ -383,11 +401,15 @@ class Relay:
         upstream: Leg,
         result: ConnectionResult | None = None,
         on_finished: Callable[[Relay], None] | None = None,
+        linger_s: float = 30.0,
     ) -> None:
+        """``linger_s``: how long a leg may go on reading once the other ended with no
+        error (``Leg.linger``)."""
         self.downstream = downstream
         self.upstream = upstream
         self.result = result
         self._on_finished = on_finished
+        self._linger_s = linger_s
         self.finished = False
         downstream.on_done = self._leg_done
         upstream.on_done = self._leg_done
@@ -409,6 +431,8 @@ class Relay:
         other = self.upstream if leg is self.downstream else self.downstream
         if leg.was_reset and not other.done:
             other.reset()
+        elif not other.done:
+            other.linger(self._linger_s)
         if not (self.downstream.done and self.upstream.done):
             return
         self.finished = True
