@@ -15,7 +15,7 @@ APT_PACKAGES=(
   iproute2 nftables iptables procps psmisc
   curl iperf3 wrk nghttp2-client tcpdump openssl
   haproxy stunnel4 nodejs shellcheck ruby
-  gcc libc6-dev valgrind
+  gcc libc6-dev libssl-dev valgrind
 )
 
 log() { printf '[setup] %s\n' "$*"; }
