@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 MESSAGE = b"x" * 99 + b"\n"
 PAUSE_S = 0.0004
 WARM_UP = 500
@@ -253,7 +254,8 @@ def run(count: int, repeat: int, base_port: int) -> dict[str, list[tuple[float, 
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in SERVERS}
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         commands = _commands(Path(tmp), base_port)
-        procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
                  for name, (cmd, _port) in commands.items()}
         try:
             for name, (_cmd, port) in commands.items():
