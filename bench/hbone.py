@@ -542,21 +542,23 @@ def _latency(
     return [(float(d["p50_ms"]), float(d["p99_ms"])) for d in data]
 
 
-def _fixed_rate(topo: Any, scs: list[Scenario], duration: float,
-                rate: float) -> list[tuple[tuple[float, float], float]]:
-    """Each path's (p50, p99) at the fixed rate, all paths in one run interleaved in
+Figures = list[tuple[dict[str, float], dict[str, float]]]  # per path: its row's, its CPU's
+
+
+def _fixed_rate(topo: Any, scs: list[Scenario], duration: float, rate: float) -> Figures:
+    """Each path's p50 and p99 at the fixed rate, all paths in one run interleaved in
     slices (``run_latency``), and the proxy CPU microseconds charged to each request."""
     t0 = [cpu_seconds(sc.proxy_pids) for sc in scs]
     got = _latency(topo, "client", [(sc.host, sc.ports[HTTP_PORT]) for sc in scs],
                    duration, rate)
     # at a fixed rate requests come one at a time: each pays its own wakeups and
     # syscalls, unlike under wrk's saturation (rps_16)
-    return [(figures, (cpu_seconds(sc.proxy_pids) - t) * 1e6 / (rate * duration))
-            for sc, t, figures in zip(scs, t0, got, strict=True)]
+    return [({"p50_ms": p50, "p99_ms": p99},
+             {"fixed_rate": (cpu_seconds(sc.proxy_pids) - t) * 1e6 / (rate * duration)})
+            for sc, t, (p50, p99) in zip(scs, t0, got, strict=True)]
 
 
-def _connections_in_turns(topo: Any, scs: list[Scenario],
-                          duration: float) -> list[tuple[float, float]]:
+def _connections_in_turns(topo: Any, scs: list[Scenario], duration: float) -> Figures:
     """Each path's new connections/s (wrk, one request per connection) and the proxy CPU
     microseconds charged to each connection, the paths taking turns of TURN_S seconds
     until each has had about ``duration``."""
@@ -569,11 +571,12 @@ def _connections_in_turns(topo: Any, scs: list[Scenario],
             done[n] += _wrk(topo, "client", sc.host, sc.ports[HTTP_PORT], TURN_S,
                             close=True) * TURN_S
             cpu[n] += cpu_seconds(sc.proxy_pids) - t0
-    return [(d / (turns * TURN_S), c * 1e6 / d) for d, c in zip(done, cpu, strict=True)]
+    return [({"conn_per_s": d / (turns * TURN_S)}, {"conn_per_s": c * 1e6 / d})
+            for d, c in zip(done, cpu, strict=True)]
 
 
 def _in_turns(topo: Any, scs: list[Scenario], what: str, duration: float,
-              rate: float) -> list[tuple[dict[str, float], dict[str, float]]]:
+              rate: float) -> Figures:
     """``what`` ("latency" or "connections") of every path in one run, the paths taking
     turns: each path's figures and the proxy CPU charged to them. Turns make the paths'
     figures come from the same seconds of a shared machine, whose speed drifts over
@@ -581,10 +584,8 @@ def _in_turns(topo: Any, scs: list[Scenario], what: str, duration: float,
     moved between rounds by up to 40 % (p50 1.00x-1.45x, new connections/s 2.08x-3.94x);
     in turns, within 1.10x-1.28x and 3.05x-3.74x (51 and 19 rounds)."""
     if what == "latency":
-        return [({"p50_ms": p50, "p99_ms": p99}, {"fixed_rate": cpu})
-                for (p50, p99), cpu in _fixed_rate(topo, scs, duration, rate)]
-    return [({"conn_per_s": per_s}, {"conn_per_s": cpu})
-            for per_s, cpu in _connections_in_turns(topo, scs, duration)]
+        return _fixed_rate(topo, scs, duration, rate)
+    return _connections_in_turns(topo, scs, duration)
 
 
 MEASUREMENTS = ("throughput", "rps", "connections", "latency")
@@ -592,10 +593,11 @@ PATHS = ("direct", "agents", "haproxy", "haproxy-mt")
 
 
 def _measure(topo: Any, sc: Scenario, what: str, duration: float, rate: float,
-             r: dict[str, float], c: dict[str, float], *, hops: bool, workdir: Path,
+             r: dict[str, float], c: dict[str, float], *, workdir: Path,
              tag: str) -> dict[str, float] | None:
     """One measurement (``what``) of one path into its round's figures ``r`` and the proxy
-    CPU charged to it ``c``; with ``hops`` (latency only), the p50 time of each hop."""
+    CPU charged to it ``c``; latency here is ``--hops``'s, which also gives the p50 time
+    of each hop (without it, latency runs in turns: ``_in_turns``)."""
     ip, hp = sc.ports[IPERF_PORT], sc.ports[HTTP_PORT]
     if what == "throughput":
         for streams in (1, 4):
@@ -613,16 +615,16 @@ def _measure(topo: Any, sc: Scenario, what: str, duration: float, rate: float,
         c["rps_16"] = (cpu_seconds(sc.proxy_pids) - t0) * 1e6 / (r["rps_16"] * duration)
     elif what == "latency":
         files = [workdir / f"hops-{tag}-{n}.txt" for n in ("node1", "node2")]
-        with _captured(topo, files) if hops else contextlib.nullcontext():
-            [((r["p50_ms"], r["p99_ms"]), c["fixed_rate"])] = _fixed_rate(topo, [sc], duration,
-                                                                          rate)
-        if hops:
-            client, server = topo.pod("client"), topo.pod("server")
-            node1, node2 = topo.node("node1"), topo.node("node2")
-            lines = [line for f in files for line in f.read_text().splitlines()]
-            times = hop_times(lines, client.host_veth, node1.underlay_iface,
-                              node2.underlay_iface, server.host_veth)
-            return {h: statistics.median(v) if v else float("nan") for h, v in times.items()}
+        with _captured(topo, files):
+            [(figures, cpu)] = _fixed_rate(topo, [sc], duration, rate)
+        r.update(figures)
+        c.update(cpu)
+        client, server = topo.pod("client"), topo.pod("server")
+        node1, node2 = topo.node("node1"), topo.node("node2")
+        lines = [line for f in files for line in f.read_text().splitlines()]
+        times = hop_times(lines, client.host_veth, node1.underlay_iface,
+                          node2.underlay_iface, server.host_veth)
+        return {h: statistics.median(v) if v else float("nan") for h, v in times.items()}
     return None
 
 
@@ -779,8 +781,7 @@ def orchestrate(
                     print(f"# round {rnd + 1}/{repeat}: {what}, {sc.name} ...", file=sys.stderr,
                           flush=True)
                     hop = _measure(topo, sc, what, duration, rate, rows[sc.name], cpus[sc.name],
-                                   hops=hops and what == "latency", workdir=workdir,
-                                   tag=f"{sc.name}-{rnd}")
+                                   workdir=workdir, tag=f"{sc.name}-{rnd}")
                     if hop is not None:
                         hop_rounds.setdefault(sc.name, []).append(hop)
             for sc in measured:

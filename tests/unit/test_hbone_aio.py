@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
 from ztunnel_py.hbone.aio import BULK_WRITE, HboneProtocol, Leg, StreamLeg
@@ -321,25 +323,19 @@ async def test_rst_stream_no_error_from_a_client_is_a_reset() -> None:
     server.close()
 
 
-async def test_rst_stream_cancel_after_the_answer_still_resets_the_sink() -> None:
+@pytest.mark.parametrize(("answered", "code"), [
+    (True, core.CANCEL),  # CANCEL after the answer: abrupt, whatever came before
+    (False, core.NO_ERROR),  # NO_ERROR with no END_STREAM first: a truncated answer
+])
+async def test_a_reset_that_does_not_follow_a_complete_answer_resets_the_sink(
+        answered: bool, code: int) -> None:
     sink = ResetKeeper()
     client, server, _, leg, far = await _answering(sink)
-    far.send(b"answer")
-    far.send_eof()
+    far.send(b"answer" if answered else b"half an answer")
+    if answered:
+        far.send_eof()
     await settle()
-    far.reset()  # CANCEL: abrupt, whatever came before
-    await settle()
-    assert sink.calls[-1] == ("reset", b"") and leg.was_reset
-    client.close()
-    server.close()
-
-
-async def test_rst_stream_no_error_before_the_answer_ended_is_a_reset() -> None:
-    sink = ResetKeeper()
-    client, server, _, leg, far = await _answering(sink)
-    far.send(b"half an answer")
-    await settle()
-    server.core.reset(far.stream_id, core.NO_ERROR)  # no END_STREAM first: truncated
+    server.core.reset(far.stream_id, code)
     server.flush()
     await settle()
     assert sink.calls[-1] == ("reset", b"") and leg.was_reset

@@ -73,7 +73,6 @@ hyperframe.frame._raw_data_repr = _short_data_repr
 
 # HTTP/2 default initial window (RFC 9113 §6.9.2); the connection window starts here.
 _DEFAULT_WINDOW = 65_535
-_MIN_FRAME = 16_384  # RFC 9113 §4.2: the smallest SETTINGS_MAX_FRAME_SIZE, the default
 _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
 # State sets as tuples: ``in`` finds an enum member by identity, where a set would hash
 # it (a Python-level ``Enum.__hash__`` for h2's ConnectionState, on every DATA frame).
@@ -667,10 +666,10 @@ class HboneConnection:
         # whether h2's connection is open, kept here (``_h2_changed``, after each call into
         # h2 that can change it): the per-frame paths read it
         self._h2_open = False
-        # the settings the per-frame and per-tunnel paths read, kept here
-        # (``_settings_changed``): h2's ``Settings`` properties are Python calls keyed by enums
-        self._max_out_frame = _MIN_FRAME
-        self._local_window = self._remote_window = _DEFAULT_WINDOW
+        # the settings the per-frame and per-tunnel paths read, kept here and read from h2
+        # by ``_settings_changed`` (just below, and as they change): h2's ``Settings``
+        # properties are Python calls keyed by enums
+        self._max_out_frame = self._local_window = self._remote_window = 0
         self._local_max_streams = self._remote_max_streams = 0
         self._settings_changed()
         self._out: list[bytes | memoryview] = []  # h2's bytes, then our DATA frames, in order
