@@ -49,8 +49,9 @@ amortizes.
 agents and both HAProxy instances under callgrind, and their user-space instructions per
 kept-alive request and per new connection (N of each, one at a time), repeatable to a
 fraction of a percent where CPU time here moves by 10-15 % between runs. The kernel's
-part is not counted, nor how fast the instructions run (a Python process runs the same
-count slower: more of its time goes to memory).
+part is not counted. How fast the instructions run is shown by proxy: callgrind's
+simulated L1 cache misses for the same work (a Python process runs the same count
+slower, because more of its time goes to memory).
 
 ``--hops`` explains the latency figure: tcpdump on both nodes during each
 fixed-rate run, and a table of the p50 time each hop adds (node1's proxy, the
@@ -63,6 +64,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -326,8 +328,21 @@ def _count(topo: Any, host: str, port: int, requests: int, close: bool) -> None:
 
 
 def _valgrind(workdir: Path, name: str) -> list[str]:
-    """The command prefix that runs a proxy under callgrind (dumps: callgrind-NAME.out.N)."""
-    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind-{name}.out"]
+    """The command prefix that runs a proxy under callgrind with its cache simulation
+    (dumps: callgrind-NAME.out.N)."""
+    return ["valgrind", "--tool=callgrind", "--cache-sim=yes",
+            f"--callgrind-out-file={workdir}/callgrind-{name}.out"]
+
+
+def callgrind_totals(dump: str) -> dict[str, int]:
+    """A callgrind dump's event totals by name (``Ir``, ``I1mr``, ``D1mr``, ...): its
+    ``events:`` line names the columns of its ``summary:`` (or ``totals:``) line, which
+    leaves out trailing zeros."""
+    lines = dump.splitlines()
+    names = next(line.split()[1:] for line in lines if line.startswith("events:"))
+    counts = next(line.split()[1:] for line in lines
+                  if line.startswith(("summary:", "totals:")))
+    return dict(itertools.zip_longest(names, map(int, counts), fillvalue=0))
 
 
 def _callgrind(command: str, pid: int) -> None:
@@ -343,9 +358,10 @@ def count_instructions(topo: Any, workdir: Path, paths: dict[str, tuple[dict[str
     --tool=callgrind``, counters zeroed after a warm-up, dumped after ``requests`` of each
     kind. Deterministic to a fraction of a percent, where CPU time on a shared box moves by
     10-15 %: for comparing two builds, and the agents with HAProxy's pair."""
-    labels = (("instructions per request (keep-alive)", False),
-              ("instructions per new connection", True))
-    rows: dict[tuple[str, str], dict[str, float]] = {}
+    labels = (("per request (keep-alive)", False), ("per new connection", True))
+    events = (("instructions", ("Ir",)), ("L1 instruction misses", ("I1mr",)),
+              ("L1 data misses", ("D1mr", "D1mw")))
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for path, (pids, port) in paths.items():
         _count(topo, host, port, WARM_UP, close=False)
         _count(topo, host, port, WARM_UP // 2, close=True)
@@ -355,25 +371,27 @@ def count_instructions(topo: Any, workdir: Path, paths: dict[str, tuple[dict[str
             _count(topo, host, port, requests, close)
             for pid in pids.values():
                 _callgrind("dump", pid)
-            rows[label, path] = {}
             for node in pids:
                 dumps = sorted(workdir.glob(f"callgrind-{path}-{node}.out.*"),
                                key=lambda p: int(p.suffix[1:]))
-                total = next(int(line.split()[1])
-                             for line in dumps[-1].read_text().splitlines()
-                             if line.startswith(("summary:", "totals:")))
-                rows[label, path][node] = total / requests
-    print(f"\nuser-space instructions (agents {native.describe()}; callgrind; {requests} of "
-          f"each after a warm-up of {WARM_UP}; one at a time)\n")
-    print(f"{'metric':40} {'path':>8} {'node1':>10} {'node2':>10} {'both':>10}")
-    print("-" * 82)
-    for label, _close in labels:
-        for path in paths:
-            r = rows[label, path]
-            print(f"{label:40} {path:>8} {r['node1']:>10,.0f} {r['node2']:>10,.0f} "
-                  f"{r['node1'] + r['node2']:>10,.0f}")
+                totals = callgrind_totals(dumps[-1].read_text())
+                for event, keys in events:
+                    rows.setdefault((event, label, path), {})[node] = (
+                        sum(totals[k] for k in keys) / requests)
+    print(f"\nuser space under callgrind (agents {native.describe()}; {requests} of each "
+          f"after a warm-up of {WARM_UP}; one at a time)\n")
+    print(f"{'metric':48} {'path':>8} {'node1':>10} {'node2':>10} {'both':>10}")
+    print("-" * 90)
+    for event, _keys in events:
+        for label, _close in labels:
+            for path in paths:
+                r = rows[event, label, path]
+                print(f"{event + ' ' + label:48} {path:>8} {r['node1']:>10,.0f} "
+                      f"{r['node2']:>10,.0f} {r['node1'] + r['node2']:>10,.0f}")
     print("\n(HAProxy's new connection includes its TLS handshake, which the agents' pool "
-          "saves; the kernel's part is not counted)")
+          "saves; the kernel's part is not counted. The misses are callgrind's simulated "
+          "32 KiB L1 caches with the process alone on them: what a warm process still "
+          "misses; on a shared core each wakeup starts colder)")
 
 
 # -- where the latency goes: per-hop times from packet captures (--hops) ----------------
@@ -951,9 +969,9 @@ def main(argv: list[str] | None = None) -> int:
                         "ratios need agents and haproxy)")
     parser.add_argument("--instructions", type=int, default=0, metavar="N",
                         help="instead of the tables: both agents and both HAProxy instances "
-                        "under callgrind, and their user-space instructions per request and "
-                        "per new connection over N of each (steady, for comparing builds; "
-                        "needs valgrind)")
+                        "under callgrind, and their user-space instructions and simulated L1 "
+                        "cache misses per request and per new connection over N of each "
+                        "(steady, for comparing builds; needs valgrind)")
     args = parser.parse_args(argv)
     if args.cmd == "agent":
         return run_agent(args.config)
