@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from ztunnel_py.config import HboneConfig
 from ztunnel_py.hbone import core
-from ztunnel_py.hbone.aio import BULK_WRITE, HboneProtocol, Leg, StreamLeg
+from ztunnel_py.hbone.aio import BULK_WRITE, QUIET_NS, HboneProtocol, Leg, StreamLeg
 from ztunnel_py.hbone.core import FRAME_HEADER, LEND_MIN, Role
 
 
@@ -58,7 +59,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_one_write_per_loop_iteration_for_all_streams() -> None:
+async def test_a_quiet_connection_writes_at_once_and_close_writes_share_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [10**9]  # time.monotonic_ns(), as flush_small reads it
+    monkeypatch.setattr(time, "monotonic_ns", lambda: clock[0])
     accepted: list[StreamLeg] = []
     received: dict[int, bytes] = {}
 
@@ -88,19 +93,28 @@ async def test_one_write_per_loop_iteration_for_all_streams() -> None:
     for leg in accepted:
         leg.peer = Sink(leg.stream_id)
     before = len(c_wire.writes)
-    legs[0].send(b"one")
-    legs[1].send(b"two")
+    legs[0].send(b"one")  # the connection was quiet: out at once
+    assert len(c_wire.writes) == before + 1
+    clock[0] += QUIET_NS  # close behind it (load): these wait for the end of the
+    legs[1].send(b"two")  # loop iteration...
+    clock[0] += QUIET_NS
     legs[0].send(b"three")
-    assert len(c_wire.writes) == before  # nothing written yet...
+    assert len(c_wire.writes) == before + 1
     await asyncio.sleep(0)
-    assert len(c_wire.writes) == before + 1  # ...then everything, in one write
+    assert len(c_wire.writes) == before + 2  # ...and go out together, in one write
     await settle()
     assert received == {legs[0].stream_id: b"onethree", legs[1].stream_id: b"two"}
+    before = len(c_wire.writes)
+    clock[0] += QUIET_NS + 1  # quiet again
+    legs[1].send(b"four")
+    assert len(c_wire.writes) == before + 1
+    await settle()
+    assert received[legs[1].stream_id] == b"twofour"
     before = len(c_wire.writes)
     legs[1].send(b"b" * BULK_WRITE)  # bulk: written at once
     assert len(c_wire.writes) == before + 1
     await settle()
-    assert received[legs[1].stream_id] == b"two" + b"b" * BULK_WRITE
+    assert received[legs[1].stream_id] == b"twofour" + b"b" * BULK_WRITE
     client.close()  # GOAWAY goes out at once, not on the next tick
     assert c_wire.writes[-1][3] == 0x7  # GOAWAY frame type
 
@@ -209,9 +223,10 @@ class LastKeeper(Keeper):
 
 async def test_data_and_end_stream_in_one_read_reach_the_sink_as_one_send_last() -> None:
     sink = LastKeeper()
-    client, _server, _c_wire, leg = await _tunnel(sink)
-    leg.send(b"response")
-    leg.send_eof()  # both in the same flush: one write, one read on the far side
+    client, _server, c_wire, leg = await _tunnel(sink)
+    before = len(c_wire.writes)
+    leg.send_last(memoryview(b"response"))  # both in one write, one read on the far side
+    assert len(c_wire.writes) == before + 1 and leg.write_done
     await settle()
     assert sink.calls == [("send_last", b"response"), ("send_eof", b"")]
     # apart (two reads), they stay a send and an eof

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +45,14 @@ TLS_LOW_WATER = 256 << 10
 # a view at once keeps it, and the connection reads into a fresh buffer from then on.
 READ_BUFFER = 256 << 10
 # A stream write this big goes out at once; smaller ones wait for the end of the loop
-# iteration to share a TLS write with the connection's other frames.
+# iteration to share a TLS write with the connection's other frames, unless the
+# connection was quiet (``HboneProtocol.flush_small``).
 BULK_WRITE = 64 << 10
+# Quiet: no small stream write on the connection for this long (ns). A connection with
+# fewer than ~3,000 small writes/s has each alone in its loop iteration, and waiting
+# for company costs a loop iteration for nothing; under load they come µs to tens of
+# µs apart, several per iteration (saturated, 16 clients: 4 % still found it quiet).
+QUIET_NS = 300_000
 
 
 class TunnelRefused(Exception):
@@ -163,15 +170,29 @@ class StreamLeg(Leg):
     def send(self, data: bytes) -> None:
         if self.done or self.write_done:
             return
-        core_conn = self.conn.core
-        if not core_conn.send(self.stream_id, data) and not self._sink_blocked:
-            self._sink_blocked = True
-            if self.peer is not None:
-                self.peer.pause_source()
+        self._queue(data)
         if len(data) >= BULK_WRITE:
             self.conn.flush_now()  # bulk: nothing to gain from waiting for company
         else:
-            self.conn.flush()
+            self.conn.flush_small()
+
+    def send_last(self, data: bytes | memoryview) -> None:
+        """The data and END_STREAM in one write (``send`` then ``send_eof`` could be
+        two: a small write may go out at once), so that the far side reads both at
+        once and hands its sink both as one ``send_last``."""
+        if self.done or self.write_done:
+            return
+        self._queue(data if isinstance(data, bytes) else data.tobytes())
+        self.write_done = True
+        self.conn.core.end(self.stream_id)
+        self.conn.flush_small()
+        self._check()
+
+    def _queue(self, data: bytes) -> None:
+        if not self.conn.core.send(self.stream_id, data) and not self._sink_blocked:
+            self._sink_blocked = True
+            if self.peer is not None:
+                self.peer.pause_source()
 
     def send_framed(self, buf: memoryview, n: int) -> bool:
         if self.done or self.write_done:
@@ -353,6 +374,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.core.lend_views = True  # (Data views into _read_buffer: see buffer_updated)
         self.buffer_lent = False  # a leg still holds a view into _read_buffer
         self._flush_pending = False
+        self._last_small = 0  # time.monotonic_ns() of the last flush_small
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -461,6 +483,22 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         self._flush_pending = True
         loop.call_soon(self.flush_now)
+
+    def flush_small(self) -> None:
+        """``flush`` for a stream's small write: at once when the connection has been
+        quiet (no small write for ``QUIET_NS``), as it then most likely has nothing else
+        to send in this loop iteration, and the wait for company would cost a loop
+        iteration of its own (an idle callback: ~3k instructions, 6 % of an agent's per
+        kept-alive request, and a sixth of its L1 data misses). Writes that come close
+        together (load) wait for the end of the iteration and share one TLS record, as
+        ``flush``. Never later than ``flush``: only the wait is skipped."""
+        now = time.monotonic_ns()
+        quiet = now - self._last_small > QUIET_NS
+        self._last_small = now
+        if quiet and not self._flush_pending:
+            self.flush_now()
+        else:
+            self.flush()
 
     def flush_now(self) -> None:
         self._flush_pending = False

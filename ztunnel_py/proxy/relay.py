@@ -134,8 +134,16 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.rx_bytes += nbytes
         peer = self.peer
+        fin = False
+        if self._fin_probes and nbytes < READ_CHUNK:
+            self._fin_probes -= 1
+            fin = self._fin_follows()
         if peer is not None:
-            if nbytes < LEND_MIN:  # small: a copy costs less than the bookkeeping
+            if fin:  # the data and the end go on together (``Leg.send_last``)
+                self.read_done = True
+                peer.send_last(_READ.rx[:nbytes])
+                self._maybe_close()
+            elif nbytes < LEND_MIN:  # small: a copy costs less than the bookkeeping
                 peer.send(_READ.rx[:nbytes].tobytes())
             elif not peer.send_framed(_READ.buf, nbytes):
                 _READ.lent()  # the old one is the peer's transport's for now
@@ -148,9 +156,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             self._early_bytes += nbytes
             if self._early_bytes >= EARLY_LIMIT:
                 self.pause_source()
-        if self._fin_probes and nbytes < READ_CHUNK:
-            self._fin_probes -= 1
-            if self._fin_follows():
+            if fin:
                 self.eof_received()
 
     def _fin_follows(self) -> bool:
