@@ -407,10 +407,11 @@ class Relay:
         upstream: Leg,
         result: ConnectionResult | None = None,
         on_finished: Callable[[Relay], None] | None = None,
-        linger_s: float = 30.0,
+        *,
+        linger_s: float,
     ) -> None:
         """``linger_s``: how long a leg may go on reading once the other ended with no
-        error (``Leg.linger``)."""
+        error (``Leg.linger``; ``HboneConfig.linger_s``)."""
         self.downstream = downstream
         self.upstream = upstream
         self.result = result
