@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -23,7 +24,9 @@ class Responder:
         self.port = self.sock.getsockname()[1]
         self.times: list[float] = []
         self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -32,7 +35,9 @@ class Responder:
             except OSError:
                 return
             self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
@@ -45,9 +50,20 @@ class Responder:
                     conn.sendall(RESPONSE)
 
     def close(self) -> None:
+        """Stop accepting, end every connection and wait for its thread.
+
+        A connection is shut down, not closed, from here: its serve thread may be in
+        ``recv`` on it, and closing the descriptor under that call fails it with EBADF.
+        The shutdown makes ``recv`` return EOF; the serve thread then closes its socket.
+        """
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._acceptor.join(timeout=5)
         for conn in self._conns:
-            conn.close()
+            with contextlib.suppress(OSError):  # its thread closed it when the client left
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 def test_targets_take_turns_and_each_gets_its_share(capsys: pytest.CaptureFixture[str]) -> None:
