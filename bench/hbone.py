@@ -64,7 +64,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -150,8 +149,8 @@ def run_agent(config_path: str) -> int:
             HboneConfig(), StateStore(Snapshot(version="bench", workloads=workloads)),
             cfg["node"], StaticCertificates(certs),
             original_dst=dst,
-            outbound=[tuple(a) for a in cfg["outbound"]],  # type: ignore[misc]
-            inbound=[tuple(a) for a in cfg["inbound"]],  # type: ignore[misc]
+            outbound=[tuple(a) for a in cfg["outbound"]],
+            inbound=[tuple(a) for a in cfg["inbound"]],
             inbound_plaintext=(),
             hbone_dial=lambda a: dial.get(a, a),
         )
@@ -342,7 +341,8 @@ def callgrind_totals(dump: str) -> dict[str, int]:
     names = next(line.split()[1:] for line in lines if line.startswith("events:"))
     counts = next(line.split()[1:] for line in lines
                   if line.startswith(("summary:", "totals:")))
-    return dict(itertools.zip_longest(names, map(int, counts), fillvalue=0))
+    values = [int(c) for c in counts] + [0] * (len(names) - len(counts))
+    return dict(zip(names, values, strict=True))
 
 
 def _callgrind(command: str, pid: int) -> None:

@@ -46,6 +46,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ztunnel_py import native
 
@@ -165,13 +166,14 @@ def serve_floor(port: int, v1: int, v2: int) -> None:
     backends = ((90, v1), (10, v2))
 
     class Upstream(asyncio.Protocol):
+        transport: asyncio.Transport | None
         def __init__(self, down: Downstream) -> None:
             self.down = down
-            self.transport: asyncio.Transport | None = None
+            self.transport = None
             self.parser = httptools.HttpResponseParser(self)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport  # type: ignore[assignment]
+            self.transport = cast(asyncio.Transport, transport)
 
         def data_received(self, data: bytes) -> None:
             if self.down.transport is not None:
@@ -186,8 +188,9 @@ def serve_floor(port: int, v1: int, v2: int) -> None:
                 self.down.transport.close()
 
     class Downstream(asyncio.Protocol):
+        transport: asyncio.Transport | None
         def __init__(self) -> None:
-            self.transport: asyncio.Transport | None = None
+            self.transport = None
             self.parser = httptools.HttpRequestParser(self)
             self.pending: list[bytes] = []
             self.queue: list[bytes] = []
@@ -196,7 +199,7 @@ def serve_floor(port: int, v1: int, v2: int) -> None:
             self.upstreams: dict[int, Upstream] = {}
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport  # type: ignore[assignment]
+            self.transport = cast(asyncio.Transport, transport)
 
         def data_received(self, data: bytes) -> None:
             self.pending.append(data)
