@@ -183,10 +183,7 @@ class StreamLeg(Leg):
         if self.done or self.write_done:
             return
         self._queue(data if isinstance(data, bytes) else data.tobytes())
-        self.write_done = True
-        self.conn.core.end(self.stream_id)
-        self.conn.flush_small()
-        self._check()
+        self.send_eof()
 
     def _queue(self, data: bytes) -> None:
         if not self.conn.core.send(self.stream_id, data) and not self._sink_blocked:
@@ -204,11 +201,13 @@ class StreamLeg(Leg):
         return free
 
     def send_eof(self) -> None:
+        """END_STREAM, written as a small write (``flush_small``): with anything queued
+        before it, such as ``send_last``'s data, in one write."""
         if self.done or self.write_done:
             return
         self.write_done = True
         self.conn.core.end(self.stream_id)
-        self.conn.flush()
+        self.conn.flush_small()
         self._check()
 
     def reset(self) -> None:
