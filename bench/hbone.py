@@ -910,6 +910,8 @@ def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
     print("-" * len(head))
     nan = float("nan")
     for key, label in units:
+        if not any(key in figures for figures in cpu.values()):
+            continue  # not measured in this run (--only)
         a = cpu.get("agents", {}).get(key, nan)
         h = cpu.get("haproxy", {}).get(key, nan)
         line = f"{label:<38}{a:>10.2f}{h:>10.2f}"
