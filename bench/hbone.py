@@ -849,8 +849,9 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
               if repeat > 1 else "one round")
     print(f"\nHBONE benchmark ({duration:g} s per measurement, {rounds}; same topology, "
           "same run)")
-    print("agents: one single-threaded Python process per node; haproxy: nbthread 1 per node "
-          "(the same CPU budget)" + ("; haproxy-mt: HAProxy's default threads" if mt else ""))
+    print(f"agents: one single-threaded Python process per node ({native.describe()}); "
+          "haproxy: nbthread 1 per node (the same CPU budget)"
+          + ("; haproxy-mt: HAProxy's default threads" if mt else ""))
     print()
     head = f"{'metric':<38}{'direct':>10}{'agents':>10}{'haproxy':>10}"
     if mt:

@@ -80,7 +80,8 @@ def build(native: ModuleType) -> None:
         clean(native)
         raise SystemExit("build_native: a source changed during the build; run it again")
     native.STAMP.write_text(json.dumps(
-        {"cache_tag": sys.implementation.cache_tag, "sources": before}, indent=1) + "\n")
+        {"cache_tag": sys.implementation.cache_tag, "interpreter": sys.version,
+         "sources": before}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,9 @@ waypoint's stream pipe is an HBONE ``Leg``.
 Importing ``ztunnel_py`` calls ``select`` once per process, which decides for
 all of them together:
 
-- compiled, when the stamp matches every source as it is now;
+- compiled, when the stamp matches every source as it is now and the interpreter
+  that runs (its ``sys.version``: version and build, as mypyc's C uses CPython's
+  internals);
 - interpreted, when ``ZTUNNEL_PY_PURE=1``, when nothing was built, or when the
   build is stale (a source edited since: its old extension would otherwise be
   imported instead of the edited code; said once on stderr).
@@ -31,6 +33,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +87,8 @@ def stale_reason() -> str | None:
         return f"no readable {STAMP.name}"
     if stamp.get("cache_tag") != sys.implementation.cache_tag:
         return f"built for {stamp.get('cache_tag')}, running {sys.implementation.cache_tag}"
+    if stamp.get("interpreter") != sys.version:  # mypyc's C uses CPython's internals
+        return f"built by Python {stamp.get('interpreter')!r}, running {sys.version!r}"
     sources = stamp.get("sources", {})
     if set(sources) != set(MODULES):  # built as another group: its library calls those
         return f"built for modules {sorted(sources)}"
@@ -106,10 +111,11 @@ class _Interpreted(importlib.abc.MetaPathFinder):
 def describe() -> str:
     """How a process started now runs these modules, in a few words (the benchmarks'
     headers)."""
+    runtime = f"Python {platform.python_version()} at {os.path.realpath(sys.executable)}"
     if os.environ.get(PURE_ENV) == "1":
-        return f"interpreted: {PURE_ENV}=1"
+        return f"interpreted: {PURE_ENV}=1; {runtime}"
     reason = stale_reason()
-    return "mypyc-compiled" if reason is None else f"interpreted: {reason}"
+    return f"mypyc-compiled; {runtime}" if reason is None else f"interpreted: {reason}; {runtime}"
 
 
 def select() -> bool:

@@ -84,6 +84,20 @@ def test_a_build_of_another_module_set_is_not_used(tmp_path: Path) -> None:
     assert out == "False py py" and "built for modules" in err
 
 
+def test_a_build_by_another_interpreter_is_not_used(tmp_path: Path) -> None:
+    """Two builds of one Python version share a cache tag (``cpython-311``) but not
+    necessarily CPython's internals, which mypyc's C uses: the stamp names the build."""
+    if not _built():
+        pytest.skip(f"NOT COMPILED (run 'make native'): {native.stale_reason()}")
+    root = _copy(tmp_path)
+    stamp = root / "ztunnel_py" / native.STAMP.name
+    data = json.loads(stamp.read_text())
+    data["interpreter"] = "3.11.0 (main, Jan  1 2023, 00:00:00) [another build]"
+    stamp.write_text(json.dumps(data))
+    out, err = _probe(root)
+    assert out == "False py py" and "built by Python '3.11.0" in err
+
+
 def test_the_compiled_modules_load_from_any_working_directory() -> None:
     """mypyc's library sits beside the packages, which an editable install's finder does
     not put on the path: an agent started from elsewhere still loads the build."""
