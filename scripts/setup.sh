@@ -64,6 +64,10 @@ else
   log "WARNING: no /usr/src/linux-headers-*-amd64; bcc will need /lib/modules/\$(uname -r)/build"
 fi
 
+if ! command -v "$python" >/dev/null; then
+  echo "setup: no interpreter $python (python3.11 from apt, or PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
 want=$(readlink -f "$(command -v "$python")")
 if [ -x "$venv/bin/python" ]; then
   have=$(readlink -f "$("$venv/bin/python" -c 'import sys; print(sys._base_executable)')")
