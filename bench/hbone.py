@@ -863,17 +863,31 @@ def print_table(rows: dict[str, dict[str, float]], duration: float, rate: float,
     print("-" * len(head))
     nan = float("nan")
     for key, label in metrics:
+        if not _measured(rows, key):
+            continue  # not measured in this run (--only)
         d, a, h = (rows.get(s, {}).get(key, nan) for s in ("direct", "agents", "haproxy"))
-        line = f"{label:<38}{d:>10.2f}{a:>10.2f}{h:>10.2f}"
+        line = f"{label:<38}{_cell(d, 10)}{_cell(a, 10)}{_cell(h, 10)}"
         if mt:
-            line += f"{rows['haproxy-mt'][key]:>12.2f}"
-        line += f"{(a / h if h else nan):>15.2f}x{(a / d if d else nan):>14.2f}x"
+            line += _cell(rows["haproxy-mt"][key], 12)
+        line += f"{_cell(a / h if h else nan, 15, 'x')}{_cell(a / d if d else nan, 14, 'x')}"
         if mt:
             m = rows["haproxy-mt"][key]
-            line += f"{(a / m if m else nan):>14.2f}x"
+            line += _cell(a / m if m else nan, 14, "x")
         print(line)
     print("\ngoals (vs haproxy, nbthread 1): throughput >= 1.0x; new connections/s >= 3x; "
           "p50 latency <= 1.2x")
+
+
+def _measured(rows: dict[str, dict[str, float]], key: str) -> bool:
+    """Some path has a figure for ``key`` (a metric left out is absent or NaN)."""
+    return any(not math.isnan(figures.get(key, math.nan)) for figures in rows.values())
+
+
+def _cell(value: float, width: int, unit: str = "") -> str:
+    """A table cell: the value to two places, or ``-`` for one the run did not measure."""
+    if math.isnan(value):
+        return f"{'-':>{width + len(unit)}}"
+    return f"{value:>{width}.2f}{unit}"
 
 
 def print_rounds(rounds: dict[str, list[dict[str, float]]]) -> None:
@@ -911,14 +925,14 @@ def print_cpu(cpu: dict[str, dict[str, float]]) -> None:
     print("-" * len(head))
     nan = float("nan")
     for key, label in units:
-        if not any(key in figures for figures in cpu.values()):
+        if not _measured(cpu, key):
             continue  # not measured in this run (--only)
         a = cpu.get("agents", {}).get(key, nan)
         h = cpu.get("haproxy", {}).get(key, nan)
-        line = f"{label:<38}{a:>10.2f}{h:>10.2f}"
+        line = f"{label:<38}{_cell(a, 10)}{_cell(h, 10)}"
         if mt:
-            line += f"{cpu['haproxy-mt'].get(key, nan):>12.2f}"
-        print(line + f"{(a / h if h else nan):>15.2f}x")
+            line += _cell(cpu["haproxy-mt"].get(key, nan), 12)
+        print(line + _cell(a / h if h else nan, 15, "x"))
 
 
 def print_hops(rows: dict[str, dict[str, float]]) -> None:

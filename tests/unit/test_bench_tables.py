@@ -1,10 +1,10 @@
-"""``bench.hbone.print_cpu``: the CPU table shows what the run measured, and only that."""
+"""``bench.hbone``'s tables show what the run measured, and only that."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.hbone import print_cpu
+from bench.hbone import print_cpu, print_table
 
 
 def test_rows_the_run_did_not_measure_are_left_out(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,3 +15,13 @@ def test_rows_the_run_did_not_measure_are_left_out(capsys: pytest.CaptureFixture
         ["CPU", "us", "per", "request"], ["CPU", "us", "per", "new"]]
     assert rows[0].endswith("0.90x") and rows[1].endswith("0.25x")
     assert "nan" not in "".join(rows)
+
+
+def test_a_path_the_run_left_out_shows_as_a_dash(capsys: pytest.CaptureFixture[str]) -> None:
+    nan = float("nan")  # a metric the run left out: absent, or NaN as its median
+    print_table({"agents": {"p50_ms": 0.33, "rps_16": nan},
+                 "haproxy": {"p50_ms": 0.30, "rps_16": nan}}, 5, 2000)
+    out = capsys.readouterr().out.splitlines()
+    [row] = [line for line in out if line.startswith("p50")]
+    assert row.split()[-5:] == ["-", "0.33", "0.30", "1.10x", "-"]
+    assert not [line for line in out if line.startswith(("p99", "throughput", "requests"))]
