@@ -910,10 +910,18 @@ def print_rounds(rounds: dict[str, list[dict[str, float]]]) -> None:
     print("\nagents/haproxy in each round")
     for key, label in (("tput_1_gbps", "throughput, 1 stream"), ("tput_4_gbps",
                        "throughput, 4 streams"), ("rps_16", "requests/s, 16 connections"),
-                       ("conn_per_s", "new connections/s"), ("p50_ms", "p50 latency")):
-        ratios = [a[key] / h[key] for a, h in zip(agents, haproxy, strict=True) if h[key]]
+                       ("conn_per_s", "new connections/s"), ("p50_ms", "p50 latency"),
+                       ("p99_ms", "p99 latency")):
+        pairs = [(a.get(key, math.nan), h.get(key, math.nan))
+                 for a, h in zip(agents, haproxy, strict=True)]
+        ratios = [x / y for x, y in pairs if y]
         if ratios and not any(math.isnan(x) for x in ratios):
             print(f"{label:<38}" + " ".join(f"{x:.2f}x" for x in ratios))
+    if all(not math.isnan(r.get("p99_ms", math.nan)) for r in (*agents, *haproxy)):
+        # a tail ratio alone hides whether one side or the machine had the bad round
+        print(f"{'p99 ms, agents/haproxy':<38}"
+              + " ".join(f"{a['p99_ms']:.2f}/{h['p99_ms']:.2f}"
+                         for a, h in zip(agents, haproxy, strict=True)))
 
 
 def print_cpu(cpu: dict[str, dict[str, float]]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.hbone import print_cpu, print_table
+from bench.hbone import print_cpu, print_rounds, print_table
 
 
 def test_rows_the_run_did_not_measure_are_left_out(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,3 +25,12 @@ def test_a_path_the_run_left_out_shows_as_a_dash(capsys: pytest.CaptureFixture[s
     [row] = [line for line in out if line.startswith("p50")]
     assert row.split()[-5:] == ["-", "0.33", "0.30", "1.10x", "-"]
     assert not [line for line in out if line.startswith(("p99", "throughput", "requests"))]
+
+
+def test_each_round_shows_the_tail_as_a_ratio_and_as_both_sides_figures(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    print_rounds({"agents": [{"p50_ms": 0.33, "p99_ms": 1.2}, {"p50_ms": 0.34, "p99_ms": 0.6}],
+                  "haproxy": [{"p50_ms": 0.30, "p99_ms": 0.6}, {"p50_ms": 0.31, "p99_ms": 0.6}]})
+    rows = {line[:38].strip(): line[38:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["p99 latency"] == "2.00x 1.00x"
+    assert rows["p99 ms, agents/haproxy"] == "1.20/0.60 0.60/0.60"
