@@ -7,8 +7,9 @@
 # The virtualenv is built on Debian's python3.11 (PYTHON= to choose another): the
 # interpreter the container image ships (Containerfile) and python3-bpfcc is built
 # for. Debian builds it with profile-guided and link-time optimization into a static
-# executable; a default pyenv build has neither and runs from libpython.so, and costs
-# the agents about a third more CPU per wakeup (bench.floor, bench.hbone).
+# executable; a default pyenv build has neither and runs from libpython.so: a third more
+# of the runtime's own cost per wakeup (bench.floor, uvloop - c) and about a tenth more
+# of the agents' CPU per request at a fixed rate (bench.hbone).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,11 +65,11 @@ else
   log "WARNING: no /usr/src/linux-headers-*-amd64; bcc will need /lib/modules/\$(uname -r)/build"
 fi
 
-if ! command -v "$python" >/dev/null; then
+if ! found=$(command -v "$python"); then
   echo "setup: no interpreter $python (python3.11 from apt, or PYTHON=/path/to/python3.11)" >&2
   exit 1
 fi
-want=$(readlink -f "$(command -v "$python")")
+want=$(readlink -f "$found")
 if [ -x "$venv/bin/python" ]; then
   have=$(readlink -f "$("$venv/bin/python" -c 'import sys; print(sys._base_executable)')")
   if [ "$have" != "$want" ]; then

@@ -111,11 +111,9 @@ class _Interpreted(importlib.abc.MetaPathFinder):
 def describe() -> str:
     """How a process started now runs these modules, in a few words (the benchmarks'
     headers)."""
-    runtime = f"Python {platform.python_version()} at {os.path.realpath(sys.executable)}"
-    if os.environ.get(PURE_ENV) == "1":
-        return f"interpreted: {PURE_ENV}=1; {runtime}"
-    reason = stale_reason()
-    return f"mypyc-compiled; {runtime}" if reason is None else f"interpreted: {reason}; {runtime}"
+    reason = f"{PURE_ENV}=1" if os.environ.get(PURE_ENV) == "1" else stale_reason()
+    how = "mypyc-compiled" if reason is None else f"interpreted: {reason}"
+    return f"{how}; Python {platform.python_version()} at {os.path.realpath(sys.executable)}"
 
 
 def select() -> bool:

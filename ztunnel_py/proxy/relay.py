@@ -140,9 +140,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             fin = self._fin_follows()
         if peer is not None:
             if fin:  # the data and the end go on together (``Leg.send_last``)
-                self.read_done = True
-                peer.send_last(_READ.rx[:nbytes])
-                self._maybe_close()
+                self._read_ended(_READ.rx[:nbytes])
             elif nbytes < LEND_MIN:  # small: a copy costs less than the bookkeeping
                 peer.send(_READ.rx[:nbytes].tobytes())
             elif not peer.send_framed(_READ.buf, nbytes):
@@ -157,7 +155,7 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             if self._early_bytes >= EARLY_LIMIT:
                 self.pause_source()
             if fin:
-                self.eof_received()
+                self._read_ended()
 
     def _fin_follows(self) -> bool:
         """Whether the peer's FIN is all that is left to read. uvloop (libuv) stops at a
@@ -181,15 +179,23 @@ class TcpLeg(Leg, asyncio.BufferedProtocol):
             return False
 
     def eof_received(self) -> bool:
-        if self.read_done:  # (already taken from the probe)
-            return True
+        self._read_ended()
+        return True  # keep the write side open: half-close
+
+    def _read_ended(self, last: memoryview | None = None) -> None:
+        """The peer's FIN: on to our peer leg, with ``last`` (the read it came behind,
+        ``_fin_follows``) in one ``send_last``; once only, from the probe or uvloop."""
+        if self.read_done:
+            return
         self.read_done = True
         if self.peer is not None:
-            self.peer.send_eof()
+            if last is None:
+                self.peer.send_eof()
+            else:
+                self.peer.send_last(last)
             self._maybe_close()
         else:
             self._early_eof = True
-        return True  # keep the write side open: half-close
 
     def hand_early(self, to: Leg) -> None:
         """What arrives before there is a peer leg goes to ``to`` from now on, and what
